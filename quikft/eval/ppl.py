@@ -1,0 +1,117 @@
+"""Perplexity with the GPTQ/QUIK protocol (SPEC §8).
+
+Join the split's rows with blank lines, tokenize once, cut non-overlapping windows of
+``seqlen`` tokens (dropping the remainder), and report exp(mean next-token NLL) over all
+predicted tokens. ``window_stride``/``max_windows`` pick a deterministic subset of windows so
+quick comparisons stay cheap; every number we compare uses the same subset.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import asdict, dataclass, field
+
+import torch
+import torch.nn.functional as F
+from tqdm.auto import tqdm
+
+from quikft.data import eval_text, tokenize_stream
+from quikft.runinfo import library_versions
+
+# Architectures whose logits are exactly lm_head(final hidden state), so we can run the
+# head in chunks instead of materialising a (seqlen x vocab) float tensor per window.
+PLAIN_HEAD_MODEL_TYPES = {"llama", "mistral", "qwen2", "qwen3"}
+HEAD_CHUNK = 512
+
+
+@dataclass
+class PplResult:
+    model: str
+    dataset: str
+    seqlen: int
+    windows: int
+    total_windows: int
+    window_stride: int
+    tokens: int
+    ppl: float
+    nll: float
+    seconds: float
+    tokens_per_s: float
+    versions: dict = field(default_factory=library_versions)
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    def summary(self) -> str:
+        return (f"{self.dataset} ppl {self.ppl:.4f}  ({self.windows}/{self.total_windows} windows x "
+                f"{self.seqlen} tokens, {self.seconds:.1f}s, {self.tokens_per_s:.0f} tok/s)  model={self.model}")
+
+
+def window_starts(total_tokens: int, seqlen: int, max_windows: int | None = None, window_stride: int = 1) -> list[int]:
+    """Start offsets of the evaluated windows: every ``window_stride``-th full window, at most ``max_windows``."""
+    if window_stride < 1:
+        raise ValueError(f"window_stride must be >= 1 (got {window_stride})")
+    n_windows = total_tokens // seqlen
+    starts = [i * seqlen for i in range(0, n_windows, window_stride)]
+    return starts[:max_windows] if max_windows is not None else starts
+
+
+def _uses_plain_head(model) -> bool:
+    return (getattr(model.config, "model_type", None) in PLAIN_HEAD_MODEL_TYPES
+            and hasattr(model, "get_decoder") and model.get_output_embeddings() is not None)
+
+
+@torch.inference_mode()
+def window_nll(model, ids: torch.Tensor) -> float:
+    """Sum of next-token NLL over one ``(1, seqlen)`` window (``seqlen - 1`` predictions)."""
+    targets = ids[:, 1:]
+    if not _uses_plain_head(model):
+        logits = model(input_ids=ids, use_cache=False).logits[:, :-1].float()
+        return F.cross_entropy(logits.flatten(0, 1), targets.flatten(), reduction="sum").item()
+    hidden = model.get_decoder()(input_ids=ids, use_cache=False).last_hidden_state[:, :-1]
+    head = model.get_output_embeddings()
+    total = 0.0
+    for start in range(0, hidden.shape[1], HEAD_CHUNK):
+        logits = head(hidden[:, start:start + HEAD_CHUNK]).float()
+        chunk_targets = targets[:, start:start + HEAD_CHUNK]
+        total += F.cross_entropy(logits.flatten(0, 1), chunk_targets.flatten(), reduction="sum").item()
+    return total
+
+
+def perplexity_of_ids(model, ids: torch.Tensor, seqlen: int, starts: list[int], progress: bool = True,
+                      desc: str = "ppl") -> tuple[float, int]:
+    """Mean next-token NLL and number of predicted tokens over the given windows of ``ids``."""
+    device = next(model.parameters()).device
+    total_nll, total_tokens = 0.0, 0
+    bar = tqdm(starts, desc=desc, disable=not progress, unit="win")
+    for start in bar:
+        window = ids[start:start + seqlen].unsqueeze(0).to(device)
+        total_nll += window_nll(model, window)
+        total_tokens += seqlen - 1
+        bar.set_postfix(ppl=f"{math.exp(total_nll / total_tokens):.3f}")
+    return total_nll / total_tokens, total_tokens
+
+
+def max_context(model, seqlen: int) -> int:
+    limit = getattr(model.config, "max_position_embeddings", None)
+    return min(seqlen, limit) if limit else seqlen
+
+
+def evaluate_ppl(model, tokenizer, dataset: str = "wikitext2", seqlen: int = 2048, max_windows: int | None = None,
+                 window_stride: int = 1, split: str = "test", progress: bool = True,
+                 model_name: str | None = None) -> PplResult:
+    """Perplexity of ``model`` on a dataset split (or text file) with the paper protocol."""
+    seqlen = max_context(model, seqlen)
+    ids = tokenize_stream(tokenizer, eval_text(dataset, split), add_special_tokens=True)
+    total_windows = ids.numel() // seqlen
+    starts = window_starts(ids.numel(), seqlen, max_windows, window_stride)
+    if not starts:
+        raise ValueError(f"{dataset}: {ids.numel()} tokens give no window of {seqlen}; use a smaller --seqlen")
+    began = time.perf_counter()
+    nll, tokens = perplexity_of_ids(model, ids, seqlen, starts, progress, desc=f"ppl {dataset}")
+    seconds = time.perf_counter() - began
+    return PplResult(
+        model=model_name or getattr(model.config, "_name_or_path", "model"), dataset=dataset, seqlen=seqlen,
+        windows=len(starts), total_windows=total_windows, window_stride=window_stride, tokens=tokens,
+        ppl=math.exp(nll), nll=nll, seconds=seconds, tokens_per_s=len(starts) * seqlen / seconds)

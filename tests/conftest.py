@@ -1,0 +1,88 @@
+"""Shared fixtures: a tiny random LLaMA with a locally built tokenizer, and the shared data."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+SHARED_DATA = REPO.parent / "shared" / "data"
+
+# Tests find the shared datasets through QUIKFT_DATA, as the product does.
+if "QUIKFT_DATA" not in os.environ and SHARED_DATA.is_dir():
+    os.environ["QUIKFT_DATA"] = str(SHARED_DATA)
+
+TOKENIZER_CORPUS = [
+    "The quick brown fox jumps over the lazy dog.",
+    "Quantization maps weights to a small set of levels.",
+    "Salient columns stay in half precision while the rest use three bits.",
+    "Perplexity is the exponential of the mean negative log likelihood.",
+    "Robert Boulter is an English film, television and theatre actor.",
+    "Instruction: name a colour. Response: blue.",
+] * 20
+
+
+def build_tokenizer():
+    """A byte-level BPE tokenizer trained in memory (no hub access), with chat-free specials."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    core = Tokenizer(models.BPE(unk_token=None))
+    core.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    core.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=320, special_tokens=["<unk>", "<s>", "</s>"],
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
+    core.train_from_iterator(TOKENIZER_CORPUS, trainer)
+    return PreTrainedTokenizerFast(tokenizer_object=core, unk_token="<unk>", bos_token="<s>",
+                                   eos_token="</s>", pad_token="</s>")
+
+
+def build_tiny_llama(vocab_size: int, seed: int = 0, hidden: int = 64, layers: int = 2, intermediate: int = 160):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    config = LlamaConfig(vocab_size=vocab_size, hidden_size=hidden, intermediate_size=intermediate,
+                         num_hidden_layers=layers, num_attention_heads=4, num_key_value_heads=2,
+                         max_position_embeddings=256, tie_word_embeddings=True, bos_token_id=1,
+                         eos_token_id=2, pad_token_id=2)
+    torch.manual_seed(seed)
+    model = LlamaForCausalLM(config)
+    model.eval()
+    return model
+
+
+@pytest.fixture(scope="session")
+def tiny_dir(tmp_path_factory) -> Path:
+    """A saved tiny random LLaMA + tokenizer directory, loadable with from_pretrained."""
+    path = tmp_path_factory.mktemp("tiny-llama")
+    tokenizer = build_tokenizer()
+    model = build_tiny_llama(len(tokenizer))
+    model.save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return path
+
+
+@pytest.fixture()
+def tiny(tiny_dir):
+    """``(model, tokenizer)`` of the tiny LLaMA, fresh for each test."""
+    from quikft.models import load_model
+
+    return load_model(str(tiny_dir))
+
+
+@pytest.fixture()
+def text_file(tmp_path) -> Path:
+    """A small plain-text corpus of a few thousand tokens for the tiny model."""
+    path = tmp_path / "corpus.txt"
+    path.write_text("\n".join(TOKENIZER_CORPUS * 3) + "\n")
+    return path
+
+
+@pytest.fixture(scope="session")
+def shared_data() -> Path:
+    root = os.environ.get("QUIKFT_DATA")
+    if not root or not Path(root).is_dir():
+        pytest.skip("QUIKFT_DATA is not set and ../shared/data does not exist")
+    return Path(root)

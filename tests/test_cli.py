@@ -1,0 +1,46 @@
+import json
+
+from click.testing import CliRunner
+
+from quikft.cli import main
+
+
+def test_help_lists_every_command():
+    result = CliRunner().invoke(main, ["--help"])
+    assert result.exit_code == 0
+    for command in ("quantize", "recover", "eval", "generate", "info"):
+        assert command in result.output
+
+
+def test_unbuilt_command_exits_2_with_one_line():
+    result = CliRunner().invoke(main, ["recover", "--mode", "post"])
+    assert result.exit_code == 2
+    assert "not built yet" in result.output and result.output.count("\n") == 1
+
+
+def test_eval_prints_ppl_and_writes_json(tiny_dir, text_file, tmp_path):
+    out = tmp_path / "res.json"
+    args = ["eval", "--model", str(tiny_dir), "--ppl", str(text_file), "--seqlen", "32",
+            "--max-windows", "3", "--json", str(out)]
+    result = CliRunner().invoke(main, args)
+    assert result.exit_code == 0, result.output
+    report = json.loads(out.read_text())
+    entry = report["ppl"][0]
+    assert entry["windows"] == 3 and entry["seqlen"] == 32 and entry["ppl"] > 1
+    assert "torch" in entry["versions"]
+    assert f"ppl {entry['ppl']:.4f}" in result.output
+    again = CliRunner().invoke(main, args)
+    assert json.loads(out.read_text())["ppl"][0]["ppl"] == entry["ppl"], again.output
+
+
+def test_eval_bad_dataset_is_one_line_error(tiny_dir):
+    result = CliRunner().invoke(main, ["eval", "--model", str(tiny_dir), "--ppl", "nope.txt"])
+    assert result.exit_code == 1
+    assert "Error: data file nope.txt does not exist" in result.output
+
+
+def test_generate_runs_on_a_plain_model(tiny_dir):
+    result = CliRunner().invoke(main, ["generate", "--model", str(tiny_dir), "--raw", "--max-new-tokens", "5",
+                                       "The quick"])
+    assert result.exit_code == 0, result.output
+    assert result.output.strip() != ""
