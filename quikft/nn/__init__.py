@@ -1,0 +1,19 @@
+"""Inference modules for quantized checkpoints."""
+
+from quikft.nn.quik_linear import (
+    QuikKernel,
+    QuikLinear,
+    available_kernels,
+    register_kernel,
+    select_kernel,
+    unregister_kernel,
+)
+
+__all__ = [
+    "QuikKernel",
+    "QuikLinear",
+    "available_kernels",
+    "register_kernel",
+    "select_kernel",
+    "unregister_kernel",
+]

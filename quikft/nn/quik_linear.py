@@ -1,0 +1,356 @@
+"""``QuikLinear``: a linear layer stored as packed b-bit codes plus FP16 salient columns.
+
+Buffers (all persistent, so ``state_dict`` is the checkpoint format):
+
+==================  ==========================================  =======
+name                shape                                       dtype
+==================  ==========================================  =======
+``qweight``         (ceil(in*bits/32), out)                     int32
+``qzeros``          (n_groups, ceil(out*bits/32))               int32
+``scales``          (n_groups, out)  -- GPTQ orientation        float16
+``g_idx``           (in,)  group of every input column          int32
+``salient_idx``     (k,)   sorted unique input columns          int32
+``salient_weight``  (out, k)                                    float16
+``bias``            (out,)  only when the layer has a bias      float32
+==================  ==========================================  =======
+
+``qweight``/``qzeros`` follow :mod:`quikft.packing` (true zero-points, not
+GPTQ v1's ``zero - 1``).  The effective weight is
+
+    W[o, i] = (code[o, i] - zero[o, g_idx[i]]) * scale[o, g_idx[i]]
+              + sum_j [salient_idx[j] == i] * salient_weight[o, j]
+
+where the quantized part is 0 at salient columns by construction.  The bias is
+kept in float32 because it is tiny and holds fp16, bf16 and fp32 biases exactly.
+
+Every floating buffer keeps its dtype under ``module.to(dtype)`` / ``.half()``:
+converting fp16 scales to bf16 would silently break bit-exact dequantization.
+Device moves work as usual.
+
+The forward dispatches through a small kernel registry, so a fused GPU kernel
+(e.g. Triton) can be registered later without touching callers.  The built-in
+``"torch"`` kernel is the portable fallback.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from quikft.packing import pack_codes, pack_zeros, packed_words, unpack_dim0, unpack_zeros
+
+KernelFn = Callable[["QuikLinear", Tensor], Tensor]
+KernelPredicate = Callable[["QuikLinear", Tensor], bool]
+
+
+@dataclass(frozen=True)
+class QuikKernel:
+    """A forward implementation and the condition under which it may run."""
+
+    name: str
+    fn: KernelFn
+    predicate: KernelPredicate
+    priority: int
+
+
+_KERNELS: dict[str, QuikKernel] = {}
+
+
+def _always(layer: QuikLinear, x: Tensor) -> bool:
+    return True
+
+
+def register_kernel(
+    name: str,
+    fn: KernelFn,
+    predicate: KernelPredicate = _always,
+    priority: int = 0,
+    *,
+    replace: bool = False,
+) -> None:
+    """Register ``fn(layer, x) -> y`` for layers/inputs where ``predicate(layer, x)``.
+
+    Among accepting kernels the highest ``priority`` wins (ties: first
+    registered).  The built-in ``"torch"`` kernel has priority 0 and accepts
+    everything, so it is the fallback; a GPU kernel should use a higher
+    priority and check ``x.is_cuda`` and its own availability in the predicate.
+    """
+    if name in _KERNELS and not replace:
+        raise ValueError(f"kernel {name!r} is already registered")
+    _KERNELS[name] = QuikKernel(name, fn, predicate, priority)
+
+
+def unregister_kernel(name: str) -> None:
+    """Remove a registered kernel (the built-in ``"torch"`` kernel included)."""
+    del _KERNELS[name]
+
+
+def available_kernels() -> list[str]:
+    """Names of registered kernels, in selection order."""
+    return [k.name for k in sorted(_KERNELS.values(), key=lambda k: -k.priority)]
+
+
+def select_kernel(layer: QuikLinear, x: Tensor) -> QuikKernel:
+    """The kernel that will run ``layer(x)``: forced by ``layer.kernel`` or chosen by priority."""
+    if layer.kernel is not None:
+        kernel = _KERNELS.get(layer.kernel)
+        if kernel is None:
+            raise KeyError(f"kernel {layer.kernel!r} is not registered")
+        if not kernel.predicate(layer, x):
+            raise RuntimeError(f"kernel {layer.kernel!r} cannot run this layer on this input")
+        return kernel
+    for name in available_kernels():
+        if _KERNELS[name].predicate(layer, x):
+            return _KERNELS[name]
+    raise RuntimeError("no registered QuikLinear kernel accepts this input")
+
+
+class QuikLinear(nn.Module):
+    """Linear layer with packed b-bit weights and k FP16 salient input columns.
+
+    The constructor allocates zero buffers of the right shapes (what a
+    checkpoint loader needs before ``load_state_dict``); :meth:`from_quantized`
+    builds a filled layer from the quantizer's output.  ``group_size`` is
+    informational only: ``g_idx`` is the source of truth for grouping.
+    """
+
+    def __init__(
+        self,
+        in_features: int,
+        out_features: int,
+        bits: int,
+        group_size: int,
+        k: int,
+        n_groups: int,
+        bias: bool = False,
+        *,
+        device: torch.device | str | None = None,
+        cache_dequantized: bool = False,
+        kernel: str | None = None,
+    ) -> None:
+        super().__init__()
+        self.in_features = in_features
+        self.out_features = out_features
+        self.bits = bits
+        self.group_size = group_size
+        self.k = k
+        self.n_groups = n_groups
+        # When True, the dequantized weight is kept after the first forward:
+        # a full (in, out) copy in the compute dtype in exchange for skipping
+        # unpacking on every call.
+        self.cache_dequantized = cache_dequantized
+        # Name of a registered kernel to force; None selects by priority.
+        self.kernel = kernel
+        self._cache: tuple[tuple[torch.dtype, torch.device], Tensor] | None = None
+
+        def zeros(*shape: int, dtype: torch.dtype) -> Tensor:
+            return torch.zeros(shape, dtype=dtype, device=device)
+
+        i32, f16 = torch.int32, torch.float16
+        self.register_buffer("qweight", zeros(packed_words(in_features, bits), out_features, dtype=i32))
+        self.register_buffer("qzeros", zeros(n_groups, packed_words(out_features, bits), dtype=i32))
+        self.register_buffer("scales", zeros(n_groups, out_features, dtype=f16))
+        self.register_buffer("g_idx", zeros(in_features, dtype=i32))
+        self.register_buffer("salient_idx", zeros(k, dtype=i32))
+        self.register_buffer("salient_weight", zeros(out_features, k, dtype=f16))
+        self.register_buffer("bias", zeros(out_features, dtype=torch.float32) if bias else None)
+
+    @classmethod
+    def empty(
+        cls,
+        in_features: int,
+        out_features: int,
+        bits: int,
+        group_size: int,
+        k: int,
+        n_groups: int,
+        bias: bool = False,
+        **kwargs: object,
+    ) -> QuikLinear:
+        """A layer with correctly shaped zero buffers, ready for ``load_state_dict``."""
+        return cls(in_features, out_features, bits, group_size, k, n_groups, bias, **kwargs)
+
+    @classmethod
+    def from_quantized(
+        cls,
+        codes: Tensor,
+        scales: Tensor,
+        zeros: Tensor,
+        g_idx: Tensor,
+        salient: Tensor,
+        salient_weight: Tensor,
+        bias: Tensor | None,
+        bits: int,
+        group_size: int,
+        **kwargs: object,
+    ) -> QuikLinear:
+        """Pack the quantizer's output (see the module docstring for the contract).
+
+        ``codes`` (out, in) uint8, ``scales``/``zeros`` (out, n_groups),
+        ``g_idx`` (in,), ``salient`` (k,) sorted unique columns,
+        ``salient_weight`` (out, k).  Scales and salient weights must be
+        exactly representable in fp16, otherwise storing them would change
+        the weights; round them with ``.half().float()`` before quantizing.
+        """
+        out_features, in_features = codes.shape
+        n_groups = scales.shape[1]
+        _check_quantized(codes, scales, zeros, g_idx, salient, salient_weight, bias)
+        layer = cls(
+            in_features,
+            out_features,
+            bits,
+            group_size,
+            salient.numel(),
+            n_groups,
+            bias is not None,
+            device=codes.device,
+            **kwargs,
+        )
+        with torch.no_grad():
+            layer.qweight.copy_(pack_codes(codes, bits))
+            layer.qzeros.copy_(pack_zeros(zeros, bits))
+            layer.scales.copy_(scales.t())
+            layer.g_idx.copy_(g_idx)
+            layer.salient_idx.copy_(salient)
+            layer.salient_weight.copy_(salient_weight)
+            if bias is not None:
+                layer.bias.copy_(bias)
+        return layer
+
+    def dequantize_weight(self, dtype: torch.dtype = torch.float32) -> Tensor:
+        """The quantized (base) part of the weight, (out, in), salient columns excluded.
+
+        Computed in fp32, where it equals the quantizer's
+        ``(codes - zeros[:, g_idx]) * scales[:, g_idx]`` bit for bit (one
+        rounding of an exact integer times an fp16-exact scale), then cast.
+        """
+        return self._base_weight_t().t().to(dtype).contiguous()
+
+    def effective_weight(self, dtype: torch.dtype = torch.float32) -> Tensor:
+        """The full fake-quantized weight (out, in): base plus the salient columns."""
+        return self._effective_weight_t().t().to(dtype).contiguous()
+
+    def forward(self, x: Tensor) -> Tensor:
+        return select_kernel(self, x).fn(self, x)
+
+    def cached_weight_t(self, dtype: torch.dtype) -> Tensor:
+        """Effective weight transposed, (in, out), in ``dtype``; cached if enabled.
+
+        The cache holds one entry keyed by (dtype, device); it is dropped by
+        ``.to()``/``.cuda()``/``load_state_dict`` and by :meth:`clear_cache`
+        (call it after editing buffers in place).
+        """
+        if not self.cache_dequantized:
+            self._cache = None  # release memory if caching was switched off
+            return self._effective_weight_t().to(dtype)
+        key = (dtype, self.qweight.device)
+        if self._cache is not None and self._cache[0] == key:
+            return self._cache[1]
+        # A weight built inside inference_mode would be an inference tensor,
+        # unusable by later forwards that need autograd; build it as a normal
+        # (grad-free) tensor.
+        with torch.inference_mode(False), torch.no_grad():
+            weight = self._effective_weight_t().to(dtype)
+        self._cache = (key, weight)
+        return weight
+
+    def clear_cache(self) -> None:
+        """Drop the cached dequantized weight."""
+        self._cache = None
+
+    def extra_repr(self) -> str:
+        return (
+            f"in_features={self.in_features}, out_features={self.out_features}, "
+            f"bits={self.bits}, group_size={self.group_size}, k={self.k}, "
+            f"bias={self.bias is not None}"
+        )
+
+    def _base_weight_t(self) -> Tensor:
+        """Dequantized base weight in the (in, out) orientation of ``qweight``, fp32."""
+        # Unpacking along dim 0 yields (in, out) directly, with no transpose copy.
+        codes_t = unpack_dim0(self.qweight, self.bits, self.in_features)
+        zeros_t = unpack_zeros(self.qzeros, self.bits, self.out_features).t()
+        group = self.g_idx.long()
+        # In-place ops: same fp32 arithmetic, fewer (in, out) temporaries.
+        weight_t = codes_t.float().sub_(zeros_t[group])
+        return weight_t.mul_(self.scales.float()[group])
+
+    def _effective_weight_t(self) -> Tensor:
+        # The base is exactly 0 at salient columns, so adding the fp16 salient
+        # weights there reproduces the fake-quant weight exactly in fp32.
+        weight_t = self._base_weight_t()
+        if self.k:
+            weight_t.index_add_(0, self.salient_idx.long(), self.salient_weight.t().float())
+        return weight_t
+
+    def _apply(self, fn: Callable[[Tensor], Tensor], recurse: bool = True) -> QuikLinear:
+        # Honour device moves but refuse dtype changes of the stored tensors:
+        # fp16 scales/salient weights cast to bf16 would lose exactness.
+        def keep_dtype(t: Tensor) -> Tensor:
+            moved = fn(t)
+            return moved if moved.dtype == t.dtype else t.to(moved.device)
+
+        self.clear_cache()
+        return super()._apply(keep_dtype, recurse)
+
+    def _load_from_state_dict(self, *args: object, **kwargs: object) -> None:
+        self.clear_cache()
+        super()._load_from_state_dict(*args, **kwargs)
+
+
+def _compute_dtype(x: Tensor) -> torch.dtype:
+    # CPU half-precision GEMM is slow (and missing on some builds), so fp16
+    # inputs are computed in fp32 on CPU; everything else runs in x's dtype.
+    if x.dtype == torch.float16 and x.device.type == "cpu":
+        return torch.float32
+    return x.dtype
+
+
+def _torch_kernel(layer: QuikLinear, x: Tensor) -> Tensor:
+    """Portable path: materialise the effective weight, then one dense GEMM.
+
+    Folding the salient columns into the dequantized weight equals
+    ``x @ deq(W_q).T + x[..., S] @ W_S.T`` but avoids the gather and the
+    second GEMM, since the full weight is materialised here anyway.
+    """
+    if not x.is_floating_point():
+        raise TypeError(f"QuikLinear expects a floating-point input, got {x.dtype}")
+    dtype = _compute_dtype(x)
+    weight_t = layer.cached_weight_t(dtype)
+    bias = None if layer.bias is None else layer.bias.to(dtype)
+    return F.linear(x.to(dtype), weight_t.t(), bias).to(x.dtype)
+
+
+def _check_quantized(
+    codes: Tensor,
+    scales: Tensor,
+    zeros: Tensor,
+    g_idx: Tensor,
+    salient: Tensor,
+    salient_weight: Tensor,
+    bias: Tensor | None,
+) -> None:
+    """Reject quantizer output that packing would not reproduce exactly."""
+    out_features, in_features = codes.shape
+    n_groups = scales.shape[1]
+    if zeros.shape != scales.shape or scales.shape[0] != out_features:
+        raise ValueError("scales and zeros must both be (out_features, n_groups)")
+    if g_idx.shape != (in_features,) or (g_idx.numel() and (g_idx.min() < 0 or g_idx.max() >= n_groups)):
+        raise ValueError("g_idx must be (in_features,) with values in [0, n_groups)")
+    k = salient.numel()
+    if salient_weight.shape != (out_features, k):
+        raise ValueError("salient_weight must be (out_features, k)")
+    if k and (salient.min() < 0 or salient.max() >= in_features or not bool((salient.diff() > 0).all())):
+        raise ValueError("salient indices must be sorted, unique and in [0, in_features)")
+    for name, t in (("scales", scales), ("salient_weight", salient_weight)):
+        if not torch.equal(t.half().to(t.dtype), t):
+            raise ValueError(f"{name} must be exactly representable in float16")
+    if bias is not None and bias.shape != (out_features,):
+        raise ValueError("bias must be (out_features,)")
+
+
+register_kernel("torch", _torch_kernel)

@@ -1,0 +1,94 @@
+"""Benchmark `quikft quantize` on the default model: ppl, wall time and peak RSS per setting.
+
+Rows: RTN and GPTQ x bits {4, 3, 2} x salient {0, 32, 128}, plus the saliency metric presets
+(gift, quik, owq, wanda) at 3 and 2 bits with 128 salient columns (the paper's Table 5
+ablation). Calibration is fixed (128 x 512 tokens of the C4 sample, seed 0); ppl is WikiText-2
+test on the stride-8 subset (19 windows of 2048 tokens).
+
+Each row runs as its own `quikft quantize` process (so peak RSS is per row) and is appended
+to a JSONL file as soon as it finishes; a rerun skips rows already there, so an interrupted
+benchmark resumes where it stopped. Run from the repository root:
+
+    QUIKFT_DATA=../shared/data python tools/bench_quantize.py [--only gptq-w3] [--results F]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+CALIB = ["--calib", "c4", "--nsamples", "128", "--seqlen", "512", "--group-size", "128", "--asym",
+         "--act-order", "--seed", "0", "--eval-windows", "19"]
+
+
+def rows() -> list[tuple[str, list[str]]]:
+    """(row id, quantize flags), most informative rows first so a partial run is still useful."""
+    grid = [("gptq", 3, 128), ("gptq", 3, 0), ("gptq", 4, 128), ("gptq", 2, 128), ("rtn", 3, 128)]
+    grid += [(m, b, k) for m in ("gptq", "rtn") for b in (4, 3, 2) for k in (0, 32, 128)
+             if (m, b, k) not in grid]
+    out = [(f"{m}-w{b}-k{k}-gift", ["--method", m, "--bits", str(b), "--salient", str(k), "--metric", "gift"])
+           for m, b, k in grid]
+    for bits in (3, 2):
+        for metric in ("quik", "owq", "wanda"):
+            out.append((f"gptq-w{bits}-k128-{metric}",
+                        ["--method", "gptq", "--bits", str(bits), "--salient", "128", "--metric", metric]))
+    return out
+
+
+def run_row(row_id: str, flags: list[str], model: str | None) -> dict:
+    with tempfile.TemporaryDirectory(prefix="bench-quantize-") as tmp:
+        out = Path(tmp) / "run"
+        cmd = [sys.executable, "-m", "quikft.cli", "quantize", *flags, *CALIB, "--out", str(out)]
+        if model:
+            cmd += ["--model", model]
+        done = subprocess.run(cmd, capture_output=True, text=True)
+        if done.returncode != 0:
+            raise SystemExit(f"{row_id} failed: {done.stderr.strip().splitlines()[-1:]}")
+        report = json.loads((out / "quantize_report.json").read_text())
+    config = report["config"]
+    return {"row": row_id, "method": config["method"], "bits": config["bits"], "salient": config["salient"],
+            "metric": config["metric"], "ppl": report["ppl"]["ppl"], "fp_ppl": report["fp_ppl"]["ppl"],
+            "quantize_s": report["wall_seconds"] - report["eval_seconds"], "loop_s": report["quantize_seconds"],
+            "peak_rss_mb": report["peak_rss_mb"], "salient_fraction": report["salient_fraction"]}
+
+
+def markdown(results: list[dict]) -> str:
+    lines = ["| method | bits | salient k | metric | ppl (wikitext2, stride 8) | quantize wall s | peak RSS MiB |",
+             "|---|---|---|---|---|---|---|"]
+    if results:
+        lines.append(f"| FP (no quantization) | 32 | - | - | {results[0]['fp_ppl']:.2f} | - | - |")
+    for r in sorted(results, key=lambda r: (r["metric"] != "gift", r["method"], -r["bits"], r["salient"], r["metric"])):
+        lines.append(f"| {r['method']} | {r['bits']} | {r['salient']} ({r['salient_fraction']:.0%}) | {r['metric']} "
+                     f"| {r['ppl']:.2f} | {r['quantize_s']:.0f} | {r['peak_rss_mb']:.0f} |")
+    return "\n".join(lines)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--results", default="runs/bench_quantize.jsonl", help="JSONL file rows are appended to")
+    parser.add_argument("--only", default=None, help="run only rows whose id contains this text")
+    parser.add_argument("--model", default=None, help="model (default: the embedded default model)")
+    parser.add_argument("--table-only", action="store_true", help="print the table of finished rows and exit")
+    args = parser.parse_args()
+    path = Path(args.results)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    done = [json.loads(line) for line in path.read_text().splitlines()] if path.exists() else []
+    if not args.table_only:
+        finished = {r["row"] for r in done}
+        for row_id, flags in rows():
+            if row_id in finished or (args.only and args.only not in row_id):
+                continue
+            result = run_row(row_id, flags, args.model)
+            print(f"{row_id}: ppl {result['ppl']:.2f}, {result['quantize_s']:.0f}s", flush=True)
+            with open(path, "a") as f:
+                f.write(json.dumps(result) + "\n")
+            done.append(result)
+    print(markdown(done))
+
+
+if __name__ == "__main__":
+    main()
