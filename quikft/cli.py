@@ -112,8 +112,10 @@ def generate(prompt, model_name, max_new_tokens, temperature, chat, seed, dtype,
 @click.option("--batch-size", type=int, default=None, help="Calibration windows per block forward [8].")
 @click.option("--device", default=None, help="Where each block is quantized: cpu or cuda [cpu].")
 @click.option("--out", default=None, help="Output directory [runs/<model>-w<bits>-k<salient>-<method>].")
+@click.option("--fake-quant/--packed", default=None,
+              help="Save dequantized float weights (a debugging format) instead of the packed checkpoint [packed].")
 @click.option("--eval-windows", type=int, default=None,
-              help="Quick WikiText-2 ppl on the first N windows of the stride-8 subset (19 = all of it) [0].")
+              help="Quick WikiText-2 ppl on the first N windows of the stride-8 subset (19 = all of it; 0 = skip) [4].")
 @_fail_cleanly
 def quantize(config_path, **flags):
     """Quantize a model: salient columns in FP16, the rest with GPTQ (or RTN)."""
@@ -141,7 +143,20 @@ def _not_built(name: str, issue: str):
 
 
 recover = _not_built("recover", "GIFT-SW recovery fine-tuning lands with the recover issue")
-info = _not_built("info", "packed-checkpoint inspection lands with the packed-checkpoint issue")
+
+
+@main.command()
+@click.argument("directory", type=click.Path(exists=True, file_okay=False))
+@click.option("--json", "as_json", is_flag=True, help="Print the full summary (every layer) as JSON.")
+@_fail_cleanly
+def info(directory, as_json):
+    """Show a packed checkpoint's settings, size, compression and salient fractions."""
+    import json
+
+    from quikft.checkpoint import describe, format_description
+
+    summary = describe(directory)
+    click.echo(json.dumps(summary, indent=2) if as_json else format_description(summary))
 
 
 if __name__ == "__main__":

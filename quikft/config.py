@@ -44,7 +44,8 @@ class QuantConfig:
     batch_size: int = 8  # calibration sequences per block forward
     device: str = "cpu"
     out: str | None = None
-    eval_windows: int = 0  # quick ppl on the first N windows of the stride-8 WikiText-2 subset
+    fake_quant: bool = False  # save dequantized float weights (debugging) instead of the packed checkpoint
+    eval_windows: int = 4  # quick ppl on the first N windows of the stride-8 WikiText-2 subset (0: none)
     eval_stride: int = 8
     eval_seqlen: int = 2048
 

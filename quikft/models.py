@@ -181,11 +181,19 @@ def load_tokenizer(name: str | None):
 
 
 def load_model(name: str | None = None, dtype: str | torch.dtype = torch.float32, device: str = "cpu"):
-    """Load ``(model, tokenizer)`` in eval mode from an alias, a hub id or a local directory."""
+    """Load ``(model, tokenizer)`` in eval mode from an alias, a hub id or a local directory.
+
+    A quikft packed checkpoint directory is loaded by :func:`quikft.checkpoint.load`, which
+    checks every stored tensor strictly before reading it.
+    """
     from transformers import AutoModelForCausalLM
+
+    from quikft.checkpoint import is_packed_checkpoint, load
 
     path = resolve_model(name)
     torch_dtype = parse_dtype(dtype)
+    if is_packed_checkpoint(path):
+        return load(path, dtype=torch_dtype, device=device), load_tokenizer(path)
     try:
         model = AutoModelForCausalLM.from_pretrained(path, dtype=torch_dtype)
     except OSError as err:

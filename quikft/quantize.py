@@ -1,8 +1,10 @@
 """The ``quikft quantize`` job: load → calibrate → quantize block by block → save → report.
 
-``quantize(config)`` is what the CLI calls; it is equally usable from Python. The output
-directory is written under a temporary name and renamed at the end, so a crash or a bad
-setting never leaves a half-written run.
+``quantize(config)`` is what the CLI calls; it is equally usable from Python. The output is a
+packed checkpoint (:mod:`quikft.checkpoint`), or with ``fake_quant`` the dequantized float
+weights, a debugging format any transformers install can read. Either way the directory also
+holds every layer's salient indices and the report, and is written under a temporary name and
+renamed at the end, so a crash or a bad setting never leaves a half-written run.
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ import torch
 from safetensors.torch import save_file
 
 from quikft.atomic import atomic_directory, write_json
+from quikft.checkpoint import write_packed
 from quikft.config import QuantConfig
 from quikft.data import calibration_windows
 from quikft.eval.ppl import PplResult, evaluate_ppl
@@ -52,10 +55,22 @@ def reference_ppl(model, tokenizer, config: QuantConfig) -> dict:
     return result
 
 
-def save_fake_quantized(model, tokenizer, quantized: QuantizedLayers, out_dir: Path) -> None:
-    """A dequantized HF checkpoint plus every layer's salient indices (the debugging format)."""
+def save_fake_quantized(model, tokenizer, out_dir: Path) -> None:
+    """A dequantized HF checkpoint (the debugging format)."""
     model.save_pretrained(out_dir)
     tokenizer.save_pretrained(out_dir)
+
+
+def save_outputs(model, tokenizer, quantized: QuantizedLayers, config: QuantConfig, out_dir: Path) -> None:
+    """The checkpoint in the configured format, plus every layer's salient indices.
+
+    The indices are also inside a packed checkpoint; the separate file gives later jobs
+    (e.g. Pre-GIFT-SW re-quantization with fixed sets) one place to read them in both formats.
+    """
+    if config.fake_quant:
+        save_fake_quantized(model, tokenizer, out_dir)
+    else:
+        write_packed(model, tokenizer, quantized, out_dir, config)
     save_file({name: t.contiguous() for name, t in quantized.salient_indices().items()}, out_dir / SALIENT_NAME)
 
 
@@ -76,7 +91,7 @@ def quantize(config: QuantConfig, progress: bool = True) -> dict:
         eval_began = time.perf_counter()
         ppl = quick_ppl(model, tokenizer, config, str(out_dir)).to_dict() if config.eval_windows > 0 else None
         eval_seconds += time.perf_counter() - eval_began
-        save_fake_quantized(model, tokenizer, quantized, staging)
+        save_outputs(model, tokenizer, quantized, config, staging)
         report = build_report(config, quantized, time.perf_counter() - began, eval_seconds, fp_ppl, ppl)
         write_json(staging / REPORT_NAME, report)
     report["out"] = str(out_dir)
@@ -90,7 +105,7 @@ def build_report(config: QuantConfig, quantized: QuantizedLayers, wall_seconds: 
     return {
         "job": "quantize",
         "config": config.to_dict(),
-        "format": "fake-quant",
+        "format": "fake-quant" if config.fake_quant else "packed",
         "quantize_seconds": quantized.seconds,  # the block-by-block loop alone
         "wall_seconds": wall_seconds,  # the whole job, including loading, evaluation and saving
         "eval_seconds": eval_seconds,

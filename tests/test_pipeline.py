@@ -106,7 +106,7 @@ def test_same_seed_gives_identical_output(tiny_dir, text_file, tmp_path):
     reports = []
     for run in ("a", "b"):
         config = QuantConfig(model=str(tiny_dir), bits=3, salient=4, group_size=32, calib=str(text_file),
-                             nsamples=6, seqlen=40, out=str(tmp_path / run))
+                             nsamples=6, seqlen=40, out=str(tmp_path / run), eval_windows=0)
         reports.append(quantize(config, progress=False))
     a = load_file(tmp_path / "a" / "model.safetensors")
     b = load_file(tmp_path / "b" / "model.safetensors")
@@ -152,7 +152,7 @@ def test_yaml_preset_with_cli_override(tmp_path):
 def test_cli_quantize_writes_run_and_refuses_bad_input(tiny_dir, text_file, tmp_path):
     out = tmp_path / "run"
     base = ["quantize", "--model", str(tiny_dir), "--calib", str(text_file), "--nsamples", "4", "--seqlen", "32",
-            "--salient", "4", "--group-size", "32"]
+            "--salient", "4", "--group-size", "32", "--eval-windows", "0"]
     bad = CliRunner().invoke(main, [*base, "--bits", "5", "--out", str(out)])
     assert bad.exit_code == 1 and "bits must be one of" in bad.output and bad.output.count("\n") == 1
     assert not out.exists()
@@ -160,6 +160,8 @@ def test_cli_quantize_writes_run_and_refuses_bad_input(tiny_dir, text_file, tmp_
     assert ok.exit_code == 0, ok.output
     report = json.loads((out / "quantize_report.json").read_text())
     assert report["config"]["bits"] == 3 and report["peak_rss_mb"] > 0 and len(report["layers"]) == 14
+    assert report["format"] == "packed"
+    assert json.loads((out / "config.json").read_text())["quantization_config"]["quant_method"] == "quikft"
     indices = load_file(out / "salient_indices.safetensors")
     assert len(indices) == 14 and all(t.dtype == torch.int32 and t.numel() == 4 for t in indices.values())
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]  # no partial directories left

@@ -1,0 +1,584 @@
+"""Packed checkpoints: a quantized model saved as :class:`~quikft.nn.QuikLinear` tensors.
+
+On-disk format (``format_version`` 1)
+-------------------------------------
+A directory that follows ``save_pretrained`` conventions:
+
+- ``config.json``: the model's config plus ``quantization_config`` =
+  ``{quant_method: "quikft", format_version, bits, group_size, sym, salient, metric, act_order,
+  method, modules, settings}``; ``modules`` lists every quantized linear by its full name and
+  ``settings`` holds the complete quantize configuration (provenance).
+- ``model.safetensors``, or ``model-0000i-of-0000n.safetensors`` shards plus
+  ``model.safetensors.index.json``: every tensor of the model's state dict, except that each
+  quantized linear ``<name>.weight`` is replaced by the QuikLinear buffers ``<name>.qweight``,
+  ``.qzeros``, ``.scales``, ``.g_idx``, ``.salient_idx``, ``.salient_weight`` (and ``.bias`` in
+  float32 when the layer has one); layouts and dtypes are documented in
+  :mod:`quikft.nn.quik_linear`. Tied weights (e.g. ``lm_head`` tied to ``embed_tokens``) are
+  stored once, under the name ``from_pretrained`` expects.
+- tokenizer files and ``generation_config.json``.
+
+Per-layer k and group count are not in ``config.json``: they are read from the tensor shapes
+in the safetensors headers (``salient_idx`` is (k,), ``scales`` is (n_groups, out)), so a
+layer whose k was capped needs no special case.
+
+Loading is strict: before any tensor is read, the headers are checked against the model the
+config describes, and every missing, unexpected, misshapen, mistyped or truncated tensor is
+reported as a one-line :class:`CheckpointError` naming the file and the tensor.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import math
+import os
+import struct
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import torch
+from torch import Tensor, nn
+
+from quikft.atomic import atomic_directory
+from quikft.nn.quik_linear import QuikLinear
+
+if TYPE_CHECKING:
+    from quikft.config import QuantConfig
+    from quikft.quant.pipeline import QuantizedLayers
+
+QUANT_METHOD = "quikft"
+FORMAT_VERSION = 1
+CONFIG_NAME = "config.json"
+WEIGHTS_NAME = "model.safetensors"
+INDEX_NAME = "model.safetensors.index.json"
+QUIK_TENSORS = ("qweight", "qzeros", "scales", "g_idx", "salient_idx", "salient_weight")
+# Keys of quantization_config that loading relies on.
+REQUIRED_KEYS = ("bits", "group_size", "sym", "salient", "modules")
+SETTING_KEYS = ("bits", "group_size", "sym", "salient", "metric", "act_order", "method")
+
+# safetensors dtype codes -> torch dtypes (those a checkpoint of ours can hold).
+SAFETENSORS_DTYPES = {
+    "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+    "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
+    "BOOL": torch.bool,
+}
+
+
+class CheckpointError(ValueError):
+    """A packed checkpoint that cannot be loaded; the message is one line naming file and tensor.
+
+    A ``ValueError`` so the CLI reports it as a one-line user error.
+    """
+
+
+@dataclass(frozen=True)
+class TensorInfo:
+    """What a safetensors header says about one tensor."""
+
+    file: Path
+    dtype: torch.dtype
+    shape: tuple[int, ...]
+
+    @property
+    def nbytes(self) -> int:
+        return math.prod(self.shape) * self.dtype.itemsize
+
+
+# --------------------------------------------------------------------------------------------
+# saving
+
+
+def save_packed(model: nn.Module, tokenizer: Any, quantized: QuantizedLayers, out_dir: str | os.PathLike,
+                quant_config: QuantConfig | Mapping[str, Any], overwrite: bool = True,
+                max_shard_size: int | str = "5GB") -> Path:
+    """Write ``model`` with its quantized linears packed as a loadable checkpoint directory.
+
+    ``quantized`` is what :func:`quikft.quant.pipeline.quantize_model` returned for ``model``;
+    the model itself is not modified and no full-size weight is copied. The directory is
+    written under a temporary name and renamed at the end, so a failure leaves nothing behind.
+    """
+    out_dir = Path(out_dir)
+    with atomic_directory(out_dir, overwrite=overwrite) as staging:
+        write_packed(model, tokenizer, quantized, staging, quant_config, max_shard_size)
+    return out_dir
+
+
+def write_packed(model: nn.Module, tokenizer: Any, quantized: QuantizedLayers, directory: str | os.PathLike,
+                 quant_config: QuantConfig | Mapping[str, Any], max_shard_size: int | str = "5GB") -> dict:
+    """:func:`save_packed` into an existing (staging) directory; returns the quantization_config."""
+    directory = Path(directory)
+    qconfig = build_quantization_config(quantized, quant_config)
+    write_shards(packed_state_dict(model, quantized), directory, max_shard_size)
+    write_model_config(model, qconfig, directory)
+    if tokenizer is not None:
+        tokenizer.save_pretrained(directory)
+    return qconfig
+
+
+def build_quantization_config(quantized: QuantizedLayers, quant_config: QuantConfig | Mapping[str, Any]) -> dict:
+    """The ``quantization_config`` entry of config.json (see the module docstring)."""
+    settings = dict(quant_config.to_dict() if hasattr(quant_config, "to_dict") else quant_config)
+    missing = [key for key in SETTING_KEYS if key not in settings]
+    if missing:
+        raise ValueError(f"quantize settings lack {', '.join(missing)}")
+    if not quantized.results:
+        raise ValueError("nothing to save: the model has no quantized layers")
+    for name, result in quantized.results.items():
+        # The config is the loader's only source for bits; a layer that disagrees would unpack wrongly.
+        if result.bits != settings["bits"] or result.sym != settings["sym"]:
+            raise ValueError(f"layer {name} was quantized with bits={result.bits}, sym={result.sym}, but the "
+                             f"settings say bits={settings['bits']}, sym={settings['sym']}")
+    return {"quant_method": QUANT_METHOD, "format_version": FORMAT_VERSION,
+            **{key: settings[key] for key in SETTING_KEYS},
+            "modules": list(quantized.results), "settings": settings}
+
+
+def packed_state_dict(model: nn.Module, quantized: QuantizedLayers) -> dict[str, Tensor]:
+    """The model's state dict with each quantized linear's weight (and bias) replaced by packed tensors.
+
+    State-dict tensors are references to the model's own storage, so the only new memory is
+    the packed tensors themselves.
+    """
+    state = model.state_dict()
+    for key in tied_weight_keys(model):
+        state.pop(key, None)
+    for name, result in quantized.results.items():
+        if f"{name}.weight" not in state:
+            raise ValueError(f"quantized layer {name} is not a linear layer of this model")
+        del state[f"{name}.weight"]
+        bias = state.pop(f"{name}.bias", None)
+        layer = QuikLinear.from_quantized(result.codes, result.scales, result.zeros, result.g_idx, result.salient,
+                                          result.salient_weight, bias, result.bits, result.group_size)
+        state.update({f"{name}.{key}": tensor for key, tensor in layer.state_dict().items()})
+    return state
+
+
+def tied_weight_keys(model: nn.Module) -> set[str]:
+    """State-dict keys that alias another weight and are re-tied by the loader (e.g. ``lm_head.weight``)."""
+    return set(getattr(model, "all_tied_weights_keys", None) or {})
+
+
+def write_shards(state: dict[str, Tensor], directory: Path, max_shard_size: int | str) -> None:
+    """Save ``state`` with ``save_pretrained``'s file names: one file, or shards plus an index."""
+    from huggingface_hub import split_torch_state_dict_into_shards
+    from safetensors.torch import save_file
+
+    split = split_torch_state_dict_into_shards(state, filename_pattern="model{suffix}.safetensors",
+                                               max_shard_size=max_shard_size)
+    for filename, names in split.filename_to_tensors.items():
+        shard = {name: state[name].detach().to("cpu").contiguous() for name in names}
+        save_file(shard, directory / filename, metadata={"format": "pt"})
+    if split.is_sharded:
+        index = {"metadata": dict(split.metadata), "weight_map": dict(split.tensor_to_filename)}
+        (directory / INDEX_NAME).write_text(json.dumps(index, indent=2, sort_keys=True) + "\n")
+
+
+def write_model_config(model: nn.Module, qconfig: dict, directory: Path) -> None:
+    """config.json (with quantization_config) and generation_config.json, leaving ``model`` untouched."""
+    config = copy.deepcopy(model.config)
+    config.quantization_config = qconfig
+    config.architectures = [type(model).__name__]
+    config.dtype = str(model.dtype).removeprefix("torch.")  # dtype of the unquantized tensors
+    config.save_pretrained(directory)
+    generation_config = getattr(model, "generation_config", None)
+    if generation_config is not None and model.can_generate():
+        generation_config.save_pretrained(directory)
+
+
+# --------------------------------------------------------------------------------------------
+# reading and checking
+
+
+def is_packed_checkpoint(path: str | os.PathLike) -> bool:
+    """True for a local directory whose config.json declares ``quant_method: quikft``."""
+    config_file = Path(path) / CONFIG_NAME
+    if not config_file.is_file():
+        return False
+    try:
+        qconfig = json.loads(config_file.read_text()).get("quantization_config") or {}
+    except (json.JSONDecodeError, AttributeError):
+        return False
+    return isinstance(qconfig, dict) and qconfig.get("quant_method") == QUANT_METHOD
+
+
+def read_quantization_config(path: str | os.PathLike) -> dict:
+    """The validated ``quantization_config`` of the checkpoint directory ``path``."""
+    config_file = Path(path) / CONFIG_NAME
+    if not config_file.is_file():
+        raise CheckpointError(f"{config_file}: not found; is {path} a checkpoint directory?")
+    try:
+        config = json.loads(config_file.read_text())
+    except json.JSONDecodeError as err:
+        raise CheckpointError(f"{config_file}: not valid JSON ({err})") from None
+    qconfig = config.get("quantization_config")
+    if not isinstance(qconfig, dict):
+        raise CheckpointError(f"{config_file}: no quantization_config; this is not a quikft packed checkpoint")
+    validate_quantization_config(qconfig, config_file)
+    return qconfig
+
+
+def validate_quantization_config(qconfig: Mapping[str, Any], source: str | os.PathLike) -> None:
+    """Refuse configs of another method, of an unknown format version, or lacking what loading needs."""
+    method = qconfig.get("quant_method")
+    if method != QUANT_METHOD:
+        raise CheckpointError(f"{source}: quantization_config.quant_method is {method!r}, not {QUANT_METHOD!r}")
+    version = qconfig.get("format_version")
+    if version != FORMAT_VERSION:
+        raise CheckpointError(f"{source}: quikft format_version {version!r} is not supported by this quikft "
+                              f"(it reads version {FORMAT_VERSION}); upgrade quikft")
+    missing = [key for key in REQUIRED_KEYS if key not in qconfig]
+    if missing:
+        raise CheckpointError(f"{source}: quantization_config lacks {', '.join(missing)}")
+    if not isinstance(qconfig["modules"], list) or not qconfig["modules"]:
+        raise CheckpointError(f"{source}: quantization_config.modules must be a non-empty list of layer names")
+
+
+def weight_files(path: str | os.PathLike) -> list[Path]:
+    """The safetensors files of a checkpoint directory (one file, or the shards of the index)."""
+    path = Path(path)
+    index_file = path / INDEX_NAME
+    if index_file.is_file():
+        try:
+            weight_map = json.loads(index_file.read_text())["weight_map"]
+        except (json.JSONDecodeError, KeyError, TypeError) as err:
+            raise CheckpointError(f"{index_file}: not a valid safetensors index ({err})") from None
+        return [path / name for name in sorted(set(weight_map.values()))]
+    if (path / WEIGHTS_NAME).exists():
+        return [path / WEIGHTS_NAME]
+    raise CheckpointError(f"{path}: neither {WEIGHTS_NAME} nor {INDEX_NAME} found")
+
+
+def read_header(file: str | os.PathLike) -> dict[str, TensorInfo]:
+    """Parse one safetensors header, checking that every tensor's bytes are inside the file.
+
+    Reading the header alone is cheap, and checking the data offsets here catches a truncated
+    or corrupt file before anything is loaded, with the name of the first tensor it damages.
+    """
+    file = Path(file)
+    if not file.is_file():
+        raise CheckpointError(f"{file}: weights file not found")
+    size = file.stat().st_size
+    with open(file, "rb") as handle:
+        prefix = handle.read(8)
+        if len(prefix) < 8:
+            raise CheckpointError(f"{file}: truncated or corrupt safetensors file ({size} bytes, no header)")
+        (header_len,) = struct.unpack("<Q", prefix)
+        if header_len > size - 8:
+            raise CheckpointError(f"{file}: truncated or corrupt safetensors file (header of {header_len} bytes, "
+                                  f"file of {size})")
+        try:
+            header = json.loads(handle.read(header_len))
+        except (json.JSONDecodeError, UnicodeDecodeError):
+            raise CheckpointError(f"{file}: corrupt safetensors header") from None
+    data_size = size - 8 - header_len
+    return {name: _tensor_info(file, name, entry, data_size)
+            for name, entry in header.items() if name != "__metadata__"}
+
+
+def _tensor_info(file: Path, name: str, entry: Any, data_size: int) -> TensorInfo:
+    try:
+        dtype = SAFETENSORS_DTYPES[entry["dtype"]]
+        shape = tuple(int(n) for n in entry["shape"])
+        begin, end = (int(n) for n in entry["data_offsets"])
+    except (KeyError, TypeError, ValueError):
+        raise CheckpointError(f"{file}: corrupt header entry for tensor {name}") from None
+    info = TensorInfo(file, dtype, shape)
+    if end > data_size:
+        raise CheckpointError(f"{file}: truncated safetensors file: tensor {name} ends at data byte {end}, "
+                              f"the file holds {data_size}")
+    if end - begin != info.nbytes:
+        raise CheckpointError(f"{file}: corrupt header: tensor {name} spans {end - begin} bytes, "
+                              f"its shape and dtype need {info.nbytes}")
+    return info
+
+
+def read_headers(files: Iterable[str | os.PathLike]) -> dict[str, TensorInfo]:
+    """All tensors of a (possibly sharded) checkpoint by name; a name stored twice is an error."""
+    tensors: dict[str, TensorInfo] = {}
+    for file in files:
+        for name, info in read_header(file).items():
+            if name in tensors:
+                raise CheckpointError(f"{file}: tensor {name} is also stored in {tensors[name].file.name}")
+            tensors[name] = info
+    return tensors
+
+
+def weights_source(files: list[Path]) -> Path:
+    """The file to name when a tensor is missing: the only weights file, or the shards' index."""
+    return files[0] if len(files) == 1 else files[0].parent / INDEX_NAME
+
+
+def swap_in_quik_layers(model: nn.Module, qconfig: Mapping[str, Any], tensors: Mapping[str, TensorInfo],
+                        source: Path, device: torch.device | str | None = None) -> None:
+    """Replace every listed linear of ``model`` by an empty QuikLinear shaped after the stored tensors.
+
+    in/out features come from the model the config builds; k and the group count from the
+    stored ``salient_idx`` and ``scales`` (whose full shapes are then checked by
+    :func:`check_tensors`). ``source`` is :func:`weights_source`; ``device=None`` follows the
+    current default device, so inside a meta-device context the new layers allocate nothing.
+    """
+    for name in qconfig["modules"]:
+        linear = _linear(model, name, source)
+        k = _stored_dim(tensors, f"{name}.salient_idx", 1, source)
+        n_groups = _stored_dim(tensors, f"{name}.scales", 2, source)
+        layer = QuikLinear.empty(linear.in_features, linear.out_features, int(qconfig["bits"]),
+                                 int(qconfig["group_size"]), k, n_groups, f"{name}.bias" in tensors, device=device)
+        parent, _, child = name.rpartition(".")
+        setattr(model.get_submodule(parent), child, layer)
+
+
+def _linear(model: nn.Module, name: str, source: Path) -> nn.Linear:
+    try:
+        module = model.get_submodule(name)
+    except AttributeError:
+        module = None
+    if not isinstance(module, nn.Linear):
+        raise CheckpointError(f"{source.parent / CONFIG_NAME}: quantized module {name} is not a linear layer "
+                              f"of {type(model).__name__}")
+    return module
+
+
+def _stored_dim(tensors: Mapping[str, TensorInfo], name: str, ndim: int, source: Path) -> int:
+    """Leading dimension of a stored tensor that must have ``ndim`` dimensions."""
+    info = tensors.get(name)
+    if info is None:
+        raise CheckpointError(f"{source}: tensor {name} is missing")
+    if len(info.shape) != ndim:
+        raise CheckpointError(f"{info.file}: tensor {name} has shape {list(info.shape)}, expected {ndim} dimensions")
+    return info.shape[0]
+
+
+def check_tensors(model: nn.Module, tensors: Mapping[str, TensorInfo], source: Path) -> None:
+    """Compare the stored tensors with what ``model`` (with its QuikLinears in place) expects.
+
+    Quantized tensors must match dtype exactly (a cast would change the packed bits or the
+    fp16-exact scales); other floating tensors may be stored in any float dtype, as with
+    ``from_pretrained``. ``source`` (see :func:`weights_source`) is named for missing tensors.
+    """
+    quik = {f"{name}.{key}" for name, m in model.named_modules() if isinstance(m, QuikLinear)
+            for key in (*QUIK_TENSORS, "bias")}
+    expected = {key: value for key, value in model.state_dict().items() if key not in tied_weight_keys(model)}
+    for name, ref in expected.items():
+        info = tensors.get(name)
+        if info is None:
+            raise CheckpointError(f"{source}: tensor {name} is missing")
+        if info.shape != tuple(ref.shape):
+            raise CheckpointError(f"{info.file}: tensor {name} has shape {list(info.shape)}, "
+                                  f"expected {list(ref.shape)}")
+        if info.dtype != ref.dtype and (name in quik or not (info.dtype.is_floating_point and ref.is_floating_point())):
+            raise CheckpointError(f"{info.file}: tensor {name} has dtype {info.dtype}, expected {ref.dtype}")
+    unexpected = sorted(set(tensors) - set(expected))
+    if unexpected:
+        raise CheckpointError(f"{tensors[unexpected[0]].file}: unexpected tensor {unexpected[0]}")
+
+
+def check_layer_values(model: nn.Module, tensors: Mapping[str, TensorInfo]) -> None:
+    """Index tensors must be usable: shapes cannot catch a g_idx or salient_idx out of range."""
+    for name, layer in model.named_modules():
+        if not isinstance(layer, QuikLinear):
+            continue
+        g_idx, salient = layer.g_idx, layer.salient_idx
+        if g_idx.numel() and (int(g_idx.min()) < 0 or int(g_idx.max()) >= layer.n_groups):
+            raise CheckpointError(f"{tensors[f'{name}.g_idx'].file}: tensor {name}.g_idx has values outside "
+                                  f"[0, {layer.n_groups})")
+        if salient.numel() and (int(salient.min()) < 0 or int(salient.max()) >= layer.in_features
+                                or not bool((salient.diff() > 0).all())):
+            raise CheckpointError(f"{tensors[f'{name}.salient_idx'].file}: tensor {name}.salient_idx must be "
+                                  f"sorted unique columns in [0, {layer.in_features})")
+
+
+# --------------------------------------------------------------------------------------------
+# loading
+
+
+def load(path: str | os.PathLike, dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu") -> nn.Module:
+    """Load a packed checkpoint directory as a model with QuikLinear layers, in eval mode.
+
+    ``dtype`` applies to the unquantized tensors (embeddings, norms, lm_head); the packed
+    buffers keep their stored dtypes. The model is built on the meta device, so no memory is
+    spent on the full-precision linears it replaces.
+    """
+    from transformers import AutoConfig
+
+    path, device = Path(path), torch.device(device)
+    qconfig = read_quantization_config(path)
+    files = weight_files(path)
+    tensors = read_headers(files)
+    model = _skeleton(AutoConfig.from_pretrained(path), dtype)
+    swap_in_quik_layers(model, qconfig, tensors, weights_source(files))
+    check_tensors(model, tensors, weights_source(files))
+    _load_tensors(model, tensors, dtype, device)
+    _materialize_non_persistent(model, device)
+    model.tie_weights()
+    _check_materialized(model)
+    check_layer_values(model, tensors)
+    return model.eval()
+
+
+def _skeleton(config: Any, dtype: torch.dtype) -> nn.Module:
+    """The model the config describes, on the meta device, with its quantization_config as a dict.
+
+    The quantization_config is set aside while building, so transformers builds a plain
+    skeleton; our loader, not transformers, puts the quantized layers in.
+    """
+    from transformers import AutoModelForCausalLM
+
+    qconfig = config.quantization_config
+    del config.quantization_config
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(config, dtype=dtype)
+    model.config.quantization_config = qconfig
+    return model
+
+
+def _load_tensors(model: nn.Module, tensors: Mapping[str, TensorInfo], dtype: torch.dtype,
+                  device: torch.device) -> None:
+    """Assign the stored tensors one file at a time (peak memory: the model plus one shard)."""
+    from safetensors import SafetensorError, safe_open
+
+    quik = {name for name, m in model.named_modules() if isinstance(m, QuikLinear)}
+    for file in sorted({info.file for info in tensors.values()}):
+        state = {}
+        try:
+            with safe_open(file, framework="pt", device=str(device)) as handle:
+                for name in handle.keys():  # noqa: SIM118 -- safe_open handles are not iterable
+                    state[name] = _as_loaded(handle.get_tensor(name), name, quik, dtype)
+        except SafetensorError as err:
+            reason = (str(err).splitlines() or ["unknown error"])[0]
+            raise CheckpointError(f"{file}: cannot read safetensors file ({reason})") from None
+        result = model.load_state_dict(state, strict=False, assign=True)
+        if result.unexpected_keys:  # check_tensors ran first, so this means a loader bug
+            raise CheckpointError(f"{file}: unexpected tensor {result.unexpected_keys[0]}")
+
+
+def _as_loaded(tensor: Tensor, name: str, quik: set[str], dtype: torch.dtype) -> Tensor:
+    """Cast unquantized floating tensors to the requested dtype; packed buffers stay as stored."""
+    if tensor.is_floating_point() and name.rpartition(".")[0] not in quik:
+        return tensor.to(dtype)
+    return tensor
+
+
+def _materialize_non_persistent(model: nn.Module, device: torch.device) -> None:
+    """Compute the buffers that are not saved (e.g. rotary ``inv_freq``), still on meta after loading.
+
+    transformers' own meta-device loading recomputes them through ``_init_weights``; we do the
+    same for exactly the modules that own such buffers.
+    """
+    for module in model.modules():
+        if any(b is not None and b.is_meta for b in module.buffers(recurse=False)):
+            module.to_empty(device=device, recurse=False)
+            model._init_weights(module)
+
+
+def _check_materialized(model: nn.Module) -> None:
+    """Nothing may stay on the meta device: it would fail at the first forward, far from the cause."""
+    leftover = [name for name, t in [*model.named_parameters(), *model.named_buffers()] if t.is_meta]
+    if leftover:
+        raise CheckpointError(f"cannot materialize {leftover[0]}: it is neither stored nor tied nor computable")
+
+
+# --------------------------------------------------------------------------------------------
+# inspection (``quikft info``)
+
+
+def describe(path: str | os.PathLike) -> dict:
+    """Settings, sizes and per-layer salient fractions of a packed checkpoint, from headers only.
+
+    ``linear_limit_bytes`` is the information content of the quantized linears: per row,
+    b bits for each non-salient column and 16 for each salient one, plus an fp16 scale and a
+    b-bit zero-point per group (and 16 bits per bias entry). Index tensors (g_idx,
+    salient_idx) and word padding are the overhead the packed bytes add on top of it.
+    """
+    path = Path(path)
+    qconfig = read_quantization_config(path)
+    files = weight_files(path)
+    tensors = read_headers(files)
+    source = weights_source(files)
+    layers = [_layer_summary(name, tensors, int(qconfig["bits"]), source) for name in qconfig["modules"]]
+    fp16, packed, limit = (sum(layer[key] for layer in layers) for key in ("fp16_bytes", "packed_bytes",
+                                                                            "limit_bytes"))
+    weights = sum(layer["in_features"] * layer["out_features"] for layer in layers)
+    return {
+        "path": str(path), "format_version": qconfig["format_version"],
+        **{key: qconfig.get(key) for key in SETTING_KEYS},
+        "weights_bytes": sum(file.stat().st_size for file in files),
+        "directory_bytes": sum(f.stat().st_size for f in path.rglob("*") if f.is_file()),
+        "linear_fp16_bytes": fp16, "linear_packed_bytes": packed, "linear_limit_bytes": limit,
+        "compression_vs_fp16": fp16 / packed, "packed_vs_limit": packed / limit,
+        "bits_per_weight": 8 * packed / weights,
+        "salient_fraction": sum(layer["k"] for layer in layers) / sum(layer["in_features"] for layer in layers),
+        "layers": layers,
+    }
+
+
+def _layer_summary(name: str, tensors: Mapping[str, TensorInfo], bits: int, source: Path) -> dict:
+    shapes = {}
+    for key in QUIK_TENSORS:
+        info = tensors.get(f"{name}.{key}")
+        if info is None:
+            raise CheckpointError(f"{source}: tensor {name}.{key} is missing")
+        shapes[key] = info.shape
+    in_features, (n_groups, out_features), k = shapes["g_idx"][0], shapes["scales"], shapes["salient_idx"][0]
+    bias = tensors.get(f"{name}.bias")
+    packed = sum(tensors[f"{name}.{key}"].nbytes for key in QUIK_TENSORS) + (bias.nbytes if bias else 0)
+    limit_bits = (out_features * (bits * (in_features - k) + 16 * k) + n_groups * out_features * (16 + bits)
+                  + (16 * out_features if bias else 0))
+    return {"name": name, "in_features": in_features, "out_features": out_features, "k": k,
+            "salient_fraction": k / in_features, "n_groups": n_groups, "packed_bytes": packed,
+            "fp16_bytes": 2 * in_features * out_features + (2 * out_features if bias else 0),
+            "limit_bytes": limit_bits / 8}
+
+
+def format_description(summary: Mapping[str, Any]) -> str:
+    """A human-readable :func:`describe`: a few summary lines and one table row per layer kind."""
+    mib = 1 << 20
+    grid = "sym" if summary["sym"] else "asym"
+    act_order = "on" if summary["act_order"] else "off"
+    lines = [
+        f"quikft packed checkpoint {summary['path']} (format {summary['format_version']})",
+        f"bits {summary['bits']}, salient k {summary['salient']}, group size {summary['group_size']}, {grid}, "
+        f"metric {summary['metric']}, method {summary['method']}, act-order {act_order}",
+        f"size on disk: {summary['weights_bytes'] / mib:.2f} MiB of weights "
+        f"({summary['directory_bytes'] / mib:.2f} MiB directory)",
+        f"linear layers: {summary['linear_packed_bytes'] / mib:.2f} MiB packed vs "
+        f"{summary['linear_fp16_bytes'] / mib:.2f} MiB FP16: compression {summary['compression_vs_fp16']:.2f}x, "
+        f"{summary['bits_per_weight']:.2f} bits/weight",
+        f"information limit: {summary['linear_limit_bytes'] / mib:.2f} MiB; packed = "
+        f"{summary['packed_vs_limit']:.3f}x the limit",
+        f"salient fraction: {summary['salient_fraction']:.1%} of linear input columns",
+        "",
+        *_layer_table(summary["layers"]),
+    ]
+    return "\n".join(lines)
+
+
+def _layer_table(layers: list[dict]) -> list[str]:
+    """Layers grouped by kind (the name after the block index), e.g. ``self_attn.q_proj``."""
+    kinds: dict[str, list[dict]] = {}
+    for layer in layers:
+        kinds.setdefault(_layer_kind(layer["name"]), []).append(layer)
+    rows = [("layer", "count", "out x in", "k", "salient", "packed MiB", "vs FP16", "vs limit")]
+    for kind, group in kinds.items():
+        ks = sorted({layer["k"] for layer in group})
+        shapes = sorted({f"{layer['out_features']}x{layer['in_features']}" for layer in group})
+        fractions = [layer["salient_fraction"] for layer in group]
+        packed, fp16, limit = (sum(layer[key] for layer in group)
+                               for key in ("packed_bytes", "fp16_bytes", "limit_bytes"))
+        rows.append((kind, str(len(group)), ",".join(shapes),
+                     _span(str(ks[0]), str(ks[-1])),
+                     _span(f"{min(fractions):.1%}", f"{max(fractions):.1%}"),
+                     f"{packed / (1 << 20):.3f}", f"{fp16 / packed:.2f}x", f"{packed / limit:.3f}x"))
+    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
+    return ["  ".join(cell.ljust(width) for cell, width in zip(row, widths, strict=True)).rstrip() for row in rows]
+
+
+def _span(low: str, high: str) -> str:
+    return low if low == high else f"{low}-{high}"
+
+
+def _layer_kind(name: str) -> str:
+    parts = name.split(".")
+    digits = [i for i, part in enumerate(parts) if part.isdigit()]
+    return ".".join(parts[digits[0] + 1:]) if digits else name

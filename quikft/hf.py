@@ -1,0 +1,102 @@
+"""transformers integration: ``AutoModelForCausalLM.from_pretrained`` on a quikft packed checkpoint.
+
+Importing this module registers the ``quikft`` quantization method with transformers
+(``register_quantization_config`` / ``register_quantizer``). ``import quikft`` arranges that
+import lazily, right after transformers loads its quantizer registry, so ``import quikft``
+itself stays free of transformers' import cost.
+
+How a load goes: transformers builds the model skeleton on the meta device and hands it to
+:meth:`QuikftHfQuantizer._process_model_before_weight_loading`, which reads the safetensors
+headers, checks them strictly against the config (the same checks as :func:`quikft.load`)
+and swaps the listed linears for empty :class:`~quikft.nn.QuikLinear` layers of the stored
+shapes. transformers then loads every tensor straight into those buffers: their dtypes
+(int32 codes, fp16 scales) come from the empty buffers, so nothing is cast.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from transformers.quantizers.auto import (
+    AUTO_QUANTIZATION_CONFIG_MAPPING,
+    AUTO_QUANTIZER_MAPPING,
+    register_quantization_config,
+    register_quantizer,
+)
+from transformers.quantizers.base import HfQuantizer
+from transformers.utils.quantization_config import QuantizationConfigMixin
+
+from quikft.checkpoint import (
+    QUANT_METHOD,
+    CheckpointError,
+    check_tensors,
+    read_headers,
+    swap_in_quik_layers,
+    validate_quantization_config,
+    weights_source,
+)
+
+
+class QuikftConfig(QuantizationConfigMixin):
+    """The ``quantization_config`` of a quikft checkpoint, kept verbatim.
+
+    Every key of config.json's entry becomes an attribute, so ``to_dict`` (used when a loaded
+    model is saved again) writes back exactly what was read.
+    """
+
+    def __init__(self, **entries: Any) -> None:
+        entries.setdefault("quant_method", QUANT_METHOD)
+        validate_quantization_config(entries, "quantization_config")
+        self.__dict__.update(entries)
+
+
+class QuikftHfQuantizer(HfQuantizer):
+    """Loads pre-quantized quikft checkpoints; quantizing on the fly is the job of ``quikft quantize``."""
+
+    # Calibration data is needed to quantize, so only pre-quantized checkpoints load.
+    requires_calibration = True
+    quantization_config: QuikftConfig
+
+    def validate_environment(self, *args: Any, **kwargs: Any) -> None:
+        if not self.pre_quantized:
+            raise ValueError("quikft cannot quantize while loading; run `quikft quantize` and load its output")
+
+    def _process_model_before_weight_loading(self, model: Any, checkpoint_files: list[str] | None = None,
+                                             **kwargs: Any) -> Any:
+        files = [Path(file) for file in checkpoint_files or ()]
+        if not files or any(file.suffix != ".safetensors" for file in files):
+            raise CheckpointError("quikft checkpoints load from safetensors files only")
+        tensors = read_headers(files)
+        # The skeleton is built under a meta-device context, so device=None keeps the new layers empty.
+        swap_in_quik_layers(model, self.quantization_config.to_dict(), tensors, weights_source(files))
+        check_tensors(model, tensors, weights_source(files))
+        return model
+
+    def _process_model_after_weight_loading(self, model: Any, **kwargs: Any) -> Any:
+        return model
+
+    def is_serializable(self, safe_serialization: Any = None) -> bool:
+        # The state dict of a model with QuikLinear layers is the packed format itself.
+        return True
+
+    @property
+    def is_trainable(self) -> bool:
+        # GIFT-SW recovery trains the FP16 salient columns of the loaded layers.
+        return True
+
+    @property
+    def is_qat_trainable(self) -> bool:
+        # transformers' Trainer refuses a quantized model without PEFT adapters unless this holds.
+        return True
+
+
+def register() -> None:
+    """Register the config and quantizer once (a second call, e.g. after a reload, is a no-op)."""
+    if QUANT_METHOD not in AUTO_QUANTIZATION_CONFIG_MAPPING:
+        register_quantization_config(QUANT_METHOD)(QuikftConfig)
+    if QUANT_METHOD not in AUTO_QUANTIZER_MAPPING:
+        register_quantizer(QUANT_METHOD)(QuikftHfQuantizer)
+
+
+register()

@@ -1,0 +1,248 @@
+"""Packed checkpoints: save/load round trips, from_pretrained, strict errors, `quikft info`."""
+
+import copy
+import json
+import os
+import shutil
+import subprocess
+import sys
+
+import pytest
+import torch
+from click.testing import CliRunner
+from safetensors.torch import load_file, save_file
+
+import quikft
+from quikft import checkpoint
+from quikft.checkpoint import CheckpointError, load, save_packed
+from quikft.cli import main
+from quikft.config import QuantConfig
+from quikft.data import calibration_windows
+from quikft.models import load_model
+from quikft.nn import QuikLinear
+from quikft.packing import unpack_codes, unpack_zeros
+from quikft.quant.pipeline import quantize_model
+
+
+def _quantize(model, tokenizer, corpus, **settings):
+    config = QuantConfig(salient=8, nsamples=4, seqlen=32, clip_search=False, **settings)
+    calib = calibration_windows(tokenizer, str(corpus), nsamples=4, seqlen=32, seed=0)
+    return config, quantize_model(model, calib, config, progress=False), calib
+
+
+def _logits(model, ids):
+    with torch.no_grad():
+        return model(input_ids=ids).logits
+
+
+def _from_pretrained(path):
+    from transformers import AutoModelForCausalLM
+
+    return AutoModelForCausalLM.from_pretrained(path)
+
+
+@pytest.mark.parametrize("bits,group_size,act_order,shard", [
+    (3, 32, True, None), (2, 32, False, None), (4, 32, True, "60KB"), (3, -1, True, None), (4, -1, False, None),
+])
+def test_round_trip_reproduces_the_fake_quant_model(tiny, text_file, tmp_path, bits, group_size, act_order, shard):
+    model, tokenizer = tiny
+    config, quantized, calib = _quantize(model, tokenizer, text_file, bits=bits, group_size=group_size,
+                                         act_order=act_order)
+    fake = copy.deepcopy(model)
+    out = save_packed(model, tokenizer, quantized, tmp_path / "packed", config,
+                      **({"max_shard_size": shard} if shard else {}))
+    # saving neither changes nor copies into the model
+    assert all(torch.equal(a, b) for a, b in zip(model.state_dict().values(), fake.state_dict().values(), strict=True))
+    assert (out / "model.safetensors.index.json").exists() == bool(shard)
+    loaded = load(out)
+    ids = calib[:2]
+    assert torch.allclose(_logits(loaded, ids), _logits(fake, ids), atol=1e-4, rtol=0)
+    hf = _from_pretrained(out)
+    assert torch.allclose(_logits(hf, ids), _logits(loaded, ids), atol=1e-5, rtol=0)
+    for name, result in quantized.results.items():
+        for candidate in (loaded, hf):
+            layer = candidate.get_submodule(name)
+            assert isinstance(layer, QuikLinear) and layer.bits == bits
+            assert torch.equal(unpack_codes(layer.qweight, bits, layer.in_features), result.codes)
+            assert torch.equal(unpack_zeros(layer.qzeros, bits, layer.out_features), result.zeros)
+            assert torch.equal(layer.scales.float().t(), result.scales)
+            assert torch.equal(layer.salient_idx.long(), result.salient)
+            assert torch.equal(layer.g_idx, result.g_idx)
+    for candidate in (loaded, hf):
+        assert candidate.lm_head.weight is candidate.model.embed_tokens.weight
+        assert not candidate.training
+
+
+def test_config_carries_method_settings_and_modules(tiny, text_file, tmp_path):
+    model, tokenizer = tiny
+    config, quantized, _ = _quantize(model, tokenizer, text_file, bits=3, group_size=32)
+    save_packed(model, tokenizer, quantized, tmp_path / "p", config)
+    qconfig = json.loads((tmp_path / "p" / "config.json").read_text())["quantization_config"]
+    assert qconfig["quant_method"] == "quikft" and qconfig["format_version"] == 1
+    assert (qconfig["bits"], qconfig["group_size"], qconfig["salient"], qconfig["sym"]) == (3, 32, 8, False)
+    assert (qconfig["metric"], qconfig["act_order"], qconfig["method"]) == ("gift", True, "gptq")
+    assert qconfig["modules"] == list(quantized.results) and len(qconfig["modules"]) == 14
+    assert qconfig["settings"] == config.to_dict()
+    stored = load_file(tmp_path / "p" / "model.safetensors")
+    assert "lm_head.weight" not in stored and "model.embed_tokens.weight" in stored  # tied: stored once
+    assert "model.layers.0.self_attn.q_proj.weight" not in stored
+    assert stored["model.layers.0.self_attn.q_proj.qweight"].dtype == torch.int32
+    assert (tmp_path / "p" / "tokenizer.json").exists() and (tmp_path / "p" / "generation_config.json").exists()
+    # a loaded model is itself serializable: save_pretrained writes the same packed tensors back
+    resaved = tmp_path / "resaved"
+    _from_pretrained(tmp_path / "p").save_pretrained(resaved)
+    again = load_file(resaved / "model.safetensors")
+    assert again.keys() == stored.keys() and all(torch.equal(again[k], stored[k]) for k in stored)
+    assert json.loads((resaved / "config.json").read_text())["quantization_config"] == qconfig
+
+
+@pytest.fixture(scope="module")
+def packed_dir(tmp_path_factory, tiny_dir):
+    """One packed checkpoint, copied by each test that damages it."""
+    from conftest import TOKENIZER_CORPUS
+
+    root = tmp_path_factory.mktemp("packed")
+    corpus = root / "corpus.txt"
+    corpus.write_text("\n".join(TOKENIZER_CORPUS * 3) + "\n")
+    model, tokenizer = load_model(str(tiny_dir))
+    config, quantized, _ = _quantize(model, tokenizer, corpus, bits=3, group_size=32)
+    return save_packed(model, tokenizer, quantized, root / "ckpt", config)
+
+
+def _rewrite(path, change):
+    tensors = load_file(path)
+    change(tensors)
+    save_file(tensors, path, metadata={"format": "pt"})
+
+
+def _truncate(path):
+    os.truncate(path, path.stat().st_size - 100)
+
+
+def _set_format_version(path):
+    config = json.loads(path.read_text())
+    config["quantization_config"]["format_version"] = 99
+    path.write_text(json.dumps(config))
+
+
+DOWN = "model.layers.1.mlp.down_proj"
+CORRUPTIONS = {
+    "truncated": ("model.safetensors", _truncate, r"model\.safetensors: truncated safetensors file: tensor \S+"),
+    "missing": ("model.safetensors", lambda p: _rewrite(p, lambda t: t.pop(f"{DOWN}.qzeros")),
+                rf"model\.safetensors: tensor {DOWN}\.qzeros is missing"),
+    "unexpected": ("model.safetensors", lambda p: _rewrite(p, lambda t: t.update(extra=torch.zeros(2))),
+                   r"model\.safetensors: unexpected tensor extra"),
+    "shape": ("model.safetensors",
+              lambda p: _rewrite(p, lambda t: t.update({f"{DOWN}.qweight": t[f"{DOWN}.qweight"][:-1].clone()})),
+              rf"model\.safetensors: tensor {DOWN}\.qweight has shape \[14, 64\], expected \[15, 64\]"),
+    "dtype": ("model.safetensors",
+              lambda p: _rewrite(p, lambda t: t.update({f"{DOWN}.scales": t[f"{DOWN}.scales"].float()})),
+              rf"model\.safetensors: tensor {DOWN}\.scales has dtype torch\.float32, expected torch\.float16"),
+    "version": ("config.json", _set_format_version, r"format_version 99 is not supported"),
+}
+
+
+@pytest.mark.parametrize("loader", ["quikft.load", "from_pretrained"])
+@pytest.mark.parametrize("case", sorted(CORRUPTIONS))
+def test_damaged_checkpoints_raise_one_line_errors(packed_dir, tmp_path, case, loader):
+    target = shutil.copytree(packed_dir, tmp_path / "ckpt")
+    filename, damage, message = CORRUPTIONS[case]
+    damage(target / filename)
+    with pytest.raises(CheckpointError, match=message) as err:
+        load(target) if loader == "quikft.load" else _from_pretrained(target)
+    assert "\n" not in str(err.value)
+    if loader == "quikft.load":
+        assert str(target / filename) in str(err.value)
+
+
+def test_other_methods_and_bad_index_values_are_refused(packed_dir, tmp_path):
+    target = shutil.copytree(packed_dir, tmp_path / "ckpt")
+    _rewrite(target / "model.safetensors",
+             lambda t: t.update({f"{DOWN}.g_idx": torch.full_like(t[f"{DOWN}.g_idx"], 99)}))
+    with pytest.raises(CheckpointError, match=rf"tensor {DOWN}\.g_idx has values outside \[0, 5\)"):
+        load(target)
+    config = json.loads((target / "config.json").read_text())
+    config["quantization_config"]["quant_method"] = "gptq"
+    (target / "config.json").write_text(json.dumps(config))
+    with pytest.raises(CheckpointError, match=r"config\.json: quantization_config\.quant_method is 'gptq'"):
+        load(target)
+
+
+def test_failed_save_leaves_nothing_behind(tiny, text_file, tmp_path, monkeypatch):
+    model, tokenizer = tiny
+    config, quantized, _ = _quantize(model, tokenizer, text_file, bits=4, group_size=32)
+
+    def explode(*args, **kwargs):
+        raise RuntimeError("disk full")
+
+    monkeypatch.setattr(checkpoint, "write_model_config", explode)  # after the shards are written
+    with pytest.raises(RuntimeError, match="disk full"):
+        save_packed(model, tokenizer, quantized, tmp_path / "runs" / "out", config)
+    assert list((tmp_path / "runs").iterdir()) == []  # neither the target nor a partial staging directory
+
+
+def test_info_reports_bits_compression_and_salient_fraction(packed_dir):
+    result = CliRunner().invoke(main, ["info", str(packed_dir)])
+    assert result.exit_code == 0, result.output
+    assert "bits 3, salient k 8, group size 32" in result.output and "compression" in result.output
+    assert "mlp.down_proj" in result.output and "12.5%" in result.output  # 8 of 64 columns
+    summary = json.loads(CliRunner().invoke(main, ["info", "--json", str(packed_dir)]).output)
+    assert summary["bits"] == 3 and len(summary["layers"]) == 14
+    assert summary["compression_vs_fp16"] > 1 and summary["packed_vs_limit"] >= 1
+    down = next(layer for layer in summary["layers"] if layer["name"] == DOWN)
+    # 160 inputs - 8 salient = 152 quantized columns in 5 groups of (up to) 32
+    assert (down["in_features"], down["out_features"], down["k"], down["n_groups"]) == (160, 64, 8, 5)
+    assert down["limit_bytes"] == (64 * (3 * 152 + 16 * 8) + 5 * 64 * (16 + 3)) / 8
+
+
+def test_info_on_a_plain_model_is_a_one_line_error(tiny_dir):
+    result = CliRunner().invoke(main, ["info", str(tiny_dir)])
+    assert result.exit_code == 1 and "not a quikft packed checkpoint" in result.output
+    assert result.output.count("\n") == 1
+
+
+def test_eval_and_generate_accept_packed_directories(packed_dir, text_file):
+    result = CliRunner().invoke(main, ["eval", "--model", str(packed_dir), "--ppl", str(text_file),
+                                       "--seqlen", "32", "--max-windows", "2"])
+    assert result.exit_code == 0, result.output
+    assert "ppl" in result.output
+    result = CliRunner().invoke(main, ["generate", "--model", str(packed_dir), "--raw", "--max-new-tokens", "3",
+                                       "The quick"])
+    assert result.exit_code == 0, result.output
+    model, _ = load_model(str(packed_dir))
+    assert isinstance(model.model.layers[0].mlp.up_proj, QuikLinear)
+
+
+def test_quantize_cli_writes_packed_by_default_and_fake_quant_on_request(tiny_dir, text_file, tmp_path):
+    base = ["quantize", "--model", str(tiny_dir), "--calib", str(text_file), "--nsamples", "4", "--seqlen", "32",
+            "--salient", "4", "--group-size", "32", "--bits", "4", "--no-clip-search", "--eval-windows", "0"]
+    for flag, name in ((None, "packed"), ("--fake-quant", "fake")):
+        result = CliRunner().invoke(main, [*base, "--out", str(tmp_path / name), *([flag] if flag else [])])
+        assert result.exit_code == 0, result.output
+    assert checkpoint.is_packed_checkpoint(tmp_path / "packed")
+    assert json.loads((tmp_path / "packed" / "quantize_report.json").read_text())["format"] == "packed"
+    assert not checkpoint.is_packed_checkpoint(tmp_path / "fake")
+    assert json.loads((tmp_path / "fake" / "quantize_report.json").read_text())["format"] == "fake-quant"
+    assert "model.layers.0.mlp.up_proj.weight" in load_file(tmp_path / "fake" / "model.safetensors")
+    packed, _ = load_model(str(tmp_path / "packed"))
+    fake, _ = load_model(str(tmp_path / "fake"))
+    ids = torch.arange(3, 40).unsqueeze(0)
+    assert torch.allclose(_logits(packed, ids), _logits(fake, ids), atol=1e-4, rtol=0)
+
+
+def test_import_is_lazy_and_registers_with_transformers(packed_dir):
+    """`import quikft` does not import transformers' quantizers, yet from_pretrained finds ours."""
+    script = (
+        "import sys, quikft\n"
+        "assert 'transformers.quantizers' not in sys.modules\n"
+        "from transformers import AutoModelForCausalLM\n"
+        f"model = AutoModelForCausalLM.from_pretrained({str(packed_dir)!r})\n"
+        "print(type(model.model.layers[0].self_attn.q_proj).__name__)\n"
+    )
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == "QuikLinear"
+
+
+def test_public_api():
+    assert quikft.load is load and quikft.save_packed is save_packed

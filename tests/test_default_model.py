@@ -1,0 +1,53 @@
+"""Slow checks on the embedded default model (SmolLM2-135M); CI runs them too."""
+
+import math
+
+import pytest
+import torch
+
+from quikft.data import calibration_windows
+from quikft.eval import evaluate_ppl
+from quikft.models import load_model
+from quikft.quant.gptq import gptq_quantize, rtn_quantize
+from quikft.quant.pipeline import capture_block_inputs, decoder_blocks, run_block, streaming_statistics
+from quikft.saliency import column_scores, resolve_metric, select_salient
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def default_model(shared_data):
+    return load_model()
+
+
+def test_default_model_ppl_on_first_window(default_model):
+    model, tokenizer = default_model
+    result = evaluate_ppl(model, tokenizer, "wikitext2", seqlen=2048, max_windows=1, progress=False)
+    assert result.total_windows == 148
+    assert math.isfinite(result.ppl) and 5 < result.ppl < 40
+
+
+@pytest.mark.parametrize("bits", [3, 2])
+def test_gptq_beats_rtn_on_default_model_layers(default_model, bits):
+    model, tokenizer = default_model
+    calib = calibration_windows(tokenizer, "c4", nsamples=8, seqlen=256, seed=0)
+    inputs = capture_block_inputs(model, calib, batch_size=8, device="cpu")
+    block = decoder_blocks(model)[0]
+    captured = {}
+    hooks = [block.get_submodule(n).register_forward_hook(
+        lambda m, a, o, n=n: captured.setdefault(n, a[0].reshape(-1, a[0].shape[-1])))
+        for n in ("self_attn.q_proj", "mlp.down_proj")]
+    with streaming_statistics(block, ("self_attn.q_proj", "mlp.down_proj")) as stats:
+        run_block(block, inputs)
+    for hook in hooks:
+        hook.remove()
+    for name, x in captured.items():
+        w = block.get_submodule(name).weight.data.float()
+        salient = select_salient(column_scores(w, stats[name][1], resolve_metric("gift"), bits), 128)
+        gptq = gptq_quantize(w, stats[name][0].hessian(), salient, bits, group_size=128)
+        rtn = rtn_quantize(w, salient, bits, group_size=128)
+        no_salient = gptq_quantize(w, stats[name][0].hessian(), torch.empty(0, dtype=torch.long), bits)
+        error = {key: torch.linalg.norm(x @ w.T - x @ r.weight.T).item()
+                 for key, r in (("gptq", gptq), ("rtn", rtn), ("gptq_k0", no_salient))}
+        assert error["gptq"] < error["rtn"], (name, error)
+        assert error["gptq"] < error["gptq_k0"], (name, error)
