@@ -5,8 +5,12 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-import pytest
-import torch
+# Before torch loads (as quikft/__init__ does for users): libgomp's spinning workers starve
+# the main thread on a 2-core machine during GPTQ's many small ops.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED_DATA = REPO.parent / "shared" / "data"
@@ -78,6 +82,16 @@ def text_file(tmp_path) -> Path:
     path = tmp_path / "corpus.txt"
     path.write_text("\n".join(TOKENIZER_CORPUS * 3) + "\n")
     return path
+
+
+@pytest.fixture()
+def single_thread():
+    """Run a test on one intra-op thread, then restore the setting: tests that issue thousands
+    of tiny ops are several times faster on one thread than on two contended ones."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
 
 
 @pytest.fixture(scope="session")

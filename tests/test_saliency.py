@@ -14,19 +14,7 @@ from quikft.saliency import (
     select_salient,
 )
 
-
-@pytest.fixture(autouse=True)
-def _single_thread():
-    """Run each test on one intra-op thread, then restore the setting.
-
-    These tests issue thousands of tiny ops; on a shared 2-core machine libgomp's
-    spinning worker thread competes with the main thread and makes them ~10x
-    slower. One thread is also faster for tensors this small.
-    """
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("single_thread")
 
 
 # A tiny layer with explicit numbers: 2 output rows, 4 input columns.
