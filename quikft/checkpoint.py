@@ -13,13 +13,16 @@ A directory that follows ``save_pretrained`` conventions:
   quantized linear ``<name>.weight`` is replaced by the QuikLinear buffers ``<name>.qweight``,
   ``.qzeros``, ``.scales``, ``.g_idx``, ``.salient_idx``, ``.salient_weight`` (and ``.bias`` in
   float32 when the layer has one); layouts and dtypes are documented in
-  :mod:`quikft.nn.quik_linear`. Tied weights (e.g. ``lm_head`` tied to ``embed_tokens``) are
-  stored once, under the name ``from_pretrained`` expects.
+  :mod:`quikft.nn.quik_linear`. Only the ``in - k`` non-salient columns have codes:
+  ``qweight`` is (ceil((in - k)*bits/32), out) and ``g_idx`` is (in - k,), both in ascending
+  column order of the complement of ``salient_idx``. Tied weights (e.g. ``lm_head`` tied to
+  ``embed_tokens``) are stored once, under the name ``from_pretrained`` expects.
 - tokenizer files and ``generation_config.json``.
 
 Per-layer k and group count are not in ``config.json``: they are read from the tensor shapes
 in the safetensors headers (``salient_idx`` is (k,), ``scales`` is (n_groups, out)), so a
-layer whose k was capped needs no special case.
+layer whose k was capped needs no special case; the shapes of ``qweight`` and ``g_idx``
+are then checked against the ``in - k`` they imply.
 
 Loading is strict: before any tensor is read, the headers are checked against the model the
 config describes, and every missing, unexpected, misshapen, mistyped or truncated tensor is
@@ -315,13 +318,15 @@ def swap_in_quik_layers(model: nn.Module, qconfig: Mapping[str, Any], tensors: M
     """Replace every listed linear of ``model`` by an empty QuikLinear shaped after the stored tensors.
 
     in/out features come from the model the config builds; k and the group count from the
-    stored ``salient_idx`` and ``scales`` (whose full shapes are then checked by
-    :func:`check_tensors`). ``source`` is :func:`weights_source`; ``device=None`` follows the
-    current default device, so inside a meta-device context the new layers allocate nothing.
+    stored ``salient_idx`` and ``scales``. The empty layer's buffers have the shapes these
+    imply (``qweight`` rows ceil((in - k)*bits/32), ``g_idx`` length in - k), which
+    :func:`check_tensors` then compares with every stored shape. ``source`` is
+    :func:`weights_source`; ``device=None`` follows the current default device, so inside a
+    meta-device context the new layers allocate nothing.
     """
     for name in qconfig["modules"]:
         linear = _linear(model, name, source)
-        k = _stored_dim(tensors, f"{name}.salient_idx", 1, source)
+        k = _stored_k(tensors, name, linear.in_features, source)
         n_groups = _stored_dim(tensors, f"{name}.scales", 2, source)
         layer = QuikLinear.empty(linear.in_features, linear.out_features, int(qconfig["bits"]),
                                  int(qconfig["group_size"]), k, n_groups, f"{name}.bias" in tensors, device=device)
@@ -338,6 +343,15 @@ def _linear(model: nn.Module, name: str, source: Path) -> nn.Linear:
         raise CheckpointError(f"{source.parent / CONFIG_NAME}: quantized module {name} is not a linear layer "
                               f"of {type(model).__name__}")
     return module
+
+
+def _stored_k(tensors: Mapping[str, TensorInfo], name: str, in_features: int, source: Path) -> int:
+    """The layer's k (length of its stored ``salient_idx``), which cannot exceed in_features."""
+    k = _stored_dim(tensors, f"{name}.salient_idx", 1, source)
+    if k > in_features:
+        raise CheckpointError(f"{tensors[f'{name}.salient_idx'].file}: tensor {name}.salient_idx has {k} "
+                              f"entries, more than the layer's {in_features} input columns")
+    return k
 
 
 def _stored_dim(tensors: Mapping[str, TensorInfo], name: str, ndim: int, source: Path) -> int:
@@ -488,8 +502,9 @@ def describe(path: str | os.PathLike) -> dict:
 
     ``linear_limit_bytes`` is the information content of the quantized linears: per row,
     b bits for each non-salient column and 16 for each salient one, plus an fp16 scale and a
-    b-bit zero-point per group (and 16 bits per bias entry). Index tensors (g_idx,
-    salient_idx) and word padding are the overhead the packed bytes add on top of it.
+    b-bit zero-point per group (and 16 bits per bias entry). Codes are stored for the
+    non-salient columns only, so the overhead the packed bytes add on top of the limit is
+    just the index tensors (g_idx, salient_idx) and word padding.
     """
     path = Path(path)
     qconfig = read_quantization_config(path)
@@ -520,7 +535,8 @@ def _layer_summary(name: str, tensors: Mapping[str, TensorInfo], bits: int, sour
         if info is None:
             raise CheckpointError(f"{source}: tensor {name}.{key} is missing")
         shapes[key] = info.shape
-    in_features, (n_groups, out_features), k = shapes["g_idx"][0], shapes["scales"], shapes["salient_idx"][0]
+    (n_groups, out_features), k = shapes["scales"], shapes["salient_idx"][0]
+    in_features = shapes["g_idx"][0] + k  # g_idx covers the non-salient columns only
     bias = tensors.get(f"{name}.bias")
     packed = sum(tensors[f"{name}.{key}"].nbytes for key in QUIK_TENSORS) + (bias.nbytes if bias else 0)
     limit_bits = (out_features * (bits * (in_features - k) + 16 * k) + n_groups * out_features * (16 + bits)

@@ -12,9 +12,15 @@ The stream is zero-padded up to a whole word, so ``n`` codes take
 ``ceil(n*b/32)`` words.  Words are stored as int32 holding the same 32 bits
 (two's complement), i.e. a word whose bit 31 is set is negative.
 
-- ``qweight``: (ceil(in_features*b/32), out_features) int32.  Column ``o`` is
-  the stream of row ``o`` of the (out, in) code matrix, i.e. codes are packed
-  along the *input* dimension, transposed exactly like GPTQ's ``qweight``.
+- ``qweight``: (ceil(n*b/32), out_features) int32, where ``n = in_features - k`` is the
+  number of *non-salient* input columns.  Only those columns have codes: the ``k`` salient
+  columns are stored in FP16 beside the codes (see :mod:`quikft.nn.quik_linear`), so
+  giving them codes too would waste ``b*k`` bits per row.  The non-salient columns appear
+  in ascending original column order (the complement of ``salient_idx``), and column ``o``
+  of ``qweight`` is the stream of row ``o`` of that (out, n) code matrix, i.e. codes are
+  packed along the *input* dimension, transposed exactly like GPTQ's ``qweight`` (with
+  ``k = 0`` it is GPTQ's layout verbatim), so a GPTQ kernel can run the quantized bulk on
+  the gathered inputs ``x[..., nonsalient]``.
 - ``qzeros``: (n_groups, ceil(out_features*b/32)) int32.  Row ``g`` is the
   stream of the zero-points of group ``g`` over the *output* dimension, as in
   GPTQ.  We store the true zero-point ``z`` (not GPTQ v1's ``z - 1``), so that
@@ -22,10 +28,10 @@ The stream is zero-padded up to a whole word, so ``n`` codes take
   ``quant_method`` name keeps stock GPTQ loaders from misreading it.
 
 Padding codes are zero and carry no information, so the true length cannot be
-read from the words alone: unpacking takes ``in_features`` (resp.
-``out_features``) from the caller.  A packed layer is still self-describing
-because ``g_idx`` has ``in_features`` entries and ``scales`` has
-``out_features`` columns.
+read from the words alone: unpacking takes the code count (``in_features - k``,
+resp. ``out_features``) from the caller.  A packed layer is still self-describing
+because ``g_idx`` has one entry per packed column (``in_features - k``),
+``salient_idx`` has ``k`` and ``scales`` has ``out_features`` columns.
 """
 
 from __future__ import annotations
@@ -44,15 +50,15 @@ def packed_words(n: int, bits: int) -> int:
 
 
 def pack_codes(codes: Tensor, bits: int) -> Tensor:
-    """Pack (out, in) codes into a GPTQ-style (words, out) int32 ``qweight``."""
+    """Pack (out, n) codes into a GPTQ-style (ceil(n*bits/32), out) int32 ``qweight``."""
     if codes.dim() != 2:
         raise ValueError(f"codes must be 2-D (out, in), got shape {tuple(codes.shape)}")
     return pack_dim0(_as_codes(codes, bits).t(), bits)
 
 
-def unpack_codes(qweight: Tensor, bits: int, in_features: int) -> Tensor:
-    """Inverse of :func:`pack_codes`: (words, out) int32 -> (out, in) uint8."""
-    return unpack_dim0(qweight, bits, in_features).t().contiguous()
+def unpack_codes(qweight: Tensor, bits: int, n: int) -> Tensor:
+    """Inverse of :func:`pack_codes`: (words, out) int32 -> (out, n) uint8."""
+    return unpack_dim0(qweight, bits, n).t().contiguous()
 
 
 def pack_zeros(zeros: Tensor, bits: int) -> Tensor:

@@ -2,6 +2,7 @@
 
 import copy
 import json
+import math
 import os
 import shutil
 import subprocess
@@ -19,7 +20,7 @@ from quikft.cli import main
 from quikft.config import QuantConfig
 from quikft.data import calibration_windows
 from quikft.models import load_model
-from quikft.nn import QuikLinear
+from quikft.nn import QuikLinear, nonsalient_columns
 from quikft.packing import unpack_codes, unpack_zeros
 from quikft.quant.pipeline import quantize_model
 
@@ -63,11 +64,17 @@ def test_round_trip_reproduces_the_fake_quant_model(tiny, text_file, tmp_path, b
         for candidate in (loaded, hf):
             layer = candidate.get_submodule(name)
             assert isinstance(layer, QuikLinear) and layer.bits == bits
-            assert torch.equal(unpack_codes(layer.qweight, bits, layer.in_features), result.codes)
+            # only the non-salient columns are stored, in ascending column order
+            keep = nonsalient_columns(layer.in_features, result.salient)
+            assert layer.qweight.shape[0] == math.ceil((layer.in_features - layer.k) * bits / 32)
+            assert torch.equal(unpack_codes(layer.qweight, bits, keep.numel()), result.codes[:, keep])
             assert torch.equal(unpack_zeros(layer.qzeros, bits, layer.out_features), result.zeros)
             assert torch.equal(layer.scales.float().t(), result.scales)
             assert torch.equal(layer.salient_idx.long(), result.salient)
-            assert torch.equal(layer.g_idx, result.g_idx)
+            assert torch.equal(layer.g_idx, result.g_idx[keep])
+            assert torch.equal(layer.dequantize_weight(), result.dequantized_base())
+            assert torch.equal(layer.effective_weight(), result.weight)
+            assert "nonsalient_idx" not in layer.state_dict()
     for candidate in (loaded, hf):
         assert candidate.lm_head.weight is candidate.model.embed_tokens.weight
         assert not candidate.training
@@ -135,6 +142,13 @@ CORRUPTIONS = {
     "shape": ("model.safetensors",
               lambda p: _rewrite(p, lambda t: t.update({f"{DOWN}.qweight": t[f"{DOWN}.qweight"][:-1].clone()})),
               rf"model\.safetensors: tensor {DOWN}\.qweight has shape \[14, 64\], expected \[15, 64\]"),
+    # g_idx must cover the 160 - 8 non-salient columns only, not every column
+    "g_idx": ("model.safetensors",
+              lambda p: _rewrite(p, lambda t: t.update({f"{DOWN}.g_idx": torch.zeros(160, dtype=torch.int32)})),
+              rf"model\.safetensors: tensor {DOWN}\.g_idx has shape \[160\], expected \[152\]"),
+    "salient_count": ("model.safetensors",
+                      lambda p: _rewrite(p, lambda t: t.update({f"{DOWN}.salient_idx": torch.arange(161).int()})),
+                      rf"model\.safetensors: tensor {DOWN}\.salient_idx has 161 entries, more than the layer's 160"),
     "dtype": ("model.safetensors",
               lambda p: _rewrite(p, lambda t: t.update({f"{DOWN}.scales": t[f"{DOWN}.scales"].float()})),
               rf"model\.safetensors: tensor {DOWN}\.scales has dtype torch\.float32, expected torch\.float16"),
@@ -193,6 +207,8 @@ def test_info_reports_bits_compression_and_salient_fraction(packed_dir):
     # 160 inputs - 8 salient = 152 quantized columns in 5 groups of (up to) 32
     assert (down["in_features"], down["out_features"], down["k"], down["n_groups"]) == (160, 64, 8, 5)
     assert down["limit_bytes"] == (64 * (3 * 152 + 16 * 8) + 5 * 64 * (16 + 3)) / 8
+    # codes for the 152 quantized columns only: qweight, qzeros, scales, g_idx, salient_idx, salient_weight
+    assert down["packed_bytes"] == 4 * 15 * 64 + 4 * 5 * 6 + 2 * 5 * 64 + 4 * 152 + 4 * 8 + 2 * 64 * 8
 
 
 def test_info_on_a_plain_model_is_a_one_line_error(tiny_dir):

@@ -45,7 +45,8 @@ def reference_pack(codes: list[list[int]], bits: int) -> list[list[int]]:
 
 
 @pytest.mark.parametrize("bits", BITS)
-@pytest.mark.parametrize("n_in", [576, 1536, 100, 33, 1])
+# 448 and 1408: the non-salient column counts of the default model with k = 128.
+@pytest.mark.parametrize("n_in", [576, 1536, 448, 1408, 100, 33, 1])
 @pytest.mark.parametrize("n_out", [1, 7, 576])
 def test_codes_roundtrip(bits: int, n_in: int, n_out: int) -> None:
     codes = full_range_codes(n_out, n_in, bits, seed=n_in * 7 + n_out + bits)

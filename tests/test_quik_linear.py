@@ -1,3 +1,4 @@
+import math
 from dataclasses import dataclass
 
 import pytest
@@ -6,10 +7,14 @@ import torch
 from quikft.nn import (
     QuikLinear,
     available_kernels,
+    nonsalient_columns,
+    quik_linear,
     register_kernel,
     select_kernel,
     unregister_kernel,
 )
+from quikft.packing import unpack_codes
+from quikft.quant.gptq import gptq_quantize, rtn_quantize
 
 BITS = (2, 3, 4, 8)
 IN, OUT, GROUP = 100, 24, 16
@@ -27,6 +32,7 @@ class Quantized:
     salient_weight: torch.Tensor
     bias: torch.Tensor | None
     bits: int
+    group_size: int = GROUP
 
     def base(self) -> torch.Tensor:
         g = self.g_idx.long()
@@ -47,32 +53,34 @@ class Quantized:
             self.salient_weight,
             self.bias,
             self.bits,
-            GROUP,
+            self.group_size,
             **kwargs,
         )
 
 
-def make_quantized(bits: int, k: int, bias: bool, seed: int = 0) -> Quantized:
+def make_quantized(bits: int, k: int, bias: bool, seed: int = 0, shape: tuple[int, int] = (OUT, IN),
+                   group_size: int = GROUP) -> Quantized:
+    out_features, in_features = shape
     gen = torch.Generator().manual_seed(seed)
-    salient = torch.randperm(IN, generator=gen)[:k].sort().values
-    rest = torch.tensor([c for c in range(IN) if c not in set(salient.tolist())])
+    salient = torch.randperm(in_features, generator=gen)[:k].sort().values
+    rest = nonsalient_columns(in_features, salient)
     # Groups over a random order of the non-salient columns, as act-order
     # produces: g_idx is not monotone in the original column order.
     order = rest[torch.randperm(rest.numel(), generator=gen)]
-    n_groups = -(-rest.numel() // GROUP)
-    g_idx = torch.zeros(IN, dtype=torch.int32)
-    g_idx[order] = (torch.arange(order.numel()) // GROUP).int()
+    n_groups = -(-rest.numel() // group_size)
+    g_idx = torch.zeros(in_features, dtype=torch.int32)
+    g_idx[order] = (torch.arange(order.numel()) // group_size).int()
     g_idx[salient] = torch.randint(0, n_groups, (k,), generator=gen, dtype=torch.int32)
 
     top = (1 << bits) - 1
-    scales = (torch.rand(OUT, n_groups, generator=gen) * 0.02 / top + 1e-3).half().float()
-    zeros = torch.randint(0, top + 1, (OUT, n_groups), generator=gen).float()
-    codes = torch.randint(0, top + 1, (OUT, IN), generator=gen, dtype=torch.uint8)
+    scales = (torch.rand(out_features, n_groups, generator=gen) * 0.02 / top + 1e-3).half().float()
+    zeros = torch.randint(0, top + 1, (out_features, n_groups), generator=gen).float()
+    codes = torch.randint(0, top + 1, (out_features, in_features), generator=gen, dtype=torch.uint8)
     codes[0, rest[0]] = top  # full code range, whatever the draw
     codes[:, salient] = zeros[:, g_idx[salient].long()].to(torch.uint8)
-    salient_weight = torch.randn(OUT, k, generator=gen).half().float()
-    bias_t = torch.randn(OUT, generator=gen) if bias else None
-    return Quantized(codes, scales, zeros, g_idx, salient, salient_weight, bias_t, bits)
+    salient_weight = torch.randn(out_features, k, generator=gen).half().float()
+    bias_t = torch.randn(out_features, generator=gen) if bias else None
+    return Quantized(codes, scales, zeros, g_idx, salient, salient_weight, bias_t, bits, group_size)
 
 
 def reference_forward(q: Quantized, x: torch.Tensor) -> torch.Tensor:
@@ -92,6 +100,97 @@ def test_dequant_and_forward_fp32(bits: int, k: int, bias: bool) -> None:
     y = layer(x)
     assert y.shape == (2, 5, OUT) and y.dtype == torch.float32
     torch.testing.assert_close(y, reference_forward(q, x), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("bits", BITS)
+@pytest.mark.parametrize("k", [0, 6])
+def test_only_non_salient_columns_are_packed(bits: int, k: int) -> None:
+    q = make_quantized(bits, k, bias=False, seed=bits + k)
+    layer = q.layer()
+    keep = nonsalient_columns(IN, q.salient)
+    assert keep.numel() == IN - k and bool((keep.diff() > 0).all())
+    assert layer.qweight.shape == (math.ceil((IN - k) * bits / 32), OUT)
+    assert layer.g_idx.shape == (IN - k,) and torch.equal(layer.g_idx, q.g_idx[keep])
+    # ascending original column order, GPTQ bit stream along the input dimension
+    assert torch.equal(unpack_codes(layer.qweight, bits, IN - k), q.codes[:, keep])
+    assert torch.equal(layer.nonsalient_index(), keep)
+    assert set(layer.state_dict()) == {"qweight", "qzeros", "scales", "g_idx", "salient_idx", "salient_weight"}
+
+
+@pytest.mark.parametrize("method", ["gptq", "rtn"])
+@pytest.mark.parametrize("k", [0, 9])
+def test_matches_the_quantizer_bit_for_bit(method: str, k: int) -> None:
+    gen = torch.Generator().manual_seed(k)
+    weight = torch.randn(OUT, IN, generator=gen)
+    salient = torch.randperm(IN, generator=gen)[:k]
+    if method == "gptq":
+        x = torch.randn(256, IN, generator=gen)
+        result = gptq_quantize(weight, 2 * x.T @ x / 256, salient, 3, group_size=GROUP, act_order=True)
+    else:
+        result = rtn_quantize(weight, salient, 3, group_size=GROUP)
+    layer = QuikLinear.from_quantized(result.codes, result.scales, result.zeros, result.g_idx, result.salient,
+                                      result.salient_weight, None, 3, GROUP)
+    assert torch.equal(layer.dequantize_weight(), result.dequantized_base())
+    assert torch.equal(layer.effective_weight(), result.weight)
+    inputs = torch.randn(2, 7, IN, generator=gen)
+    expected = (inputs.double() @ result.weight.double().T).float()
+    torch.testing.assert_close(layer(inputs), expected, rtol=1e-5, atol=1e-5)
+
+
+def test_rejects_salient_codes_that_do_not_decode_to_zero() -> None:
+    q = make_quantized(4, 6, bias=False)
+    column = int(q.salient[0])
+    q.codes[:, column] = (q.codes[:, column] + 1) % 16
+    with pytest.raises(ValueError, match="zero-point"):
+        q.layer()
+
+
+# The default model's linear shapes (out, in) and how often each occurs per block.
+DEFAULT_MODEL_SHAPES = {(576, 576): 2, (192, 576): 2, (1536, 576): 2, (576, 1536): 1}
+
+
+def limit_bits(out_features: int, in_features: int, k: int, n_groups: int, bits: int) -> int:
+    """Information content: b bits per quantized and 16 per salient weight, fp16 scale and b-bit zero per group."""
+    return out_features * (bits * (in_features - k) + 16 * k + n_groups * (16 + bits))
+
+
+def test_packed_size_within_five_percent_of_the_limit() -> None:
+    """3 bits, k = 128, group size 128 on the default model's shapes: at most 5% over the limit."""
+    packed_total = limit_total = 0
+    for (out_features, in_features), count in DEFAULT_MODEL_SHAPES.items():
+        q = make_quantized(3, 128, bias=False, shape=(out_features, in_features), group_size=128)
+        # every stored tensor (the derived nonsalient_idx is not stored, hence not in the state dict)
+        packed = sum(t.numel() * t.element_size() for t in q.layer().state_dict().values())
+        limit = limit_bits(out_features, in_features, 128, q.scales.shape[1], 3) / 8
+        assert packed <= 1.05 * limit, (out_features, in_features, packed / limit)
+        packed_total += count * packed
+        limit_total += count * limit
+    assert packed_total <= 1.05 * limit_total
+
+
+@pytest.mark.parametrize("form", ["split", "full"])
+@pytest.mark.parametrize("k", [0, 6])
+def test_both_forward_forms(monkeypatch: pytest.MonkeyPatch, form: str, k: int) -> None:
+    # Force one form whatever the input length; the default picks by token count.
+    monkeypatch.setattr(quik_linear, "FULL_WEIGHT_MIN_TOKENS", 0 if form == "full" else 1 << 30)
+    q = make_quantized(3, k, bias=True, seed=k)
+    layer = q.layer()
+    x = torch.randn(2, 5, IN, requires_grad=True)
+    y = layer(x)
+    torch.testing.assert_close(y, reference_forward(q, x.detach()), rtol=1e-5, atol=1e-5)
+    # Input gradients flow through either form (GIFT-SW trains around frozen layers).
+    y.square().sum().backward()
+    expected_grad = (2 * y.detach()) @ q.fake_quant()
+    torch.testing.assert_close(x.grad, expected_grad, rtol=1e-5, atol=1e-4)
+
+
+def test_long_inputs_use_one_full_weight_gemm() -> None:
+    q = make_quantized(4, 6, bias=False)
+    layer = q.layer()
+    x = torch.randn(2, quik_linear.FULL_WEIGHT_MIN_TOKENS // 2, IN)
+    expected = torch.nn.functional.linear(x, q.fake_quant())  # the same single GEMM
+    assert torch.equal(layer(x), expected)
+    torch.testing.assert_close(layer(x[:, :3]), expected[:, :3], rtol=1e-5, atol=1e-5)
 
 
 def test_salient_columns_matter() -> None:
@@ -118,12 +217,12 @@ def test_dequant_cache() -> None:
     q = make_quantized(3, 6, bias=True)
     plain, cached = q.layer(), q.layer(cache_dequantized=True)
     x = torch.randn(3, IN)
-    expected = plain(x)
+    expected = plain(x)  # short input, uncached: the split form
     assert cached._cache is None
-    assert torch.equal(cached(x), expected)
+    torch.testing.assert_close(cached(x), expected, rtol=1e-6, atol=1e-6)
     first = cached._cache
     assert first is not None and first[0] == (torch.float32, torch.device("cpu"))
-    assert torch.equal(cached(x), expected)
+    assert torch.equal(cached(x), cached(x))
     assert cached._cache[1] is first[1]  # reused, not rebuilt
     cached(x.bfloat16())  # another dtype replaces the entry
     assert cached._cache[0][0] == torch.bfloat16
@@ -150,12 +249,13 @@ def test_to_dtype_keeps_stored_precision() -> None:
 @pytest.mark.parametrize("bias", [False, True])
 def test_state_dict_roundtrip(bias: bool) -> None:
     q = make_quantized(3, 6, bias=bias)
-    layer = q.layer()
+    layer = q.layer(cache_dequantized=True)
     n_groups = q.scales.shape[1]
     fresh = QuikLinear.empty(IN, OUT, 3, GROUP, 6, n_groups, bias, cache_dequantized=True)
     x = torch.randn(3, IN)
     fresh(x)  # populate the cache, which loading must invalidate
     fresh.load_state_dict(layer.state_dict())
+    assert fresh.nonsalient_idx is None  # derived from the old salient_idx: dropped with the cache
     assert torch.equal(fresh(x), layer(x))
     state = layer.state_dict()
     assert state["qweight"].dtype == torch.int32 and state["qzeros"].dtype == torch.int32
