@@ -44,3 +44,16 @@ def test_generate_runs_on_a_plain_model(tiny_dir):
                                        "The quick"])
     assert result.exit_code == 0, result.output
     assert result.output.strip() != ""
+
+
+def test_atomic_outputs_get_normal_permissions(tmp_path):
+    import os
+
+    from quikft.atomic import atomic_directory, write_json
+
+    with atomic_directory(tmp_path / "out") as staging:
+        write_json(staging / "r.json", {"a": 1})
+    mask = os.umask(0)
+    os.umask(mask)
+    assert (tmp_path / "out").stat().st_mode & 0o777 == 0o777 & ~mask
+    assert (tmp_path / "out" / "r.json").stat().st_mode & 0o777 == 0o666 & ~mask
