@@ -328,7 +328,7 @@ def swap_in_quik_layers(model: nn.Module, qconfig: Mapping[str, Any], tensors: M
         linear = _linear(model, name, source)
         k = _stored_k(tensors, name, linear.in_features, source)
         n_groups = _stored_dim(tensors, f"{name}.scales", 2, source)
-        layer = QuikLinear.empty(linear.in_features, linear.out_features, int(qconfig["bits"]),
+        layer = QuikLinear(linear.in_features, linear.out_features, int(qconfig["bits"]),
                                  int(qconfig["group_size"]), k, n_groups, f"{name}.bias" in tensors, device=device)
         parent, _, child = name.rpartition(".")
         setattr(model.get_submodule(parent), child, layer)

@@ -251,7 +251,7 @@ def test_state_dict_roundtrip(bias: bool) -> None:
     q = make_quantized(3, 6, bias=bias)
     layer = q.layer(cache_dequantized=True)
     n_groups = q.scales.shape[1]
-    fresh = QuikLinear.empty(IN, OUT, 3, GROUP, 6, n_groups, bias, cache_dequantized=True)
+    fresh = QuikLinear(IN, OUT, 3, GROUP, 6, n_groups, bias, cache_dequantized=True)
     x = torch.randn(3, IN)
     fresh(x)  # populate the cache, which loading must invalidate
     fresh.load_state_dict(layer.state_dict())

@@ -175,21 +175,6 @@ class QuikLinear(nn.Module):
         self.register_buffer("nonsalient_idx", None, persistent=False)
 
     @classmethod
-    def empty(
-        cls,
-        in_features: int,
-        out_features: int,
-        bits: int,
-        group_size: int,
-        k: int,
-        n_groups: int,
-        bias: bool = False,
-        **kwargs: object,
-    ) -> QuikLinear:
-        """A layer with correctly shaped zero buffers, ready for ``load_state_dict``."""
-        return cls(in_features, out_features, bits, group_size, k, n_groups, bias, **kwargs)
-
-    @classmethod
     def from_quantized(
         cls,
         codes: Tensor,
