@@ -26,17 +26,23 @@ CALIB = ["--calib", "c4", "--nsamples", "128", "--seqlen", "512", "--group-size"
 
 
 def rows() -> list[tuple[str, list[str]]]:
-    """(row id, quantize flags), most informative rows first so a partial run is still useful."""
-    grid = [("gptq", 3, 128), ("gptq", 3, 0), ("gptq", 4, 128), ("gptq", 2, 128), ("rtn", 3, 128)]
-    grid += [(m, b, k) for m in ("gptq", "rtn") for b in (4, 3, 2) for k in (0, 32, 128)
-             if (m, b, k) not in grid]
-    out = [(f"{m}-w{b}-k{k}-gift", ["--method", m, "--bits", str(b), "--salient", str(k), "--metric", "gift"])
-           for m, b, k in grid]
-    for bits in (3, 2):
-        for metric in ("quik", "owq", "wanda"):
-            out.append((f"gptq-w{bits}-k128-{metric}",
-                        ["--method", "gptq", "--bits", str(bits), "--salient", "128", "--metric", metric]))
-    return out
+    """(row id, quantize flags), most informative rows first so a partial run is still useful:
+    the issue's bars, then the 3-bit metric ablation, then the rest of the grid."""
+    def gift(method: str, bits: int, k: int) -> tuple[str, list[str]]:
+        return (f"{method}-w{bits}-k{k}-gift",
+                ["--method", method, "--bits", str(bits), "--salient", str(k), "--metric", "gift"])
+
+    def metric(name: str, bits: int) -> tuple[str, list[str]]:
+        return (f"gptq-w{bits}-k128-{name}",
+                ["--method", "gptq", "--bits", str(bits), "--salient", "128", "--metric", name])
+
+    first = [gift("gptq", 3, 128), gift("gptq", 3, 0), gift("gptq", 4, 128), gift("gptq", 2, 128),
+             gift("rtn", 3, 128), *(metric(m, 3) for m in ("quik", "owq", "wanda")),
+             gift("gptq", 3, 32), gift("gptq", 4, 0), gift("gptq", 2, 0)]
+    grid = [gift(m, b, k) for m in ("gptq", "rtn") for b in (4, 3, 2) for k in (0, 32, 128)]
+    ablation = [metric(m, 2) for m in ("quik", "owq", "wanda")]
+    ordered = first + ablation + grid
+    return list({row_id: flags for row_id, flags in ordered}.items())
 
 
 def run_row(row_id: str, flags: list[str], model: str | None) -> dict:
