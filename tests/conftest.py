@@ -5,8 +5,10 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-# Before torch loads (as quikft/__init__ does for users): libgomp's spinning workers starve
-# the main thread on a 2-core machine during GPTQ's many small ops.
+# Before torch loads. Tests share the 2 cores with other work (a benchmark, a second test
+# process), and then libgomp's spinning workers starve the main thread during thousands of
+# tiny ops (tests/test_gptq.py: 36 s spinning, 4 s passive). The library keeps torch's default:
+# on an idle machine spinning is faster (GPTQ of one default-model block: 1.1 s vs 3.7 s).
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 import pytest  # noqa: E402
