@@ -1,5 +1,8 @@
-"""Evaluation: the paper-protocol perplexity (zero-shot tasks come later)."""
+"""Evaluation: the paper-protocol perplexity and zero-shot multiple-choice tasks."""
 
 from quikft.eval.ppl import PplResult, evaluate_ppl, perplexity_of_ids, window_starts
+from quikft.eval.tasks import TASKS, load_task, parse_tasks
+from quikft.eval.zeroshot import TaskResult, evaluate_task, evaluate_tasks
 
-__all__ = ["PplResult", "evaluate_ppl", "perplexity_of_ids", "window_starts"]
+__all__ = ["TASKS", "PplResult", "TaskResult", "evaluate_ppl", "evaluate_task", "evaluate_tasks", "load_task",
+           "parse_tasks", "perplexity_of_ids", "window_starts"]

@@ -1,0 +1,101 @@
+"""The cross-check backend: the same tasks through lm-evaluation-harness's HFLM on our model object.
+
+lm-eval's own task configs supply the prompts and metrics; only the data source is swapped for
+the local file (``datasets``' json builder, which works offline), with small adapters where the
+local schema differs from the hub dataset lm-eval expects: BoolQ's ``answer`` (HF ``boolq``)
+versus ``label`` (``super_glue``), and HellaSwag files that are already preprocessed. Tasks with
+no local file use lm-eval's configs unchanged (the hub). Tested with lm-eval 0.4.13.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from pathlib import Path
+
+from quikft.eval.tasks import TASKS, TaskRef, task_records, task_source
+from quikft.eval.zeroshot import TaskResult
+
+INSTALL_HINT = 'pip install -e ".[eval]"'
+
+
+class MissingExtraError(ValueError):
+    """An optional dependency is not installed."""
+
+
+def require_lm_eval():
+    try:
+        import lm_eval
+    except ImportError:
+        raise MissingExtraError(f"--backend lm-eval needs lm-evaluation-harness: {INSTALL_HINT}") from None
+    return lm_eval
+
+
+def _first_record(path: Path) -> dict:
+    _, record = next(task_records(path), ("", {}))
+    return record if isinstance(record, dict) else {}
+
+
+def _boolq_target(doc: dict) -> int:
+    return int(doc["answer"] if "answer" in doc else doc["label"])
+
+
+def _schema_overrides(name: str, path: Path) -> dict:
+    """Config changes that let lm-eval's task read our (Hugging Face schema) file."""
+    if name == "boolq":
+        return {"doc_to_target": _boolq_target}
+    if name == "hellaswag" and "query" in _first_record(path):  # already preprocessed: skip process_docs
+        return {"process_docs": None, "doc_to_target": "gold"}
+    return {}
+
+
+def task_config(ref: TaskRef, task_manager) -> str | dict:
+    """lm-eval's config for ``ref`` reading its local file, or its plain name for the hub."""
+    from lm_eval.tasks._yaml_loader import load_yaml
+
+    path = task_source(ref)
+    if path is None:
+        return ref.name
+    config = dict(load_yaml(task_manager.task_index[ref.name].yaml_path, resolve_func=True))
+    for key in ("tag", "group", "include"):
+        config.pop(key, None)
+    config.update(dataset_path="json", dataset_name=None,
+                  dataset_kwargs={"data_files": {"validation": str(path.resolve())}},
+                  training_split=None, validation_split="validation", test_split=None, fewshot_split=None)
+    config.update(_schema_overrides(ref.name, path))
+    return config
+
+
+def _metrics(results: dict, name: str) -> dict[str, dict[str, float | None]]:
+    def number(value):
+        return float(value) if isinstance(value, int | float) else None  # lm-eval writes "N/A" sometimes
+
+    return {metric: {"value": number(results.get(f"{metric},none")),
+                     "stderr": number(results.get(f"{metric}_stderr,none"))}
+            for metric in TASKS[name].metrics}
+
+
+def evaluate_tasks_lm_eval(model, tokenizer, refs: list[TaskRef], limit: int | None = None, batch_size: int = 16,
+                           model_name: str | None = None) -> list[TaskResult]:
+    """Run each task through lm-eval's HFLM wrapping the already-loaded ``model`` and ``tokenizer``."""
+    if all(task_source(ref) is not None for ref in refs):
+        os.environ.setdefault("HF_DATASETS_OFFLINE", "1")  # local files only: never wait on the network
+        os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    require_lm_eval()
+    from lm_eval import simple_evaluate
+    from lm_eval.models.huggingface import HFLM
+    from lm_eval.tasks import TaskManager
+
+    lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size)
+    manager = TaskManager()
+    out = []
+    for ref in refs:  # one task per call, so each gets its own wall time
+        began = time.perf_counter()
+        config = task_config(ref, manager)
+        results = simple_evaluate(model=lm, tasks=[config], limit=limit, log_samples=False, task_manager=manager)
+        samples = results.get("n-samples", {}).get(ref.name, {})
+        out.append(TaskResult(
+            model=model_name or getattr(model.config, "_name_or_path", "model"), task=ref.name,
+            n=int(samples.get("effective", 0)), metrics=_metrics(results["results"][ref.name], ref.name),
+            seconds=time.perf_counter() - began, source=str(task_source(ref) or "hub"), backend="lm-eval"))
+    return out

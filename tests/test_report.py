@@ -1,0 +1,107 @@
+import json
+import sys
+
+import pytest
+from click.testing import CliRunner
+
+from quikft.cli import main
+from quikft.data import DataError
+from quikft.eval.report import build_report, report_kind
+
+
+def ppl(value, windows=4):
+    return {"dataset": "wikitext2", "ppl": value, "windows": windows, "seconds": 10.0}
+
+
+def write(path, data):
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(data))
+    return path
+
+
+@pytest.fixture()
+def runs(tmp_path):
+    """A quantize run with an eval file beside it, an RTN run, a recover run, a lone eval and noise."""
+    root = tmp_path / "runs"
+    config = {"model": None, "bits": 3, "salient": 128, "metric": "gift", "method": "gptq"}
+    write(root / "w3-gptq" / "quantize_report.json",
+          {"job": "quantize", "config": config, "quantize_seconds": 300.0, "wall_seconds": 357.0,
+           "fp_ppl": ppl(21.33), "ppl": ppl(26.81), "layers": []})
+    write(root / "w3-gptq" / "config.json", {"model_type": "llama"})  # model files are ignored silently
+    write(root / "w3-gptq" / "eval.json",
+          {"job": "eval", "model": "w3-gptq", "ppl": [],
+           "tasks": [{"task": "arc_easy", "n": 570, "seconds": 100.0,
+                      "metrics": {"acc": {"value": 0.5, "stderr": 0.02}, "acc_norm": {"value": 0.4, "stderr": 0.02}}},
+                     {"task": "boolq", "n": 2000, "seconds": 200.0, "metrics": {"acc": {"value": 0.6, "stderr": 0.01}}}]})
+    write(root / "w4-rtn" / "quantize_report.json",
+          {"config": dict(config, bits=4, method="rtn", salient=0), "quantize_seconds": 5.0, "wall_seconds": 65.0,
+           "fp_ppl": ppl(21.33), "ppl": ppl(24.0), "unknown_key": [1, 2]})
+    write(root / "w3-gift" / "recover_report.json",
+          {"job": "recover", "config": {"mode": "post", "bits": 3, "noise": True, "noise_bits": 4, "salient": 128}, "ppl_before": 26.81,
+           "ppl_after": 24.5, "fp_ppl": None, "seconds": 600.0,
+           "loss_curve": [{"step": 0, "loss": 3.1, "lr": 1e-4}, {"step": 10, "loss": 2.7, "lr": 1e-4}]})
+    write(root / "fp_eval.json", {"model": "smollm2-135m", "dtype": "float32", "ppl": [ppl(21.61, 148)]})
+    write(root / "notes.json", {"hello": "world"})
+    (root / "broken.json").write_text("{not json")
+    return root
+
+
+def test_report_kinds():
+    assert report_kind({"job": "quantize"}) == "quantize"
+    assert report_kind({"ppl_after": 3.0, "config": {}}) == "recover"
+    assert report_kind({"model": "m", "ppl": []}) == "eval"
+    assert report_kind({"model": "m"}) is None and report_kind([1, 2]) is None
+
+
+def test_report_table_rows_and_plots(runs, tmp_path):
+    out = tmp_path / "report"
+    report, notes = build_report([runs], out)
+    markdown = (out / "report.md").read_text()
+    assert markdown == report.markdown
+    main_table = markdown.split("## Zero-shot")[0]
+    rows = {line.split(" | ")[0].lstrip("| "): line for line in main_table.splitlines() if line.startswith("| ")}
+    gptq = rows[str(runs / "w3-gptq")]
+    assert "| GPTQ | 3 | 128 | 26.81 | 4 | 55.00 (2) | 5m 57s | metric gift |" in gptq
+    assert "| RTN | 4 | 0 | 24.00 | 4 | – | 1m 05s |" in rows[str(runs / "w4-rtn")]
+    recover = rows[str(runs / "w3-gift")]
+    assert "| GIFT-SW (post) | 3 | 128 | 24.50 |" in recover and "ppl before 26.81, noise 4-bit |" in recover
+    assert "| eval | – | – | 21.61 | 148 |" in rows[str(runs / "fp_eval.json")]
+    fp_rows = [line for line in markdown.splitlines() if "| FP |" in line]
+    assert len(fp_rows) == 1 and "21.33" in fp_rows[0]  # one FP reference, not one per quantize run
+    assert "| arc_easy | boolq |" in markdown and "50.00 / 40.00 | 60.00 |" in markdown
+    assert any("skipped 2 JSON file(s)" in note and "notes.json" in note for note in notes)
+    if "matplotlib" in sys.modules or _has_matplotlib():
+        assert (out / "ppl_vs_bits.png").read_bytes()[:4] == b"\x89PNG"
+        assert (out / "loss_curves.png").read_bytes()[:4] == b"\x89PNG"
+        assert "![ppl_vs_bits](ppl_vs_bits.png)" in markdown
+
+
+def _has_matplotlib() -> bool:
+    import importlib.util
+
+    return importlib.util.find_spec("matplotlib") is not None
+
+
+def test_report_without_matplotlib_writes_markdown_and_says_how(runs, tmp_path, monkeypatch):
+    monkeypatch.setitem(sys.modules, "matplotlib", None)
+    out = tmp_path / "report"
+    _, notes = build_report([runs / "w3-gift"], out)
+    assert (out / "report.md").exists() and not (out / "loss_curves.png").exists()
+    assert notes == ['plots skipped: matplotlib is not installed (pip install -e ".[report]")']
+
+
+def test_report_errors_are_one_line(tmp_path):
+    with pytest.raises(DataError, match="does not exist"):
+        build_report([tmp_path / "missing"], tmp_path / "out")
+    write(tmp_path / "empty" / "x.json", {"a": 1})
+    with pytest.raises(DataError, match="no quikft reports found"):
+        build_report([tmp_path / "empty"], tmp_path / "out")
+
+
+def test_cli_report(runs, tmp_path):
+    out = tmp_path / "cli-report"
+    result = CliRunner().invoke(main, ["report", str(runs / "w3-gptq"), str(runs / "fp_eval.json"), "--out", str(out)])
+    assert result.exit_code == 0, result.output
+    assert "| GPTQ | 3 | 128 |" in result.output and f"wrote {out / 'report.md'}" in result.output
+    missing = CliRunner().invoke(main, ["report", str(tmp_path / "nope")])
+    assert missing.exit_code == 1 and missing.output.count("\n") == 1 and "does not exist" in missing.output
