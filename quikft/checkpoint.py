@@ -120,6 +120,29 @@ def write_packed(model: nn.Module, tokenizer: Any, quantized: QuantizedLayers, d
     return qconfig
 
 
+def write_quik_model(model: nn.Module, tokenizer: Any, directory: str | os.PathLike,
+                     qconfig: Mapping[str, Any] | None = None, max_shard_size: int | str = "5GB") -> dict:
+    """Write a model whose quantized linears already are :class:`QuikLinear` layers (a loaded
+    checkpoint, e.g. after Post-GIFT-SW changed its salient columns) into ``directory``.
+
+    Its buffers are the checkpoint format, so this is the state dict as it is; ``qconfig``
+    defaults to the model's own ``quantization_config``.
+    """
+    directory = Path(directory)
+    qconfig = dict(qconfig if qconfig is not None else model.config.quantization_config)
+    quik = sorted(name for name, m in model.named_modules() if isinstance(m, QuikLinear))
+    if not quik or quik != sorted(qconfig.get("modules", [])):
+        raise ValueError("the model's QuikLinear layers do not match its quantization_config modules")
+    state = model.state_dict()
+    for key in tied_weight_keys(model):
+        state.pop(key, None)
+    write_shards(state, directory, max_shard_size)
+    write_model_config(model, qconfig, directory)
+    if tokenizer is not None:
+        tokenizer.save_pretrained(directory)
+    return qconfig
+
+
 def build_quantization_config(quantized: QuantizedLayers, quant_config: QuantConfig | Mapping[str, Any]) -> dict:
     """The ``quantization_config`` entry of config.json (see the module docstring)."""
     settings = dict(quant_config.to_dict() if hasattr(quant_config, "to_dict") else quant_config)

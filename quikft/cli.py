@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import os
-import sys
 
 import click
 
@@ -43,8 +42,16 @@ def main() -> None:
 
 @main.command("eval")
 @click.option("--model", "model_name", default=None, help=MODEL_HELP)
-@click.option("--ppl", "ppl_datasets", multiple=True, default=("wikitext2",), show_default=True,
-              help="Perplexity dataset (wikitext2, ptb, c4 or a text file); repeatable.")
+@click.option("--ppl", "ppl_datasets", multiple=True,
+              help="Perplexity dataset (wikitext2, ptb, c4 or a text file); repeatable. "
+                   "[wikitext2 when --tasks is not given]")
+@click.option("--tasks", default=None,
+              help="Zero-shot tasks, comma separated: arc_easy, arc_challenge, piqa, hellaswag, boolq, winogrande "
+                   "or all; task=PATH reads that task from a jsonl file.")
+@click.option("--limit", type=int, default=None, help="Zero-shot: evaluate only the first N examples of each task.")
+@click.option("--batch-size", default=16, show_default=True, help="Zero-shot: sequences per forward pass.")
+@click.option("--backend", type=click.Choice(["native", "lm-eval"]), default="native", show_default=True,
+              help="Zero-shot scorer: ours, or lm-evaluation-harness on the same model (needs the [eval] extra).")
 @click.option("--split", default="test", show_default=True, help="Split of a named dataset.")
 @click.option("--seqlen", default=2048, show_default=True, help="Window length in tokens (capped at the model's).")
 @click.option("--max-windows", type=int, default=None, help="Evaluate only the first N windows.")
@@ -54,21 +61,34 @@ def main() -> None:
 @click.option("--device", default="cpu", show_default=True)
 @click.option("--json", "json_path", type=click.Path(dir_okay=False), default=None, help="Write results as JSON.")
 @_fail_cleanly
-def eval_command(model_name, ppl_datasets, split, seqlen, max_windows, window_stride, dtype, device, json_path):
-    """Perplexity with the paper protocol (WikiText-2 test, 2048-token windows)."""
+def eval_command(model_name, ppl_datasets, tasks, limit, batch_size, backend, split, seqlen, max_windows,
+                 window_stride, dtype, device, json_path):
+    """Perplexity with the paper protocol (WikiText-2 test, 2048-token windows) and zero-shot tasks."""
     from quikft.atomic import write_json
-    from quikft.eval import evaluate_ppl
+    from quikft.eval import evaluate_ppl, evaluate_tasks, parse_tasks
+    from quikft.eval.zeroshot import format_table
     from quikft.models import load_model, model_label
 
+    refs = parse_tasks(tasks) if tasks else []  # bad task names fail before the model loads
+    if not ppl_datasets and not refs:
+        ppl_datasets = ("wikitext2",)
+    label = model_label(model_name)
     model, tokenizer = load_model(model_name, dtype=dtype, device=device)
     results = []
     for dataset in ppl_datasets:
-        result = evaluate_ppl(model, tokenizer, dataset, seqlen, max_windows, window_stride, split,
-                              model_name=model_label(model_name))
+        result = evaluate_ppl(model, tokenizer, dataset, seqlen, max_windows, window_stride, split, model_name=label)
         click.echo(result.summary())
         results.append(result.to_dict())
+    task_results = evaluate_tasks(model, tokenizer, refs, limit, batch_size, backend, model_name=label) if refs else []
+    table = [{"task": r["dataset"], "metric": "ppl", "value": r["ppl"], "stderr": None, "n": r["windows"]}
+             for r in results] + [row for r in task_results for row in r.rows()]
+    if refs:
+        click.echo(format_table(table))
     if json_path:
-        write_json(json_path, {"model": model_label(model_name), "dtype": dtype, "ppl": results})
+        report = {"job": "eval", "model": label, "dtype": dtype, "ppl": results}
+        if refs:
+            report.update(backend=backend, limit=limit, tasks=[r.to_dict() for r in task_results], table=table)
+        write_json(json_path, report)
 
 
 @main.command()
@@ -132,17 +152,65 @@ def quantize(config_path, **flags):
                    f"FP {report['fp_ppl']['ppl']:.3f} -> quantized {report['ppl']['ppl']:.3f}")
 
 
-def _not_built(name: str, issue: str):
-    @main.command(name, context_settings={"ignore_unknown_options": True, "allow_extra_args": True},
-                  help=f"(not built yet: {issue})")
-    def command():
-        click.echo(f"quikft {name}: not built yet ({issue}).", err=True)
-        sys.exit(2)
+@main.command()
+@click.option("--config", "config_path", type=click.Path(dir_okay=False), default=None,
+              help="YAML preset (e.g. configs/gift-sw.yaml); flags override it.")
+@click.option("--model", default=None,
+              help="post/salient-ft/lora: a packed checkpoint from `quikft quantize`; pre: a full-precision model.")
+@click.option("--mode", type=click.Choice(["post", "pre", "salient-ft", "lora"]), default=None,
+              help="post = Post-GIFT-SW, pre = Pre-GIFT-SW, salient-ft = post without noise, lora = baseline [post].")
+@click.option("--noise/--no-noise", default=None, help="Inject step-scaled noise [on for post/pre].")
+@click.option("--noise-bits", type=int, default=None, help="Bit-width whose step scales the noise [post 4, pre --bits].")
+@click.option("--bits", type=int, default=None, help="Pre mode: quantize to this many bits after training [3].")
+@click.option("--salient", type=int, default=None, help="Pre mode: salient columns per linear [128].")
+@click.option("--quant-config", default=None, help="Pre mode: quantize YAML preset used after training.")
+@click.option("--data", multiple=True, default=None,
+              help="Training data, repeatable for a mixture: alpaca, alpaca-gpt4, c4, wikitext2 or a file [alpaca, c4].")
+@click.option("--loss", type=click.Choice(["ce", "kd"]), default=None,
+              help="ce = cross-entropy on responses/text; kd = KL to the FP teacher's logits [ce].")
+@click.option("--teacher", default=None, help="KD teacher model [the model the checkpoint was quantized from].")
+@click.option("--steps", type=int, default=None, help="Optimizer steps [100].")
+@click.option("--batch-size", type=int, default=None, help="Rows of --seqlen tokens per micro-batch [4].")
+@click.option("--grad-accum", type=int, default=None, help="Micro-batches per optimizer step [1].")
+@click.option("--seqlen", type=int, default=None, help="Tokens per row [512].")
+@click.option("--lr", type=float, default=None, help="AdamW learning rate, cosine schedule, 3% warmup [1e-4].")
+@click.option("--max-grad-norm", type=float, default=None, help="Gradient clipping; 0 = off [1.0].")
+@click.option("--bf16/--fp32", "bf16", default=None,
+              help="bf16 autocast for the frozen weights; trainable columns stay fp32 [bf16].")
+@click.option("--gradient-checkpointing/--no-gradient-checkpointing", default=None,
+              help="Recompute activations in backward to save memory [off].")
+@click.option("--cache-base/--no-cache-base", default=None,
+              help="Post modes: keep the dequantized frozen weights between steps (memory for speed) [on].")
+@click.option("--lora-rank", type=int, default=None, help="Lora mode: adapter rank [64].")
+@click.option("--seed", type=int, default=None, help="[0]")
+@click.option("--eval-every", type=int, default=None, help="Quick ppl every N steps; 0 = only before/after [0].")
+@click.option("--eval-windows", type=int, default=None,
+              help="Quick WikiText-2 ppl windows of the stride-8 subset (19 = all; 0 = skip) [4].")
+@click.option("--eval-before/--no-eval-before", default=None, help="Also measure the input model's ppl [on].")
+@click.option("--save-every", type=int, default=None, help="Resumable state every N steps; 0 = never [0].")
+@click.option("--resume", is_flag=True, default=None, help="Continue an interrupted run from its saved state.")
+@click.option("--device", default=None, help="cpu or cuda [cpu].")
+@click.option("--out", default=None, help="Output directory [runs/<model>-<mode>].")
+@_fail_cleanly
+def recover(config_path, data, **flags):
+    """Recover a quantized model with GIFT-SW: train only the salient columns, with noise on the rest."""
+    from quikft.config import RecoverConfig, build_config
+    from quikft.recover import recover as run_recover
 
-    return command
-
-
-recover = _not_built("recover", "GIFT-SW recovery fine-tuning lands with the recover issue")
+    config = build_config(RecoverConfig, config_path, data=tuple(data) or None, **flags)
+    report = run_recover(config)
+    if report is None:  # not the main process of a distributed run
+        return
+    click.echo(f"recovered ({config.mode}, noise {report['config']['noise_bits'] or 'off'}) "
+               f"{report['trainable_params']:,} trainable parameters, {config.steps} steps "
+               f"({report['step_seconds'] or 0:.2f} s/step) -> {report['out']}")
+    before, after, fp = report["ppl_before"], report["ppl_after"], report["fp_ppl"]
+    if before and after:
+        label = "FP" if config.mode == "pre" else "quantized"
+        line = f"wikitext2 ppl ({after['windows']} windows x {after['seqlen']}): {label} {before['ppl']:.3f}"
+        if fp and config.mode != "pre":
+            line = f"{line} (FP {fp['ppl']:.3f})"
+        click.echo(f"{line} -> recovered {after['ppl']:.3f}")
 
 
 @main.command()
@@ -157,6 +225,24 @@ def info(directory, as_json):
 
     summary = describe(directory)
     click.echo(json.dumps(summary, indent=2) if as_json else format_description(summary))
+
+
+@main.command()
+@click.argument("run_dirs", nargs=-1, required=True, type=click.Path())
+@click.option("--out", default="runs/report", show_default=True, help="Folder for report.md and the PNG plots.")
+@_fail_cleanly
+def report(run_dirs, out):
+    """Compare runs: quantize, recover and eval reports under RUN_DIRS in one Markdown table and plots."""
+    from pathlib import Path
+
+    from quikft.eval.report import build_report
+
+    result, notes = build_report(list(run_dirs), out)
+    click.echo(result.markdown.split("\n\n![")[0].rstrip())
+    for note in notes:
+        click.echo(note)
+    written = ["report.md"] + [p for p in ("ppl_vs_bits.png", "loss_curves.png") if f"({p})" in result.markdown]
+    click.echo(f"wrote {', '.join(str(Path(out) / name) for name in written)}")
 
 
 if __name__ == "__main__":

@@ -19,6 +19,8 @@ import yaml
 from quikft.quant.grid import check_bits
 
 METHODS = ("gptq", "rtn")
+RECOVER_MODES = ("post", "pre", "salient-ft", "lora")
+LOSSES = ("ce", "kd")
 
 
 @dataclass
@@ -70,6 +72,87 @@ class QuantConfig:
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
+
+
+@dataclass
+class RecoverConfig:
+    """GIFT-SW recovery (SPEC §5). Optimiser defaults are the paper's (AdamW, weight decay 0, lr 1e-4,
+    cosine with 3% warmup); the step budget is sized for a CPU (the paper: 500 steps of batch 128,
+    see configs/gift-sw-paper.yaml)."""
+
+    model: str | None = None  # post/salient-ft/lora: a packed checkpoint; pre: a full-precision model
+    mode: str = "post"  # post | pre | salient-ft | lora (a LoRA baseline on the quantized model)
+    noise: bool | None = None  # None: on for post/pre, off for salient-ft
+    noise_bits: int | None = None  # None: 4 in post mode (paper §6.3), the target --bits in pre mode
+    bits: int = 3  # pre mode: quantize to this many bits after training
+    salient: int = 128  # pre mode: salient columns per linear
+    quant_config: str | None = None  # pre mode: a quantize YAML preset (bits/salient above override it)
+    data: tuple[str, ...] = ("alpaca", "c4")  # names or paths; several = a round-robin mixture
+    loss: str = "ce"  # ce | kd (KL to the full-precision teacher's logits)
+    teacher: str | None = None  # kd teacher; None = the model the checkpoint was quantized from
+    kd_temperature: float = 1.0
+    steps: int = 100
+    batch_size: int = 4  # rows per optimizer step and micro-batch, summed over processes
+    grad_accum: int = 1
+    seqlen: int = 512
+    lr: float = 1e-4
+    weight_decay: float = 0.0
+    warmup_ratio: float = 0.03
+    max_grad_norm: float = 1.0
+    bf16: bool = True  # bf16 autocast for the frozen weights' GEMMs; trainable columns stay fp32 (SPEC §10.6)
+    gradient_checkpointing: bool = False
+    cache_base: bool = True  # post mode: keep the dequantized frozen weights (memory for speed)
+    lora_rank: int = 64  # lora mode; 64 matches k=128's trainable parameters on SmolLM2-135M
+    seed: int = 0
+    eval_every: int = 0  # quick ppl every N steps (0: only before and after)
+    save_every: int = 0  # resumable training state every N steps (0: never)
+    resume: bool = False
+    eval_windows: int = 4
+    eval_stride: int = 8
+    eval_seqlen: int = 2048
+    eval_before: bool = True  # also measure the input's ppl (skip when it is already known)
+    device: str = "cpu"
+    out: str | None = None
+
+    def __post_init__(self) -> None:
+        self.data = tuple(self.data) if not isinstance(self.data, str) else (self.data,)
+        self.validate()
+
+    @property
+    def noise_enabled(self) -> bool:
+        return self.mode in ("post", "pre") if self.noise is None else (self.noise and self.mode != "lora")
+
+    @property
+    def effective_noise_bits(self) -> int | None:
+        if not self.noise_enabled:
+            return None
+        return self.noise_bits or (self.bits if self.mode == "pre" else 4)
+
+    def validate(self) -> None:
+        if self.mode not in RECOVER_MODES:
+            raise ValueError(f"unknown mode {self.mode!r}; use one of {', '.join(RECOVER_MODES)}")
+        if self.loss not in LOSSES:
+            raise ValueError(f"unknown loss {self.loss!r}; use ce or kd")
+        check_bits(self.bits)
+        if self.noise_bits is not None:
+            check_bits(self.noise_bits)
+        for name in ("steps", "batch_size", "grad_accum", "seqlen", "lora_rank", "eval_stride", "eval_seqlen"):
+            if getattr(self, name) <= 0:
+                raise ValueError(f"{name} must be positive (got {getattr(self, name)})")
+        for name in ("lr", "weight_decay", "max_grad_norm", "eval_every", "save_every", "eval_windows", "salient"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"{name} must be >= 0 (got {getattr(self, name)})")
+        if not 0 <= self.warmup_ratio < 1:
+            raise ValueError(f"warmup_ratio must lie in [0, 1) (got {self.warmup_ratio})")
+        if self.kd_temperature <= 0:
+            raise ValueError(f"kd_temperature must be positive (got {self.kd_temperature})")
+
+    def to_dict(self) -> dict[str, Any]:
+        out = asdict(self)
+        out["data"] = list(self.data)
+        out["noise"] = self.noise_enabled
+        out["noise_bits"] = self.effective_noise_bits
+        return out
 
 
 def load_yaml(path: str | Path) -> dict[str, Any]:

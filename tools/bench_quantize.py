@@ -14,12 +14,13 @@ benchmark resumes where it stopped. Run from the repository root:
 
 from __future__ import annotations
 
-import argparse
 import json
 import subprocess
 import sys
 import tempfile
 from pathlib import Path
+
+from benchlib import append_result, load_results, parser
 
 CALIB = ["--calib", "c4", "--nsamples", "128", "--seqlen", "512", "--group-size", "128", "--asym",
          "--act-order", "--seed", "0", "--eval-windows", "19"]
@@ -74,15 +75,10 @@ def markdown(results: list[dict]) -> str:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--results", default="runs/bench_quantize.jsonl", help="JSONL file rows are appended to")
-    parser.add_argument("--only", default=None, help="run only rows whose id contains this text")
-    parser.add_argument("--model", default=None, help="model (default: the embedded default model)")
-    parser.add_argument("--table-only", action="store_true", help="print the table of finished rows and exit")
-    args = parser.parse_args()
-    path = Path(args.results)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    done = [json.loads(line) for line in path.read_text().splitlines()] if path.exists() else []
+    cli = parser(__doc__.splitlines()[0], "runs/bench_quantize.jsonl")
+    cli.add_argument("--model", default=None, help="model (default: the embedded default model)")
+    args = cli.parse_args()
+    done = load_results(args.results)
     if not args.table_only:
         finished = {r["row"] for r in done}
         for row_id, flags in rows():
@@ -90,8 +86,7 @@ def main() -> None:
                 continue
             result = run_row(row_id, flags, args.model)
             print(f"{row_id}: ppl {result['ppl']:.2f}, {result['quantize_s']:.0f}s", flush=True)
-            with open(path, "a") as f:
-                f.write(json.dumps(result) + "\n")
+            append_result(args.results, result)
             done.append(result)
     print(markdown(done))
 

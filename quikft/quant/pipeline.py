@@ -138,22 +138,24 @@ def run_block(block: nn.Module, inputs: BlockInputs) -> list[torch.Tensor]:
 
 
 @contextlib.contextmanager
-def streaming_statistics(block: nn.Module, names: tuple[str, ...]) -> Iterator[dict]:
+def streaming_statistics(block: nn.Module, names: tuple[str, ...], hessian: bool = True) -> Iterator[dict]:
     """Hooks that stream each named linear's inputs into a Hessian and column statistics.
 
     Linears that read the same tensor (q/k/v, gate/up) share one accumulator: the input is
-    identical, and the X^T X product is the dominant cost of the statistics pass.
+    identical, and the X^T X product is the dominant cost of the statistics pass. Without
+    ``hessian`` (salient selection only) the accumulator is None and X^T X is skipped.
     """
     stats: dict[str, tuple[HessianAccumulator, ColumnStats]] = {}
     handles = []
     for group in input_groups(names):
         linear = block.get_submodule(group[0])
-        shared = (HessianAccumulator(linear.in_features), ColumnStats(linear.in_features))
+        shared = (HessianAccumulator(linear.in_features) if hessian else None, ColumnStats(linear.in_features))
         stats.update(dict.fromkeys(group, shared))
 
         def hook(module, args, _out, acc=shared):
             x = args[0].detach()
-            acc[0].add_batch(x)
+            if acc[0] is not None:
+                acc[0].add_batch(x)
             acc[1].update(x)
 
         handles.append(linear.register_forward_hook(hook))
@@ -183,15 +185,19 @@ def effective_salient(k: int, in_features: int, name: str) -> int:
     return capped
 
 
+def choose_salient(weight: torch.Tensor, stats: ColumnStats, config: QuantConfig, name: str) -> torch.Tensor:
+    """The layer's k salient input columns by the configured metric (sorted, int64)."""
+    k = effective_salient(config.salient, weight.shape[1], name)
+    metric = resolve_metric(config.metric if config.metric != "custom" else None, config.tau, config.rho, config.gamma)
+    return select_salient(column_scores(weight, stats, metric, config.bits), k)
+
+
 def quantize_linear(linear: nn.Linear, hessian: torch.Tensor, stats: ColumnStats, config: QuantConfig,
                     name: str, salient: torch.Tensor | None = None) -> QuantResult:
     """Select salient columns (unless given) and quantize one linear layer's weight."""
     weight = linear.weight.data.float()
     if salient is None:
-        k = effective_salient(config.salient, linear.in_features, name)
-        metric = resolve_metric(config.metric if config.metric != "custom" else None,
-                                config.tau, config.rho, config.gamma)
-        salient = select_salient(column_scores(weight, stats, metric, config.bits), k)
+        salient = choose_salient(weight, stats, config, name)
     if config.method == "rtn":
         return rtn_quantize(weight, salient, config.bits, config.group_size, config.sym, config.clip_search,
                             hessian=hessian)
@@ -241,6 +247,36 @@ def quantize_model(model, calib: torch.Tensor, config: QuantConfig, progress: bo
     out.seconds = time.perf_counter() - began
     model.train(was_training)
     return out
+
+
+@torch.no_grad()
+def select_salient_model(model, calib: torch.Tensor, config: QuantConfig,
+                         progress: bool = True) -> dict[str, torch.Tensor]:
+    """Salient columns of every decoder linear of the full-precision model (Pre-GIFT-SW).
+
+    The same statistics and metric as :func:`quantize_model`, block by block on the
+    calibration windows, without quantizing anything (so each block's outputs are simply
+    its full-precision outputs).
+    """
+    names = linear_names(model)
+    blocks = decoder_blocks(model)
+    was_training = model.training
+    model.eval()
+    inputs = capture_block_inputs(model, calib, config.batch_size, config.device)
+    prefix = _block_prefix(model)
+    salient: dict[str, torch.Tensor] = {}
+    for index in tqdm(range(len(blocks)), desc=f"select k{config.salient}", disable=not progress, unit="block"):
+        block = blocks[index]
+        block_device = next(block.parameters()).device
+        block.to(config.device)
+        with streaming_statistics(block, names, hessian=False) as stats:
+            inputs.batches = run_block(block, inputs)
+        for name in names:
+            weight = block.get_submodule(name).weight.data.float()
+            salient[f"{prefix}.{index}.{name}"] = choose_salient(weight, stats[name][1], config, name).cpu()
+        block.to(block_device)
+    model.train(was_training)
+    return salient
 
 
 def _block_prefix(model) -> str:

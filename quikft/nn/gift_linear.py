@@ -1,0 +1,184 @@
+"""``GiftLinear``: the GIFT-SW training layer (SPEC §5, §10.5-10.6, §10.9).
+
+A linear layer split into a trainable salient slice ``W_S`` (an fp32 ``nn.Parameter``,
+out x k) and a frozen rest ``W_N`` (zeros at the salient columns). In training mode the
+forward injects Gaussian noise scaled by each row's quantization step into the frozen part:
+
+    y = x · (W_N + ½·diag(Δ)·Ω ⊙ M_N)ᵀ + x[:, S] · W_Sᵀ + b,     Ω ~ N(0, 1) every forward
+
+The frozen rest comes from one of two sources, without a second full copy of W:
+
+- **Pre-GIFT-SW** (:meth:`GiftLinear.from_linear`): the full-precision weight itself, whose
+  salient columns are zeroed in place (they live in ``W_S`` now).
+- **Post-GIFT-SW / Salient-FT** (:meth:`GiftLinear.from_quik`): a :class:`QuikLinear`'s
+  packed codes and scales, dequantized on the fly (or cached). The codes are the source of
+  truth and are never touched, so exporting gives back bit-identical codes.
+
+The two GEMMs (frozen part over all columns, salient slice over k columns) keep the weight
+gradient at out x k: autograd never builds a full-size weight gradient.
+
+The noise comes from torch's global generator on the weight's device, so
+``torch.utils.checkpoint`` (which saves and restores that generator's state) recomputes
+the same noise in the backward pass.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from quikft.nn.quik_linear import QuikLinear, nonsalient_columns
+from quikft.quant.grid import paper_step
+
+
+class GiftLinear(nn.Module):
+    """Salient columns trainable, the rest frozen (FP or quantized) with optional step-scaled noise."""
+
+    def __init__(self, salient_idx: Tensor, salient_weight: Tensor, bias: Tensor | None, *,
+                 base_weight: Tensor | None = None, quik: QuikLinear | None = None,
+                 noise_bits: int | None = None, cache_base: bool = False) -> None:
+        super().__init__()
+        if (base_weight is None) == (quik is None):
+            raise ValueError("GiftLinear needs exactly one frozen source: base_weight or quik")
+        self.out_features, self.in_features = (base_weight.shape if base_weight is not None
+                                               else (quik.out_features, quik.in_features))
+        self.k = int(salient_idx.numel())
+        self.quik = quik  # a submodule, so its buffers follow .to() and reach state_dict
+        self.register_buffer("base_weight", base_weight)
+        self.register_buffer("salient_idx", salient_idx.to(torch.int64).clone())
+        self.register_buffer("nonsalient_idx", nonsalient_columns(self.in_features, self.salient_idx))
+        # fp32 even when the model runs in bf16: lr-1e-4 updates vanish in bf16 (SPEC §10.6).
+        self.salient_weight = nn.Parameter(salient_weight.detach().to(torch.float32).clone())
+        self.register_buffer("bias", None if bias is None else bias.detach().clone())
+        self.cache_base = cache_base
+        self._base_cache: Tensor | None = None
+        self.noise_bits = noise_bits
+        self.noise = noise_bits is not None
+        self.register_buffer("noise_std", self._noise_std(noise_bits))
+
+    # ---------------------------------------------------------------- construction / export
+
+    @classmethod
+    def from_linear(cls, linear: nn.Linear, salient_idx: Tensor, noise_bits: int | None = None) -> GiftLinear:
+        """Pre-GIFT-SW: take over ``linear``'s weight, zeroing its salient columns in place."""
+        weight = linear.weight.data
+        idx = salient_idx.to(weight.device, torch.int64)
+        salient_weight = weight.index_select(1, idx).float()
+        weight.index_fill_(1, idx, 0.0)
+        return cls(idx, salient_weight, linear.bias, base_weight=weight, noise_bits=noise_bits)
+
+    @classmethod
+    def from_quik(cls, quik: QuikLinear, noise_bits: int | None = None, cache_base: bool = False) -> GiftLinear:
+        """Post-GIFT-SW / Salient-FT: the frozen rest is the packed layer's quantized part."""
+        return cls(quik.salient_idx, quik.salient_weight.float(), quik.bias, quik=quik,
+                   noise_bits=noise_bits, cache_base=cache_base)
+
+    def to_linear(self) -> nn.Linear:
+        """Pre mode: an ``nn.Linear`` with the trained salient columns written back (in place)."""
+        if self.base_weight is None:
+            raise TypeError("to_linear() is for layers built from an nn.Linear; use to_quik()")
+        weight = self.base_weight
+        with torch.no_grad():
+            weight.index_copy_(1, self.salient_idx, self.salient_weight.detach().to(weight.dtype))
+        linear = nn.Linear(self.in_features, self.out_features, bias=self.bias is not None,
+                           device="meta", dtype=weight.dtype)
+        linear.weight = nn.Parameter(weight, requires_grad=False)
+        if self.bias is not None:
+            linear.bias = nn.Parameter(self.bias, requires_grad=False)
+        return linear
+
+    def to_quik(self) -> QuikLinear:
+        """Post mode: the packed layer with the trained salient columns (rounded to fp16, its storage)."""
+        if self.quik is None:
+            raise TypeError("to_quik() is for layers built from a QuikLinear; use to_linear()")
+        with torch.no_grad():
+            self.quik.salient_weight.copy_(self.salient_weight.detach())
+        self.quik.clear_weight_cache()
+        return self.quik
+
+    # ---------------------------------------------------------------- forward
+
+    def frozen_weight(self, dtype: torch.dtype) -> Tensor:
+        """``W_N``: (out, in), exact zeros at the salient columns, no gradient."""
+        if self.base_weight is not None:
+            return self.base_weight.to(dtype)
+        if self._base_cache is not None and self._base_cache.dtype == dtype:
+            return self._base_cache
+        with torch.no_grad():
+            weight = self.quik.dequantize_weight(dtype)
+        self._base_cache = weight if self.cache_base else None
+        return weight
+
+    def forward(self, x: Tensor) -> Tensor:
+        dtype = torch.get_autocast_dtype(x.device.type) if torch.is_autocast_enabled(x.device.type) else x.dtype
+        weight = self.frozen_weight(dtype)
+        if self.training and self.noise:
+            weight = weight.index_add(1, self.nonsalient_idx, self.sample_noise(dtype))
+        bias = None if self.bias is None else self.bias.to(dtype)
+        y = F.linear(x.to(dtype), weight, bias)
+        if self.k:
+            y = y + F.linear(x.index_select(-1, self.salient_idx).to(dtype), self.salient_weight.to(dtype))
+        return y
+
+    def sample_noise(self, dtype: torch.dtype) -> Tensor:
+        """½·Δ_i·N(0, 1) for every (row, non-salient column): (out, in - k), no gradient."""
+        n = self.in_features - self.k
+        with torch.no_grad():
+            omega = torch.randn(self.out_features, n, device=self.noise_std.device, dtype=torch.float32)
+            return omega.mul_(self.noise_std[:, None]).to(dtype)
+
+    # ---------------------------------------------------------------- helpers
+
+    def _noise_std(self, noise_bits: int | None) -> Tensor:
+        """½·Δ per row, Δ from the α search over the frozen non-salient weights at ``noise_bits``."""
+        if noise_bits is None:
+            return torch.zeros(self.out_features)
+        with torch.no_grad():
+            frozen = self.frozen_weight(torch.float32).index_select(1, self.nonsalient_idx)
+            self._base_cache = None
+            return 0.5 * paper_step(frozen, noise_bits).squeeze(1)
+
+    def _apply(self, fn, recurse: bool = True):
+        self._base_cache = None
+        return super()._apply(fn, recurse)
+
+    def extra_repr(self) -> str:
+        source = "quantized" if self.quik is not None else "fp"
+        return (f"in_features={self.in_features}, out_features={self.out_features}, k={self.k}, "
+                f"frozen={source}, noise_bits={self.noise_bits if self.noise else None}")
+
+
+def gift_layers(model: nn.Module) -> dict[str, GiftLinear]:
+    return {name: m for name, m in model.named_modules() if isinstance(m, GiftLinear)}
+
+
+def wrap_for_training(model: nn.Module, noise_bits: int | None, salient: dict[str, Tensor] | None = None,
+                      cache_base: bool = False) -> dict[str, GiftLinear]:
+    """Freeze ``model`` and replace its linears by :class:`GiftLinear`.
+
+    Every :class:`QuikLinear` is wrapped (Post mode); with ``salient`` (Pre mode) the named
+    ``nn.Linear`` layers are, with those column sets. Returns the wrapped layers by name.
+    """
+    model.requires_grad_(False)
+    targets: dict[str, nn.Module] = {}
+    for name, module in model.named_modules():
+        if isinstance(module, QuikLinear) or (salient and name in salient):
+            targets[name] = module
+    if not targets:
+        raise ValueError("no layer to train: the model has no quantized layers and no salient sets were given")
+    for name, module in targets.items():
+        if isinstance(module, QuikLinear):
+            layer = GiftLinear.from_quik(module, noise_bits, cache_base)
+        elif isinstance(module, nn.Linear):
+            layer = GiftLinear.from_linear(module, salient[name], noise_bits)
+        else:
+            raise TypeError(f"{name} is a {type(module).__name__}, not a linear layer")
+        model.set_submodule(name, layer)
+    return gift_layers(model)
+
+
+def unwrap_after_training(model: nn.Module) -> None:
+    """Put the trained layers back as ``QuikLinear`` (Post) or ``nn.Linear`` (Pre), in place."""
+    for name, layer in gift_layers(model).items():
+        model.set_submodule(name, layer.to_quik() if layer.quik is not None else layer.to_linear())

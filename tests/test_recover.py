@@ -1,0 +1,292 @@
+"""The recover job on the tiny model: training data, modes, output checkpoints, resume, CLI, 2 processes."""
+
+import json
+import os
+import shutil
+import subprocess
+from pathlib import Path
+
+import pytest
+import torch
+from click.testing import CliRunner
+from safetensors.torch import load_file
+
+import quikft.recover as recover_module
+from quikft.checkpoint import load, save_packed
+from quikft.cli import main
+from quikft.config import QuantConfig, RecoverConfig
+from quikft.data import DataError, calibration_windows
+from quikft.models import load_model, load_tokenizer
+from quikft.nn import QuikLinear
+from quikft.quant.pipeline import quantize_model
+from quikft.recover import recover
+from quikft.train_data import IGNORE, TrainingMixture, encode_instruction
+
+QUIK_KEYS = ("qweight", "qzeros", "scales", "g_idx", "salient_idx")
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory):
+    from conftest import TOKENIZER_CORPUS
+
+    root = tmp_path_factory.mktemp("recover-data")
+    text = root / "corpus.txt"
+    text.write_text("\n".join(TOKENIZER_CORPUS * 4) + "\n")
+    records = [{"instruction": f"Name colour number {i}.", "input": "", "output": "Blue is a colour."}
+               for i in range(40)]
+    instructions = root / "instructions.jsonl"
+    instructions.write_text("\n".join(json.dumps(r) for r in records) + "\n")
+    return {"text": str(text), "instructions": str(instructions)}
+
+
+@pytest.fixture(scope="module")
+def packed(tmp_path_factory, tiny_dir, corpus):
+    """A packed 3-bit checkpoint of the tiny model (8 salient columns per linear)."""
+    model, tokenizer = load_model(str(tiny_dir))
+    config = QuantConfig(model=str(tiny_dir), bits=3, salient=8, group_size=32, nsamples=4, seqlen=32,
+                         clip_search=False)
+    calib = calibration_windows(tokenizer, corpus["text"], 4, 32, 0)
+    quantized = quantize_model(model, calib, config, progress=False)
+    return save_packed(model, tokenizer, quantized, tmp_path_factory.mktemp("packed") / "w3", config)
+
+
+def _config(model, corpus, tmp_path, **changes):
+    settings = dict(model=str(model), data=(corpus["instructions"], corpus["text"]), steps=4, batch_size=2,
+                    seqlen=32, lr=1e-3, eval_windows=0, bf16=False, out=str(tmp_path / "out"))
+    settings.update(changes)
+    return RecoverConfig(**settings)
+
+
+# ----------------------------------------------------------------------------- data
+
+def test_instruction_labels_cover_the_response_only(tiny_dir):
+    tokenizer = load_tokenizer(str(tiny_dir))
+    ids, labels = encode_instruction(tokenizer, {"instruction": "Name a colour.", "input": "", "output": "Blue."})
+    assert len(ids) == len(labels)
+    learned = [t for t in labels if t != IGNORE]
+    assert tokenizer.decode(learned).startswith("Blue.")
+    assert learned[-1] == tokenizer.eos_token_id
+    first = labels.index(learned[0])
+    assert "Name a colour." in tokenizer.decode(ids[:first]) and all(t == IGNORE for t in labels[:first])
+
+
+def test_chat_template_masks_prompt_and_template_tokens():
+    from quikft.models import load_tokenizer as load
+
+    try:
+        tokenizer = load(None)
+    except Exception:
+        pytest.skip("default model not available")
+    record = {"messages": [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello!"},
+                           {"role": "user", "content": "Bye"}, {"role": "assistant", "content": "Goodbye!"}]}
+    ids, labels = encode_instruction(tokenizer, record)
+    learned = tokenizer.decode([t for t in labels if t != IGNORE])
+    assert "Hello!" in learned and "Goodbye!" in learned and "Hi" not in learned and "Bye<" not in learned
+
+
+def test_mixture_rows_are_round_robin_deterministic_and_full(tiny_dir, corpus):
+    tokenizer = load_tokenizer(str(tiny_dir))
+    mixture = TrainingMixture(tokenizer, [corpus["instructions"], corpus["text"]], seqlen=32, seed=0)
+    again = TrainingMixture(tokenizer, [corpus["instructions"], corpus["text"]], seqlen=32, seed=0)
+    for i in range(6):
+        assert torch.equal(mixture.row(i)[0], again.row(i)[0])
+        assert mixture.row(i)[0].shape == (32,)
+    text_rows = mixture.row(1)[1]
+    assert bool((text_rows != IGNORE).all())  # plain text: every token has a label
+    assert bool((mixture.row(0)[1] == IGNORE).any())  # instructions: prompts masked
+    batch = mixture.batch([0, 1, 2])
+    assert batch["input_ids"].shape == batch["labels"].shape == (3, 32)
+
+
+def test_bad_training_data_gets_one_line_errors(tiny_dir, tmp_path):
+    tokenizer = load_tokenizer(str(tiny_dir))
+    short = tmp_path / "short.txt"
+    short.write_text("tiny\n")
+    with pytest.raises(DataError, match="fewer than one row"):
+        TrainingMixture(tokenizer, [str(short)], seqlen=64)
+    with pytest.raises(DataError, match="no training data"):
+        TrainingMixture(tokenizer, [], seqlen=64)
+    empty = tmp_path / "empty.txt"
+    empty.write_text("\n\n")
+    with pytest.raises(DataError, match="no examples"):
+        TrainingMixture(tokenizer, [str(empty)], seqlen=8)
+
+
+# ----------------------------------------------------------------------------- post / salient-ft
+
+def _quik_tensors(path):
+    tensors = load_file(os.path.join(path, "model.safetensors"))
+    return {k: v for k, v in tensors.items() if k.rsplit(".", 1)[-1] in (*QUIK_KEYS, "salient_weight")}
+
+
+def test_post_mode_trains_salient_columns_and_keeps_codes_bit_identical(packed, corpus, tmp_path):
+    report = recover(_config(packed, corpus, tmp_path, mode="post"), progress=False)
+    before, after = _quik_tensors(packed), _quik_tensors(report["out"])
+    assert before.keys() == after.keys()
+    changed = 0
+    for name, tensor in before.items():
+        if name.endswith("salient_weight"):
+            changed += not torch.equal(tensor, after[name])
+        else:
+            assert torch.equal(tensor, after[name]), name
+    assert changed == sum(1 for n in before if n.endswith("salient_weight"))
+    assert report["config"]["noise"] and report["config"]["noise_bits"] == 4
+    assert report["bits"] == 3 and report["salient"] == 8  # the checkpoint's, not the pre-mode setting
+    assert report["trainable_params"] == sum(t.numel() for n, t in before.items() if n.endswith("salient_weight"))
+    assert len(report["loss_curve"]) == 4
+    assert not os.path.exists(f"{report['out']}.train-state")
+    model = load(report["out"])  # the output is a loadable packed checkpoint
+    assert any(isinstance(m, QuikLinear) for m in model.modules())
+
+
+def test_a_few_steps_lower_the_training_loss(packed, corpus, tmp_path):
+    config = _config(packed, corpus, tmp_path, mode="salient-ft", data=(corpus["text"],), steps=12, lr=3e-3,
+                     warmup_ratio=0.0)
+    tokenizer = load_tokenizer(str(packed))
+    batch = TrainingMixture(tokenizer, config.data, config.seqlen, config.seed).batch([0, 1, 2, 3])
+
+    def loss_of(path):
+        model, _ = load_model(str(path))
+        with torch.no_grad():
+            return model(**batch).loss.item()
+
+    report = recover(config, progress=False)
+    assert report["config"]["noise"] is False
+    assert loss_of(report["out"]) < loss_of(packed) - 0.05
+
+
+def test_resume_ends_with_the_weights_of_an_uninterrupted_run(packed, corpus, tmp_path, monkeypatch):
+    straight = recover(_config(packed, corpus, tmp_path / "a", mode="post", steps=6), progress=False)
+    config = _config(packed, corpus, tmp_path / "b", mode="post", steps=6, save_every=2)
+    real_save = recover_module._save_state
+    saves = []
+
+    def crash_after_second_save(*args, **kwargs):
+        real_save(*args, **kwargs)
+        saves.append(args[2])
+        if len(saves) == 2:
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(recover_module, "_save_state", crash_after_second_save)
+    with pytest.raises(KeyboardInterrupt):
+        recover(config, progress=False)
+    monkeypatch.setattr(recover_module, "_save_state", real_save)
+    assert not os.path.exists(config.out)  # nothing half-written
+    with pytest.raises(FileExistsError, match="--resume"):
+        recover(config, progress=False)
+    resumed = recover(_config(packed, corpus, tmp_path / "b", mode="post", steps=6, save_every=2, resume=True),
+                      progress=False)
+    a, b = load_file(os.path.join(straight["out"], "model.safetensors")), load_file(
+        os.path.join(resumed["out"], "model.safetensors"))
+    for name in a:
+        assert torch.equal(a[name], b[name]), name
+    assert [p["loss"] for p in resumed["loss_curve"]] == [p["loss"] for p in straight["loss_curve"]]
+
+
+def test_resume_refuses_changed_settings(packed, corpus, tmp_path, monkeypatch):
+    config = _config(packed, corpus, tmp_path, mode="post", steps=4, save_every=2)
+    monkeypatch.setattr(recover_module, "finish", lambda *a, **k: (_ for _ in ()).throw(KeyboardInterrupt))
+    with pytest.raises(KeyboardInterrupt):
+        recover(config, progress=False)
+    monkeypatch.undo()
+    with pytest.raises(ValueError, match="lr"):
+        recover(_config(packed, corpus, tmp_path, mode="post", steps=4, save_every=2, lr=5e-4, resume=True),
+                progress=False)
+
+
+def test_recovered_checkpoint_loads_with_from_pretrained_and_evaluates_the_same(packed, corpus, tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    report = recover(_config(packed, corpus, tmp_path, mode="post", steps=2), progress=False)
+    ids = torch.randint(0, 300, (1, 40))
+    ours = load(report["out"])
+    theirs = AutoModelForCausalLM.from_pretrained(report["out"])
+    with torch.no_grad():
+        assert torch.equal(ours(input_ids=ids).logits, theirs(input_ids=ids).logits)
+
+
+def test_kd_loss_trains_against_the_fp_teacher(packed, corpus, tmp_path, tiny_dir):
+    report = recover(_config(packed, corpus, tmp_path, mode="post", loss="kd", teacher=str(tiny_dir), steps=2),
+                     progress=False)
+    losses = [p["loss"] for p in report["loss_curve"]]
+    assert all(loss >= 0 and loss == loss for loss in losses)
+
+
+def test_lora_baseline_trains_adapters_only(packed, corpus, tmp_path):
+    pytest.importorskip("peft")
+    report = recover(_config(packed, corpus, tmp_path, mode="lora", lora_rank=4, steps=2), progress=False)
+    assert os.path.exists(os.path.join(report["out"], "adapter", "adapter_config.json"))
+    assert report["trainable_params"] > 0 and report["config"]["noise"] is False
+
+
+# ----------------------------------------------------------------------------- pre
+
+def test_pre_mode_trains_the_fp_model_then_quantizes_with_its_salient_sets(tiny_dir, corpus, tmp_path):
+    config = _config(tiny_dir, corpus, tmp_path, mode="pre", bits=4, salient=8, steps=2,
+                     quant_config=None)
+    config.quant_config = str(tmp_path / "q.yaml")
+    (tmp_path / "q.yaml").write_text(f"calib: {corpus['text']}\nnsamples: 4\nseqlen: 32\ngroup_size: 32\n")
+    report = recover(config, progress=False)
+    assert report["config"]["noise_bits"] == 4  # pre mode: noise at the target bit-width
+    qconfig = json.loads(Path(report["out"], "config.json").read_text())["quantization_config"]
+    assert qconfig["bits"] == 4 and qconfig["salient"] == 8 and report["bits"] == 4
+    tensors = load_file(os.path.join(report["out"], "model.safetensors"))
+    indices = load_file(os.path.join(report["out"], "salient_indices.safetensors"))
+    for name, idx in indices.items():
+        assert torch.equal(tensors[f"{name}.salient_idx"], idx.to(torch.int32))
+    load(report["out"])
+
+
+def test_modes_refuse_the_wrong_kind_of_input(packed, tiny_dir, corpus, tmp_path):
+    with pytest.raises(ValueError, match="packed checkpoint"):
+        recover(_config(tiny_dir, corpus, tmp_path, mode="post"), progress=False)
+    with pytest.raises(ValueError, match="full-precision"):
+        recover(_config(packed, corpus, tmp_path, mode="pre"), progress=False)
+    with pytest.raises(ValueError, match="unknown mode"):
+        RecoverConfig(mode="full")
+    with pytest.raises(ValueError, match="bits"):
+        RecoverConfig(noise_bits=5)
+
+
+def test_cli_recover_and_one_line_errors(packed, corpus, tmp_path):
+    runner = CliRunner()
+    out = tmp_path / "cli-out"
+    args = ["recover", "--model", str(packed), "--data", corpus["instructions"], "--data", corpus["text"],
+            "--steps", "2", "--batch-size", "2", "--seqlen", "32", "--eval-windows", "0", "--fp32",
+            "--out", str(out)]
+    result = runner.invoke(main, args)
+    assert result.exit_code == 0, result.output
+    assert "recovered (post, noise 4)" in result.output
+    assert json.loads((out / "recover_report.json").read_text())["config"]["data"] == [corpus["instructions"],
+                                                                                     corpus["text"]]
+    bad = runner.invoke(main, ["recover", "--model", str(packed), "--steps", "0", "--out", str(tmp_path / "x")])
+    assert bad.exit_code != 0 and "steps must be positive" in bad.output and "Traceback" not in bad.output
+
+
+@pytest.mark.slow
+def test_two_process_data_parallel_run_completes_and_its_checkpoint_loads(packed, corpus, tmp_path):
+    if shutil.which("accelerate") is None:
+        pytest.skip("accelerate CLI not installed")
+    out = tmp_path / "ddp"
+    # `--multi_gpu` is accelerate's multi-process launcher; on a CPU-only machine with --device cpu the
+    # processes form a gloo group (`accelerate launch --cpu` would start a single process).
+    cmd = ["accelerate", "launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1", "--mixed_precision", "no",
+           "--dynamo_backend", "no", "-m", "quikft.cli", "recover", "--model", str(packed),
+           "--data", corpus["instructions"], "--data", corpus["text"], "--steps", "3", "--batch-size", "2",
+           "--seqlen", "32", "--eval-windows", "0", "--fp32", "--out", str(out)]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    done = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=600)
+    assert done.returncode == 0, done.stderr[-2000:]
+    report = json.loads((out / "recover_report.json").read_text())
+    assert len(report["loss_curve"]) == 3 and report["processes"] == 2
+    load(out)
+
+
+def test_recover_presets_build_valid_configs():
+    from quikft.config import build_config
+
+    root = Path(__file__).resolve().parents[1] / "configs"
+    default = build_config(RecoverConfig, root / "gift-sw.yaml")
+    assert default.to_dict() == RecoverConfig().to_dict()  # the preset spells out the defaults
+    paper = build_config(RecoverConfig, root / "gift-sw-paper.yaml")
+    assert paper.steps == 500 and paper.batch_size * paper.grad_accum == 128

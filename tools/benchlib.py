@@ -1,0 +1,31 @@
+"""What the benchmark scripts share: resumable JSONL results and their common flags.
+
+Each finished row is appended to a JSONL file at once, so an interrupted benchmark resumes
+where it stopped and a partial run still prints its table.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+
+def parser(description: str, default_results: str) -> argparse.ArgumentParser:
+    """An argument parser with the flags every resumable benchmark takes."""
+    p = argparse.ArgumentParser(description=description)
+    p.add_argument("--results", default=default_results, help="JSONL file rows are appended to")
+    p.add_argument("--only", default=None, help="run only rows whose id contains this text")
+    p.add_argument("--table-only", action="store_true", help="print the table of finished rows and exit")
+    return p
+
+
+def load_results(path: str | Path) -> list[dict]:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    return [json.loads(line) for line in path.read_text().splitlines()] if path.exists() else []
+
+
+def append_result(path: str | Path, result: dict) -> None:
+    with open(path, "a") as f:
+        f.write(json.dumps(result) + "\n")
