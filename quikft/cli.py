@@ -60,9 +60,12 @@ def main() -> None:
 @click.option("--dtype", default="float32", show_default=True, help="float32, bfloat16 or float16.")
 @click.option("--device", default="cpu", show_default=True)
 @click.option("--json", "json_path", type=click.Path(dir_okay=False), default=None, help="Write results as JSON.")
+@click.option("--cache-dequantized", is_flag=True,
+              help="Packed models: dequantize each layer once and keep it (much faster zero-shot scoring, "
+                   "one more full-precision weight copy in memory).")
 @_fail_cleanly
 def eval_command(model_name, ppl_datasets, tasks, limit, batch_size, backend, split, seqlen, max_windows,
-                 window_stride, dtype, device, json_path):
+                 window_stride, dtype, device, json_path, cache_dequantized):
     """Perplexity with the paper protocol (WikiText-2 test, 2048-token windows) and zero-shot tasks."""
     from quikft.atomic import write_json
     from quikft.eval import evaluate_ppl, evaluate_tasks, parse_tasks
@@ -74,6 +77,10 @@ def eval_command(model_name, ppl_datasets, tasks, limit, batch_size, backend, sp
         ppl_datasets = ("wikitext2",)
     label = model_label(model_name)
     model, tokenizer = load_model(model_name, dtype=dtype, device=device)
+    if cache_dequantized:
+        from quikft.nn import set_dequantized_cache
+
+        set_dequantized_cache(model)
     results = []
     for dataset in ppl_datasets:
         result = evaluate_ppl(model, tokenizer, dataset, seqlen, max_windows, window_stride, split, model_name=label)

@@ -262,3 +262,15 @@ def test_import_is_lazy_and_registers_with_transformers(packed_dir):
 
 def test_public_api():
     assert quikft.load is load and quikft.save_packed is save_packed
+
+
+def test_dequantized_cache_switch_covers_every_layer_and_keeps_outputs(packed_dir):
+    from quikft.nn import set_dequantized_cache
+
+    model = load(packed_dir)
+    ids = torch.randint(0, 300, (2, 12))  # short inputs: the uncached path dequantizes on every call
+    plain = _logits(model, ids)
+    modules = json.loads((packed_dir / "config.json").read_text())["quantization_config"]["modules"]
+    assert set_dequantized_cache(model) == len(modules)
+    torch.testing.assert_close(_logits(model, ids), plain, rtol=1e-5, atol=1e-5)
+    assert all(m._cache is not None for m in model.modules() if isinstance(m, QuikLinear))

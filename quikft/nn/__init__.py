@@ -7,6 +7,7 @@ from quikft.nn.quik_linear import (
     nonsalient_columns,
     register_kernel,
     select_kernel,
+    set_dequantized_cache,
     unregister_kernel,
 )
 
@@ -17,5 +18,6 @@ __all__ = [
     "nonsalient_columns",
     "register_kernel",
     "select_kernel",
+    "set_dequantized_cache",
     "unregister_kernel",
 ]

@@ -416,6 +416,18 @@ def _check_quantized(
         raise ValueError("bias must be (out_features,)")
 
 
+def set_dequantized_cache(model: nn.Module, enabled: bool = True) -> int:
+    """Switch the dequantized-weight cache of every QuikLinear in ``model``; returns how many.
+
+    Worth it when a packed model runs many short forwards (zero-shot scoring, decoding): each
+    layer then dequantizes once instead of every call, for one full weight copy in the compute dtype.
+    """
+    layers = [m for m in model.modules() if isinstance(m, QuikLinear)]
+    for layer in layers:
+        layer.cache_dequantized = enabled
+    return len(layers)
+
+
 def nonsalient_columns(in_features: int, salient: Tensor) -> Tensor:
     """The complement of ``salient`` in ``range(in_features)``, ascending, int64."""
     keep = torch.ones(in_features, dtype=torch.bool, device=salient.device)
