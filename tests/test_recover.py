@@ -70,6 +70,7 @@ def test_instruction_labels_cover_the_response_only(tiny_dir):
     assert "Name a colour." in tokenizer.decode(ids[:first]) and all(t == IGNORE for t in labels[:first])
 
 
+@pytest.mark.slow
 def test_chat_template_masks_prompt_and_template_tokens():
     from quikft.models import load_tokenizer as load
 
