@@ -72,12 +72,7 @@ def test_instruction_labels_cover_the_response_only(tiny_dir):
 
 @pytest.mark.slow
 def test_chat_template_masks_prompt_and_template_tokens():
-    from quikft.models import load_tokenizer as load
-
-    try:
-        tokenizer = load(None)
-    except Exception:
-        pytest.skip("default model not available")
+    tokenizer = load_tokenizer(None)  # the default model's real chat template
     record = {"messages": [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello!"},
                            {"role": "user", "content": "Bye"}, {"role": "assistant", "content": "Goodbye!"}]}
     ids, labels = encode_instruction(tokenizer, record)
