@@ -17,7 +17,15 @@ from pathlib import Path
 
 import torch
 
-from quikft.data import DATASETS, DataError, load_documents, load_instruction_records, read_documents
+from quikft.data import (
+    DATASETS,
+    TRAINING_SPLITS,
+    DataError,
+    available_split,
+    load_documents,
+    load_instruction_records,
+    read_documents,
+)
 
 IGNORE = -100  # label of tokens without loss (transformers' convention)
 
@@ -102,11 +110,9 @@ def _is_instruction_source(source: str) -> bool:
 
 
 def _documents(source: str) -> list[str]:
+    """A text source's documents from a training split (never the test split we report)."""
     if source in DATASETS:
-        split = next((s for s in ("train", "validation") if s in DATASETS[source].local), "train")
-        if source == "wikitext2":
-            split = "validation"  # never train on the test split we report
-        return load_documents(source, split)
+        return load_documents(source, available_split(source, TRAINING_SPLITS))
     return read_documents(source)
 
 
