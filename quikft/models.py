@@ -24,6 +24,8 @@ from pathlib import Path
 
 import torch
 
+from quikft.hardware import resolve_dtype
+
 DEFAULT_MODEL = "smollm2-135m"
 
 
@@ -48,9 +50,6 @@ EMBEDDED_MODELS = {
     ),
 }
 
-DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16,
-          "bf16": torch.bfloat16, "float16": torch.float16, "fp16": torch.float16}
-
 
 class ModelUnavailableError(RuntimeError):
     """The requested model cannot be obtained on this machine."""
@@ -61,13 +60,9 @@ def cache_root() -> Path:
     return Path(os.environ.get("QUIKFT_CACHE", Path.home() / ".cache" / "quikft")).expanduser()
 
 
-def parse_dtype(name: str | torch.dtype) -> torch.dtype:
-    if isinstance(name, torch.dtype):
-        return name
-    try:
-        return DTYPES[name]
-    except KeyError:
-        raise ValueError(f"unknown dtype {name!r}; use one of {sorted(set(DTYPES))}") from None
+def parse_dtype(name: str | torch.dtype | None, device: str | torch.device = "cpu") -> torch.dtype:
+    """A dtype name (``auto``/None: what the device runs fast, see :mod:`quikft.hardware`)."""
+    return resolve_dtype(name, device).dtype
 
 
 @contextlib.contextmanager
