@@ -1,22 +1,24 @@
 """Packed checkpoints: a quantized model saved as :class:`~quikft.nn.QuikLinear` tensors.
 
-On-disk format (``format_version`` 1)
+On-disk format (``format_version`` 2)
 -------------------------------------
 A directory that follows ``save_pretrained`` conventions:
 
 - ``config.json``: the model's config plus ``quantization_config`` =
   ``{quant_method: "quikft", format_version, bits, group_size, sym, salient, metric, act_order,
-  method, modules, settings}``; ``modules`` lists every quantized linear by its full name and
+  method, dtype_rest, modules, settings}``; ``modules`` lists every quantized linear by its full
+  name, ``dtype_rest`` is the dtype of every unquantized tensor (bf16 by default) and
   ``settings`` holds the complete quantize configuration (provenance).
 - ``model.safetensors``, or ``model-0000i-of-0000n.safetensors`` shards plus
   ``model.safetensors.index.json``: every tensor of the model's state dict, except that each
   quantized linear ``<name>.weight`` is replaced by the QuikLinear buffers ``<name>.qweight``,
-  ``.qzeros``, ``.scales``, ``.g_idx``, ``.salient_idx``, ``.salient_weight`` (and ``.bias`` in
-  float32 when the layer has one); layouts and dtypes are documented in
-  :mod:`quikft.nn.quik_linear`. Only the ``in - k`` non-salient columns have codes:
-  ``qweight`` is (ceil((in - k)*bits/32), out) and ``g_idx`` is (in - k,), both in ascending
-  column order of the complement of ``salient_idx``. Tied weights (e.g. ``lm_head`` tied to
-  ``embed_tokens``) are stored once, under the name ``from_pretrained`` expects.
+  ``.qzeros``, ``.scales``, ``.g_idx``, ``.perm``, ``.salient_idx``, ``.salient_weight`` (and
+  ``.bias`` in float32 when the layer has one); layouts and dtypes are documented in
+  :mod:`quikft.nn.quik_linear`. Only the ``in - k`` non-salient columns have codes, stored
+  group-contiguous: ``qweight`` is (ceil((in - k)*bits/32), out), ``perm`` (in - k,) names the
+  input column of each stored column and ``g_idx`` (in - k,), non-decreasing, its group. Tied
+  weights (e.g. ``lm_head`` tied to ``embed_tokens``) are stored once, under the name
+  ``from_pretrained`` expects.
 - tokenizer files and ``generation_config.json``.
 
 Per-layer k and group count are not in ``config.json``: they are read from the tensor shapes
@@ -24,9 +26,15 @@ in the safetensors headers (``salient_idx`` is (k,), ``scales`` is (n_groups, ou
 layer whose k was capped needs no special case; the shapes of ``qweight`` and ``g_idx``
 are then checked against the ``in - k`` they imply.
 
+Format 1 (quikft 0.1) had no ``perm``: the non-salient columns were stored in ascending column
+order with act-order's arbitrary ``g_idx``. Such checkpoints still load (the columns are
+reordered in memory, the weights are identical) and ``quikft convert`` rewrites them as format 2.
+
 Loading is strict: before any tensor is read, the headers are checked against the model the
 config describes, and every missing, unexpected, misshapen, mistyped or truncated tensor is
-reported as a one-line :class:`CheckpointError` naming the file and the tensor.
+reported as a one-line :class:`CheckpointError` naming the file and the tensor. A loaded model
+is prepared for inference at once: every QuikLinear picks the fastest kernel for the device and
+dtype (:mod:`quikft.nn.kernels`).
 """
 
 from __future__ import annotations
@@ -45,18 +53,23 @@ import torch
 from torch import Tensor, nn
 
 from quikft.atomic import atomic_directory
-from quikft.nn.quik_linear import QuikLinear
+from quikft.hardware import compute_dtype, default_device, resolve_dtype
+from quikft.nn.kernels import is_scope_reason
+from quikft.nn.quik_linear import QuikLinear, groups_are_contiguous, prepare_for_inference
 
 if TYPE_CHECKING:
     from quikft.config import QuantConfig
     from quikft.quant.pipeline import QuantizedLayers
 
 QUANT_METHOD = "quikft"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
+READABLE_VERSIONS = (1, 2)
 CONFIG_NAME = "config.json"
 WEIGHTS_NAME = "model.safetensors"
 INDEX_NAME = "model.safetensors.index.json"
-QUIK_TENSORS = ("qweight", "qzeros", "scales", "g_idx", "salient_idx", "salient_weight")
+QUIK_TENSORS = ("qweight", "qzeros", "scales", "g_idx", "perm", "salient_idx", "salient_weight")
+V1_TENSORS = tuple(name for name in QUIK_TENSORS if name != "perm")
+DTYPE_REST = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 # Keys of quantization_config that loading relies on.
 REQUIRED_KEYS = ("bits", "group_size", "sym", "salient", "modules")
 SETTING_KEYS = ("bits", "group_size", "sym", "salient", "metric", "act_order", "method")
@@ -111,12 +124,8 @@ def save_packed(model: nn.Module, tokenizer: Any, quantized: QuantizedLayers, ou
 def write_packed(model: nn.Module, tokenizer: Any, quantized: QuantizedLayers, directory: str | os.PathLike,
                  quant_config: QuantConfig | Mapping[str, Any], max_shard_size: int | str = "5GB") -> dict:
     """:func:`save_packed` into an existing (staging) directory; returns the quantization_config."""
-    directory = Path(directory)
     qconfig = build_quantization_config(quantized, quant_config)
-    write_shards(packed_state_dict(model, quantized), directory, max_shard_size)
-    write_model_config(model, qconfig, directory)
-    if tokenizer is not None:
-        tokenizer.save_pretrained(directory)
+    _write(model, tokenizer, packed_state_dict(model, quantized), qconfig, Path(directory), max_shard_size)
     return qconfig
 
 
@@ -125,22 +134,40 @@ def write_quik_model(model: nn.Module, tokenizer: Any, directory: str | os.PathL
     """Write a model whose quantized linears already are :class:`QuikLinear` layers (a loaded
     checkpoint, e.g. after Post-GIFT-SW changed its salient columns) into ``directory``.
 
-    Its buffers are the checkpoint format, so this is the state dict as it is; ``qconfig``
-    defaults to the model's own ``quantization_config``.
+    Its buffers are the checkpoint format, so this is the state dict as it is (codes a loader
+    dropped are rebuilt bit for bit); ``qconfig`` defaults to the model's own
+    ``quantization_config`` and always gets the current format version.
     """
-    directory = Path(directory)
     qconfig = dict(qconfig if qconfig is not None else model.config.quantization_config)
     quik = sorted(name for name, m in model.named_modules() if isinstance(m, QuikLinear))
     if not quik or quik != sorted(qconfig.get("modules", [])):
         raise ValueError("the model's QuikLinear layers do not match its quantization_config modules")
+    qconfig["format_version"] = FORMAT_VERSION  # a loaded format-1 model was reordered in memory
     state = model.state_dict()
     for key in tied_weight_keys(model):
         state.pop(key, None)
+    _write(model, tokenizer, state, qconfig, Path(directory), max_shard_size)
+    return qconfig
+
+
+def _write(model: nn.Module, tokenizer: Any, state: dict[str, Tensor], qconfig: dict, directory: Path,
+           max_shard_size: int | str) -> None:
+    """Shards (unquantized tensors in the checkpoint's ``dtype_rest``), config files and tokenizer."""
+    rest = rest_dtype(qconfig)
+    quik = {f"{name}.{key}" for name in qconfig["modules"] for key in (*QUIK_TENSORS, "bias")}
+    state = {name: t.to(rest) if t.is_floating_point() and name not in quik else t for name, t in state.items()}
     write_shards(state, directory, max_shard_size)
     write_model_config(model, qconfig, directory)
     if tokenizer is not None:
         tokenizer.save_pretrained(directory)
-    return qconfig
+
+
+def rest_dtype(qconfig: Mapping[str, Any]) -> torch.dtype:
+    """The dtype of a checkpoint's unquantized tensors (format 1 stored them in float32)."""
+    name = qconfig.get("dtype_rest", "fp32")
+    if name not in DTYPE_REST:
+        raise CheckpointError(f"quantization_config.dtype_rest is {name!r}; expected one of {', '.join(DTYPE_REST)}")
+    return DTYPE_REST[name]
 
 
 def build_quantization_config(quantized: QuantizedLayers, quant_config: QuantConfig | Mapping[str, Any]) -> dict:
@@ -156,8 +183,11 @@ def build_quantization_config(quantized: QuantizedLayers, quant_config: QuantCon
         if result.bits != settings["bits"] or result.sym != settings["sym"]:
             raise ValueError(f"layer {name} was quantized with bits={result.bits}, sym={result.sym}, but the "
                              f"settings say bits={settings['bits']}, sym={settings['sym']}")
+    dtype_rest = settings.get("dtype_rest", "fp32")
+    if dtype_rest not in DTYPE_REST:
+        raise ValueError(f"dtype_rest {dtype_rest!r} is not one of {', '.join(DTYPE_REST)}")
     return {"quant_method": QUANT_METHOD, "format_version": FORMAT_VERSION,
-            **{key: settings[key] for key in SETTING_KEYS},
+            **{key: settings[key] for key in SETTING_KEYS}, "dtype_rest": dtype_rest,
             "modules": list(quantized.results), "settings": settings}
 
 
@@ -206,7 +236,7 @@ def write_model_config(model: nn.Module, qconfig: dict, directory: Path) -> None
     config = copy.deepcopy(model.config)
     config.quantization_config = qconfig
     config.architectures = [type(model).__name__]
-    config.dtype = str(model.dtype).removeprefix("torch.")  # dtype of the unquantized tensors
+    config.dtype = str(rest_dtype(qconfig)).removeprefix("torch.")  # dtype of the unquantized tensors
     config.save_pretrained(directory)
     generation_config = getattr(model, "generation_config", None)
     if generation_config is not None and model.can_generate():
@@ -251,9 +281,9 @@ def validate_quantization_config(qconfig: Mapping[str, Any], source: str | os.Pa
     if method != QUANT_METHOD:
         raise CheckpointError(f"{source}: quantization_config.quant_method is {method!r}, not {QUANT_METHOD!r}")
     version = qconfig.get("format_version")
-    if version != FORMAT_VERSION:
+    if version not in READABLE_VERSIONS:
         raise CheckpointError(f"{source}: quikft format_version {version!r} is not supported by this quikft "
-                              f"(it reads version {FORMAT_VERSION}); upgrade quikft")
+                              f"(it reads versions {', '.join(map(str, READABLE_VERSIONS))}); upgrade quikft")
     missing = [key for key in REQUIRED_KEYS if key not in qconfig]
     if missing:
         raise CheckpointError(f"{source}: quantization_config lacks {', '.join(missing)}")
@@ -352,7 +382,9 @@ def swap_in_quik_layers(model: nn.Module, qconfig: Mapping[str, Any], tensors: M
         k = _stored_k(tensors, name, linear.in_features, source)
         n_groups = _stored_dim(tensors, f"{name}.scales", 2, source)
         layer = QuikLinear(linear.in_features, linear.out_features, int(qconfig["bits"]),
-                                 int(qconfig["group_size"]), k, n_groups, f"{name}.bias" in tensors, device=device)
+                           int(qconfig["group_size"]), k, n_groups, f"{name}.bias" in tensors, device=device)
+        if qconfig["format_version"] == 1:
+            layer.perm = None  # format 1 stores no perm; finish_loading derives it
         parent, _, child = name.rpartition(".")
         setattr(model.get_submodule(parent), child, layer)
 
@@ -412,34 +444,75 @@ def check_tensors(model: nn.Module, tensors: Mapping[str, TensorInfo], source: P
 
 
 def check_layer_values(model: nn.Module, tensors: Mapping[str, TensorInfo]) -> None:
-    """Index tensors must be usable: shapes cannot catch a g_idx or salient_idx out of range."""
+    """Index tensors must be usable: shapes cannot catch a g_idx, perm or salient_idx out of range.
+
+    Format 2 also needs ``g_idx`` non-decreasing (groups stored contiguously) and ``perm`` and
+    ``salient_idx`` to partition the input columns; a format-1 layer (no ``perm`` yet) is
+    checked before its in-memory reordering.
+    """
     for name, layer in model.named_modules():
         if not isinstance(layer, QuikLinear):
             continue
+        file = tensors[f"{name}.g_idx"].file
         g_idx, salient = layer.g_idx, layer.salient_idx
         if g_idx.numel() and (int(g_idx.min()) < 0 or int(g_idx.max()) >= layer.n_groups):
-            raise CheckpointError(f"{tensors[f'{name}.g_idx'].file}: tensor {name}.g_idx has values outside "
-                                  f"[0, {layer.n_groups})")
+            raise CheckpointError(f"{file}: tensor {name}.g_idx has values outside [0, {layer.n_groups})")
         if salient.numel() and (int(salient.min()) < 0 or int(salient.max()) >= layer.in_features
                                 or not bool((salient.diff() > 0).all())):
-            raise CheckpointError(f"{tensors[f'{name}.salient_idx'].file}: tensor {name}.salient_idx must be "
-                                  f"sorted unique columns in [0, {layer.in_features})")
+            raise CheckpointError(f"{file}: tensor {name}.salient_idx must be sorted unique columns in "
+                                  f"[0, {layer.in_features})")
+        if layer.perm is None:
+            continue
+        if not groups_are_contiguous(g_idx):
+            raise CheckpointError(f"{file}: tensor {name}.g_idx must be non-decreasing (format 2 stores groups "
+                                  f"contiguously)")
+        seen = torch.zeros(layer.in_features, dtype=torch.int32)
+        perm = layer.perm.long().cpu()
+        if perm.numel() and (int(perm.min()) < 0 or int(perm.max()) >= layer.in_features):
+            raise CheckpointError(f"{file}: tensor {name}.perm has values outside [0, {layer.in_features})")
+        seen.index_add_(0, perm, torch.ones_like(perm, dtype=torch.int32))
+        seen.index_add_(0, salient.long().cpu(), torch.ones_like(salient, dtype=torch.int32).cpu())
+        if not bool((seen == 1).all()):
+            raise CheckpointError(f"{file}: tensors {name}.perm and {name}.salient_idx must together name every "
+                                  f"input column exactly once")
+
+
+def finish_loading(model: nn.Module, qconfig: dict, prepare: bool = True) -> dict[str, int]:
+    """Bring a loaded model's QuikLinears to the current layout and prepare their kernels.
+
+    Format-1 layers are reordered group-contiguously (the weights do not change) and the
+    in-memory ``quantization_config`` then says format 2. With ``prepare`` every layer picks its
+    kernel for the model's device and dtype now and, where that kernel can rebuild them, drops
+    the stored codes (see :func:`~quikft.nn.prepare_for_inference`); returns the kernel counts.
+    """
+    if qconfig.get("format_version") == 1:
+        for layer in model.modules():
+            if isinstance(layer, QuikLinear):
+                layer.upgrade_from_v1()
+        qconfig["format_version"] = FORMAT_VERSION
+    return prepare_for_inference(model) if prepare else {}
 
 
 # --------------------------------------------------------------------------------------------
 # loading
 
 
-def load(path: str | os.PathLike, dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu") -> nn.Module:
+def load(path: str | os.PathLike, dtype: str | torch.dtype | None = None, device: str | torch.device = "cpu",
+         *, prepare: bool = True) -> nn.Module:
     """Load a packed checkpoint directory as a model with QuikLinear layers, in eval mode.
 
-    ``dtype`` applies to the unquantized tensors (embeddings, norms, lm_head); the packed
-    buffers keep their stored dtypes. The model is built on the meta device, so no memory is
-    spent on the full-precision linears it replaces.
+    ``dtype`` applies to the unquantized tensors (embeddings, norms, lm_head) and so to the
+    activations; the packed buffers keep their stored dtypes. ``None``/``"auto"`` picks what the
+    device runs fast (bf16 where native, else fp32: :mod:`quikft.hardware`). The model is built
+    on the meta device, so no memory is spent on the full-precision linears it replaces. With
+    ``prepare`` (the default) every QuikLinear takes its fastest kernel for that device and
+    dtype at once (on a CPU with bf16, the int4 path, which then holds the codes alone);
+    ``prepare=False`` keeps the stored layout untouched until the first forward.
     """
     from transformers import AutoConfig
 
     path, device = Path(path), torch.device(device)
+    dtype = resolve_dtype(dtype, device).dtype
     qconfig = read_quantization_config(path)
     files = weight_files(path)
     tensors = read_headers(files)
@@ -451,6 +524,7 @@ def load(path: str | os.PathLike, dtype: torch.dtype = torch.float32, device: st
     model.tie_weights()
     _check_materialized(model)
     check_layer_values(model, tensors)
+    finish_loading(model, model.config.quantization_config, prepare)
     return model.eval()
 
 
@@ -516,6 +590,40 @@ def _check_materialized(model: nn.Module) -> None:
         raise CheckpointError(f"cannot materialize {leftover[0]}: it is neither stored nor tied nor computable")
 
 
+def convert(path: str | os.PathLike, out_dir: str | os.PathLike) -> Path:
+    """Rewrite a packed checkpoint in the current format (format 1 -> 2) into the new ``out_dir``.
+
+    The weights are identical (format 2 only stores the quantized columns in another order);
+    unquantized tensors keep their stored dtype, and every other file of the directory (reports,
+    salient indices) is copied. The output is written under a temporary name and renamed.
+    """
+    import shutil
+
+    path, out_dir = Path(path), Path(out_dir)
+    qconfig = read_quantization_config(path)
+    if out_dir.resolve() == path.resolve() or path.resolve() in out_dir.resolve().parents:
+        raise ValueError(f"--out {out_dir} would overwrite the checkpoint it converts; choose another directory")
+    model = load(path, dtype=rest_dtype(qconfig), prepare=False)
+    tokenizer = _stored_tokenizer(path)
+    with atomic_directory(out_dir) as staging:
+        written = {CONFIG_NAME, WEIGHTS_NAME, INDEX_NAME, "generation_config.json"}
+        for item in path.iterdir():
+            if item.is_file() and item.name not in written and not item.name.startswith("model-"):
+                shutil.copy2(item, staging / item.name)
+        write_quik_model(model, tokenizer, staging)
+    return out_dir
+
+
+def _stored_tokenizer(path: Path) -> Any:
+    """The directory's tokenizer as stored (no pad-token defaults added), or None if it has none."""
+    from transformers import AutoTokenizer
+
+    try:
+        return AutoTokenizer.from_pretrained(path)
+    except (OSError, ValueError):
+        return None
+
+
 # --------------------------------------------------------------------------------------------
 # inspection (``quikft info``)
 
@@ -534,13 +642,19 @@ def describe(path: str | os.PathLike) -> dict:
     files = weight_files(path)
     tensors = read_headers(files)
     source = weights_source(files)
-    layers = [_layer_summary(name, tensors, int(qconfig["bits"]), source) for name in qconfig["modules"]]
+    stored = QUIK_TENSORS if qconfig["format_version"] >= 2 else V1_TENSORS
+    layers = [_layer_summary(name, tensors, int(qconfig["bits"]), source, stored) for name in qconfig["modules"]]
+    device = default_device()
+    choice = compute_dtype(device)
+    for layer, plan in zip(layers, kernel_plan(qconfig, tensors, device, choice.dtype), strict=True):
+        layer.update(plan)
     fp16, packed, limit = (sum(layer[key] for layer in layers) for key in ("fp16_bytes", "packed_bytes",
                                                                             "limit_bytes"))
     weights = sum(layer["in_features"] * layer["out_features"] for layer in layers)
     return {
         "path": str(path), "format_version": qconfig["format_version"],
-        **{key: qconfig.get(key) for key in SETTING_KEYS},
+        **{key: qconfig.get(key) for key in SETTING_KEYS}, "dtype_rest": qconfig.get("dtype_rest", "fp32"),
+        "kernel_device": device, "kernel_dtype": choice.to_dict(),
         "weights_bytes": sum(file.stat().st_size for file in files),
         "directory_bytes": sum(f.stat().st_size for f in path.rglob("*") if f.is_file()),
         "linear_fp16_bytes": fp16, "linear_packed_bytes": packed, "linear_limit_bytes": limit,
@@ -551,9 +665,36 @@ def describe(path: str | os.PathLike) -> dict:
     }
 
 
-def _layer_summary(name: str, tensors: Mapping[str, TensorInfo], bits: int, source: Path) -> dict:
+def kernel_plan(qconfig: Mapping[str, Any], tensors: Mapping[str, TensorInfo], device: str,
+                dtype: torch.dtype) -> list[dict]:
+    """Per quantized layer: the kernel a load on ``device`` with ``dtype`` activations will pick,
+    and why each faster registered kernel refuses it (read from the stored ``g_idx`` values)."""
+    from safetensors import safe_open
+
+    from quikft.nn import LayerLayout, available_kernels, get_kernel, select_kernel, why_not
+    from quikft.nn.quik_linear import group_sizes
+
+    plans = []
+    for name in qconfig["modules"]:
+        info = tensors[f"{name}.g_idx"]
+        with safe_open(info.file, framework="pt") as handle:
+            g_idx = handle.get_tensor(f"{name}.g_idx")
+        n_groups, out_features = tensors[f"{name}.scales"].shape
+        k = tensors[f"{name}.salient_idx"].shape[0]
+        # Loading stores every layer group-contiguously (format 1 is reordered in memory).
+        layout = LayerLayout(g_idx.numel() + k, out_features, int(qconfig["bits"]), k,
+                             group_sizes(g_idx, n_groups), contiguous_groups=True)
+        kernel = select_kernel(layout, device, dtype)
+        refused = {other: why_not(get_kernel(other), layout, torch.device(device), dtype)
+                   for other in available_kernels()[: available_kernels().index(kernel.name)]}
+        plans.append({"kernel": kernel.name, "refused": refused})
+    return plans
+
+
+def _layer_summary(name: str, tensors: Mapping[str, TensorInfo], bits: int, source: Path,
+                   stored: tuple[str, ...]) -> dict:
     shapes = {}
-    for key in QUIK_TENSORS:
+    for key in stored:
         info = tensors.get(f"{name}.{key}")
         if info is None:
             raise CheckpointError(f"{source}: tensor {name}.{key} is missing")
@@ -561,7 +702,7 @@ def _layer_summary(name: str, tensors: Mapping[str, TensorInfo], bits: int, sour
     (n_groups, out_features), k = shapes["scales"], shapes["salient_idx"][0]
     in_features = shapes["g_idx"][0] + k  # g_idx covers the non-salient columns only
     bias = tensors.get(f"{name}.bias")
-    packed = sum(tensors[f"{name}.{key}"].nbytes for key in QUIK_TENSORS) + (bias.nbytes if bias else 0)
+    packed = sum(tensors[f"{name}.{key}"].nbytes for key in stored) + (bias.nbytes if bias else 0)
     limit_bits = (out_features * (bits * (in_features - k) + 16 * k) + n_groups * out_features * (16 + bits)
                   + (16 * out_features if bias else 0))
     return {"name": name, "in_features": in_features, "out_features": out_features, "k": k,
@@ -587,6 +728,9 @@ def format_description(summary: Mapping[str, Any]) -> str:
         f"information limit: {summary['linear_limit_bytes'] / mib:.2f} MiB; packed = "
         f"{summary['packed_vs_limit']:.3f}x the limit",
         f"salient fraction: {summary['salient_fraction']:.1%} of linear input columns",
+        f"unquantized tensors: {summary['dtype_rest']}; kernels here ({summary['kernel_device']}, "
+        f"{summary['kernel_dtype']['dtype']} activations: {summary['kernel_dtype']['reason']}): "
+        f"{_kernel_counts(summary['layers'])}",
         "",
         *_layer_table(summary["layers"]),
     ]
@@ -598,7 +742,7 @@ def _layer_table(layers: list[dict]) -> list[str]:
     kinds: dict[str, list[dict]] = {}
     for layer in layers:
         kinds.setdefault(_layer_kind(layer["name"]), []).append(layer)
-    rows = [("layer", "count", "out x in", "k", "salient", "packed MiB", "vs FP16", "vs limit")]
+    rows = [("layer", "count", "out x in", "k", "salient", "packed MiB", "vs FP16", "vs limit", "kernel")]
     for kind, group in kinds.items():
         ks = sorted({layer["k"] for layer in group})
         shapes = sorted({f"{layer['out_features']}x{layer['in_features']}" for layer in group})
@@ -608,9 +752,27 @@ def _layer_table(layers: list[dict]) -> list[str]:
         rows.append((kind, str(len(group)), ",".join(shapes),
                      _span(str(ks[0]), str(ks[-1])),
                      _span(f"{min(fractions):.1%}", f"{max(fractions):.1%}"),
-                     f"{packed / (1 << 20):.3f}", f"{fp16 / packed:.2f}x", f"{packed / limit:.3f}x"))
+                     f"{packed / (1 << 20):.3f}", f"{fp16 / packed:.2f}x", f"{packed / limit:.3f}x",
+                     _kernel_cell(group)))
     widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
     return ["  ".join(cell.ljust(width) for cell, width in zip(row, widths, strict=True)).rstrip() for row in rows]
+
+
+def _kernel_cell(group: list[dict]) -> str:
+    """The kernel(s) of a layer kind, with why a faster one refuses when it is not about the device."""
+    cells = []
+    for name in dict.fromkeys(layer["kernel"] for layer in group):
+        reasons = {reason for layer in group if layer["kernel"] == name for reason in layer["refused"].values()
+                   if reason and not is_scope_reason(reason)}
+        cells.append(name + (f" ({'; '.join(sorted(reasons))})" if reasons else ""))
+    return ", ".join(cells)
+
+
+def _kernel_counts(layers: list[dict]) -> str:
+    counts: dict[str, int] = {}
+    for layer in layers:
+        counts[layer["kernel"]] = counts.get(layer["kernel"], 0) + 1
+    return ", ".join(f"{name} x{count}" for name, count in counts.items())
 
 
 def _span(low: str, high: str) -> str:

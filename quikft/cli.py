@@ -143,6 +143,8 @@ def generate(prompt, model_name, max_new_tokens, temperature, chat, seed, dtype,
               help="Save dequantized float weights (a debugging format) instead of the packed checkpoint [packed].")
 @click.option("--eval-windows", type=int, default=None,
               help="Quick WikiText-2 ppl on the first N windows of the stride-8 subset (19 = all of it; 0 = skip) [4].")
+@click.option("--dtype-rest", type=click.Choice(["bf16", "fp16", "fp32"]), default=None,
+              help="Dtype of the unquantized tensors (embeddings, norms, an untied head) in the checkpoint [bf16].")
 @_fail_cleanly
 def quantize(config_path, **flags):
     """Quantize a model: salient columns in FP16, the rest with GPTQ (or RTN)."""
@@ -155,8 +157,10 @@ def quantize(config_path, **flags):
                f"{config.salient} salient columns ({report['salient_fraction']:.1%} of inputs) in "
                f"{report['quantize_seconds']:.0f}s, peak RSS {report['peak_rss_mb']:.0f} MiB -> {report['out']}")
     if report["ppl"]:
+        saved = report.get("ppl_saved")
+        note = f" ({config.dtype_rest} unquantized tensors, as saved: {saved['ppl']:.3f})" if saved else ""
         click.echo(f"wikitext2 ppl ({report['ppl']['windows']} windows x {report['ppl']['seqlen']}): "
-                   f"FP {report['fp_ppl']['ppl']:.3f} -> quantized {report['ppl']['ppl']:.3f}")
+                   f"FP {report['fp_ppl']['ppl']:.3f} -> quantized {report['ppl']['ppl']:.3f}{note}")
 
 
 @main.command()
@@ -232,6 +236,20 @@ def info(directory, as_json):
 
     summary = describe(directory)
     click.echo(json.dumps(summary, indent=2) if as_json else format_description(summary))
+
+
+@main.command()
+@click.argument("directory", type=click.Path(exists=True, file_okay=False))
+@click.option("--out", required=True, help="New directory for the converted checkpoint.")
+@_fail_cleanly
+def convert(directory, out):
+    """Rewrite a packed checkpoint of an older format (1) in the current one (2); the weights do not change."""
+    from quikft.checkpoint import FORMAT_VERSION, read_quantization_config
+    from quikft.checkpoint import convert as run_convert
+
+    before = read_quantization_config(directory)["format_version"]
+    run_convert(directory, out)
+    click.echo(f"converted {directory} (format {before}) -> {out} (format {FORMAT_VERSION})")
 
 
 @main.command()

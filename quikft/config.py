@@ -19,6 +19,7 @@ import yaml
 from quikft.quant.grid import check_bits
 
 METHODS = ("gptq", "rtn")
+REST_DTYPES = ("bf16", "fp16", "fp32")
 RECOVER_MODES = ("post", "pre", "salient-ft", "lora")
 LOSSES = ("ce", "kd")
 
@@ -47,6 +48,7 @@ class QuantConfig:
     device: str = "cpu"
     out: str | None = None
     fake_quant: bool = False  # save dequantized float weights (debugging) instead of the packed checkpoint
+    dtype_rest: str = "bf16"  # dtype of the unquantized tensors (embeddings, norms, an untied head) when saved
     eval_windows: int = 4  # quick ppl on the first N windows of the stride-8 WikiText-2 subset (0: none)
     eval_stride: int = 8
     eval_seqlen: int = 2048
@@ -69,6 +71,8 @@ class QuantConfig:
                 raise ValueError(f"{name} must be positive (got {getattr(self, name)})")
         if self.eval_windows < 0:
             raise ValueError(f"eval_windows must be >= 0 (got {self.eval_windows})")
+        if self.dtype_rest not in REST_DTYPES:
+            raise ValueError(f"dtype_rest {self.dtype_rest!r} is not one of {', '.join(REST_DTYPES)}")
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)

@@ -10,14 +10,22 @@ How a load goes: transformers builds the model skeleton on the meta device and h
 headers, checks them strictly against the config (the same checks as :func:`quikft.load`)
 and swaps the listed linears for empty :class:`~quikft.nn.QuikLinear` layers of the stored
 shapes. transformers then loads every tensor straight into those buffers: their dtypes
-(int32 codes, fp16 scales) come from the empty buffers, so nothing is cast.
+(int32 codes, fp16 scales) come from the empty buffers, so nothing is cast. After loading, the
+index values are checked and every layer takes its fastest kernel for the device and dtype,
+exactly as :func:`quikft.load` does (:func:`~quikft.checkpoint.finish_loading`).
+
+The dtype: ``from_pretrained``'s default (``"auto"``) is the checkpoint's ``dtype_rest``, bf16
+by default. On a machine without native bf16 matmuls that would make every step ~100x slower
+(:mod:`quikft.hardware`), so there the quantizer turns a bf16 request into float32.
 """
 
 from __future__ import annotations
 
+import warnings
 from pathlib import Path
 from typing import Any
 
+import torch
 from transformers.quantizers.auto import (
     AUTO_QUANTIZATION_CONFIG_MAPPING,
     AUTO_QUANTIZER_MAPPING,
@@ -30,12 +38,15 @@ from transformers.utils.quantization_config import QuantizationConfigMixin
 from quikft.checkpoint import (
     QUANT_METHOD,
     CheckpointError,
+    check_layer_values,
     check_tensors,
+    finish_loading,
     read_headers,
     swap_in_quik_layers,
     validate_quantization_config,
     weights_source,
 )
+from quikft.hardware import compute_dtype, default_device
 
 
 class QuikftConfig(QuantizationConfigMixin):
@@ -62,6 +73,13 @@ class QuikftHfQuantizer(HfQuantizer):
         if not self.pre_quantized:
             raise ValueError("quikft cannot quantize while loading; run `quikft quantize` and load its output")
 
+    def update_dtype(self, dtype: torch.dtype) -> torch.dtype:
+        choice = compute_dtype(default_device())
+        if dtype == torch.bfloat16 and choice.dtype != torch.bfloat16:
+            warnings.warn(f"quikft: loading in float32, not bfloat16 ({choice.reason})", stacklevel=2)
+            return choice.dtype
+        return dtype
+
     def _process_model_before_weight_loading(self, model: Any, checkpoint_files: list[str] | None = None,
                                              **kwargs: Any) -> Any:
         files = [Path(file) for file in checkpoint_files or ()]
@@ -71,9 +89,14 @@ class QuikftHfQuantizer(HfQuantizer):
         # The skeleton is built under a meta-device context, so device=None keeps the new layers empty.
         swap_in_quik_layers(model, self.quantization_config.to_dict(), tensors, weights_source(files))
         check_tensors(model, tensors, weights_source(files))
+        self._tensors = tensors
         return model
 
     def _process_model_after_weight_loading(self, model: Any, **kwargs: Any) -> Any:
+        check_layer_values(model, self._tensors)
+        qconfig = self.quantization_config.to_dict()
+        finish_loading(model, qconfig)
+        self.quantization_config.format_version = qconfig["format_version"]
         return model
 
     def is_serializable(self, safe_serialization: Any = None) -> bool:

@@ -19,7 +19,7 @@ import torch
 from safetensors.torch import save_file
 
 from quikft.atomic import atomic_directory, write_json
-from quikft.checkpoint import write_packed
+from quikft.checkpoint import DTYPE_REST, write_packed
 from quikft.config import QuantConfig
 from quikft.data import calibration_windows
 from quikft.eval.ppl import PplResult, evaluate_ppl
@@ -53,6 +53,30 @@ def reference_ppl(model, tokenizer, config: QuantConfig) -> dict:
     result = quick_ppl(model, tokenizer, config, model_label(config.model)).to_dict()
     write_json(cache, result)
     return result
+
+
+def round_unquantized(model, quantized: QuantizedLayers, dtype: torch.dtype) -> int:
+    """Round every stored unquantized floating tensor to ``dtype`` in place (kept in its own dtype):
+    the values the packed checkpoint will hold. Returns how many tensors were rounded."""
+    quantized_keys = {f"{name}.{part}" for name in quantized.results for part in ("weight", "bias")}
+    tensors = {t.data_ptr(): t for key, t in model.state_dict().items()
+               if t.is_floating_point() and key not in quantized_keys}  # tied tensors once
+    for tensor in tensors.values():
+        tensor.copy_(tensor.to(dtype))
+    return len(tensors)
+
+
+def saved_model_ppl(model, tokenizer, quantized: QuantizedLayers, config: QuantConfig, label: str) -> dict | None:
+    """Quick ppl of the checkpoint as saved: unquantized tensors rounded to ``dtype_rest``.
+
+    The packed output stores them in that dtype; the quantized ``ppl`` beside it keeps them in
+    float32, so the two numbers give the change the storage dtype causes. None when there is
+    nothing to measure (no evaluation, float32 storage or the fake-quant format).
+    """
+    if config.eval_windows == 0 or config.dtype_rest == "fp32" or config.fake_quant:
+        return None
+    round_unquantized(model, quantized, DTYPE_REST[config.dtype_rest])
+    return quick_ppl(model, tokenizer, config, label).to_dict()
 
 
 def save_fake_quantized(model, tokenizer, out_dir: Path) -> None:
@@ -90,9 +114,11 @@ def quantize(config: QuantConfig, progress: bool = True) -> dict:
         quantized = quantize_model(model, calib, config, progress=progress)
         eval_began = time.perf_counter()
         ppl = quick_ppl(model, tokenizer, config, str(out_dir)).to_dict() if config.eval_windows > 0 else None
+        saved_ppl = saved_model_ppl(model, tokenizer, quantized, config, str(out_dir))
         eval_seconds += time.perf_counter() - eval_began
         save_outputs(model, tokenizer, quantized, config, staging)
         report = build_report(config, quantized, time.perf_counter() - began, eval_seconds, fp_ppl, ppl)
+        report["ppl_saved"] = saved_ppl
         write_json(staging / REPORT_NAME, report)
     report["out"] = str(out_dir)
     return report

@@ -10,6 +10,8 @@ from pathlib import Path
 # tiny ops (tests/test_gptq.py: 36 s spinning, 4 s passive). The library keeps torch's default:
 # on an idle machine spinning is faster (GPTQ of one default-model block: 1.1 s vs 3.7 s).
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+# Triton kernels run on CPU tensors through Triton's interpreter; it must be chosen before triton loads.
+os.environ["TRITON_INTERPRET"] = "1"
 
 import pytest  # noqa: E402
 import torch  # noqa: E402

@@ -21,12 +21,13 @@ from quikft.config import QuantConfig
 from quikft.data import calibration_windows
 from quikft.models import load_model
 from quikft.nn import QuikLinear, nonsalient_columns
-from quikft.packing import unpack_codes, unpack_zeros
+from quikft.packing import pack_codes, unpack_codes, unpack_zeros
 from quikft.quant.pipeline import quantize_model
 
 
-def _quantize(model, tokenizer, corpus, **settings):
-    config = QuantConfig(salient=8, nsamples=4, seqlen=32, clip_search=False, **settings)
+def _quantize(model, tokenizer, corpus, dtype_rest="fp32", **settings):
+    """Quantize the tiny model; unquantized tensors stay float32 unless asked, so loads compare exactly."""
+    config = QuantConfig(salient=8, nsamples=4, seqlen=32, clip_search=False, dtype_rest=dtype_rest, **settings)
     calib = calibration_windows(tokenizer, str(corpus), nsamples=4, seqlen=32, seed=0)
     return config, quantize_model(model, calib, config, progress=False), calib
 
@@ -55,26 +56,28 @@ def test_round_trip_reproduces_the_fake_quant_model(tiny, text_file, tmp_path, b
     # saving neither changes nor copies into the model
     assert all(torch.equal(a, b) for a, b in zip(model.state_dict().values(), fake.state_dict().values(), strict=True))
     assert (out / "model.safetensors.index.json").exists() == bool(shard)
-    loaded = load(out)
+    loaded = load(out, dtype=torch.float32)
     ids = calib[:2]
     assert torch.allclose(_logits(loaded, ids), _logits(fake, ids), atol=1e-4, rtol=0)
-    hf = _from_pretrained(out)
+    hf = _from_pretrained(out)  # float32: the checkpoint's dtype_rest
     assert torch.allclose(_logits(hf, ids), _logits(loaded, ids), atol=1e-5, rtol=0)
     for name, result in quantized.results.items():
         for candidate in (loaded, hf):
             layer = candidate.get_submodule(name)
             assert isinstance(layer, QuikLinear) and layer.bits == bits
-            # only the non-salient columns are stored, in ascending column order
+            # only the non-salient columns are stored, group-contiguous
             keep = nonsalient_columns(layer.in_features, result.salient)
+            perm = layer.perm.long()
+            assert torch.equal(perm.sort().values, keep)
+            assert bool((layer.g_idx.diff() >= 0).all())
             assert layer.qweight.shape[0] == math.ceil((layer.in_features - layer.k) * bits / 32)
-            assert torch.equal(unpack_codes(layer.qweight, bits, keep.numel()), result.codes[:, keep])
+            assert torch.equal(unpack_codes(layer.qweight, bits, keep.numel()), result.codes[:, perm])
             assert torch.equal(unpack_zeros(layer.qzeros, bits, layer.out_features), result.zeros)
             assert torch.equal(layer.scales.float().t(), result.scales)
             assert torch.equal(layer.salient_idx.long(), result.salient)
-            assert torch.equal(layer.g_idx, result.g_idx[keep])
+            assert torch.equal(layer.g_idx, result.g_idx[perm])
             assert torch.equal(layer.dequantize_weight(), result.dequantized_base())
             assert torch.equal(layer.effective_weight(), result.weight)
-            assert "nonsalient_idx" not in layer.state_dict()
     for candidate in (loaded, hf):
         assert candidate.lm_head.weight is candidate.model.embed_tokens.weight
         assert not candidate.training
@@ -85,7 +88,7 @@ def test_config_carries_method_settings_and_modules(tiny, text_file, tmp_path):
     config, quantized, _ = _quantize(model, tokenizer, text_file, bits=3, group_size=32)
     save_packed(model, tokenizer, quantized, tmp_path / "p", config)
     qconfig = json.loads((tmp_path / "p" / "config.json").read_text())["quantization_config"]
-    assert qconfig["quant_method"] == "quikft" and qconfig["format_version"] == 1
+    assert qconfig["quant_method"] == "quikft" and qconfig["format_version"] == 2 and qconfig["dtype_rest"] == "fp32"
     assert (qconfig["bits"], qconfig["group_size"], qconfig["salient"], qconfig["sym"]) == (3, 32, 8, False)
     assert (qconfig["metric"], qconfig["act_order"], qconfig["method"]) == ("gift", True, "gptq")
     assert qconfig["modules"] == list(quantized.results) and len(qconfig["modules"]) == 14
@@ -207,8 +210,10 @@ def test_info_reports_bits_compression_and_salient_fraction(packed_dir):
     # 160 inputs - 8 salient = 152 quantized columns in 5 groups of (up to) 32
     assert (down["in_features"], down["out_features"], down["k"], down["n_groups"]) == (160, 64, 8, 5)
     assert down["limit_bytes"] == (64 * (3 * 152 + 16 * 8) + 5 * 64 * (16 + 3)) / 8
-    # codes for the 152 quantized columns only: qweight, qzeros, scales, g_idx, salient_idx, salient_weight
-    assert down["packed_bytes"] == 4 * 15 * 64 + 4 * 5 * 6 + 2 * 5 * 64 + 4 * 152 + 4 * 8 + 2 * 64 * 8
+    # codes for the 152 quantized columns only: qweight, qzeros, scales, g_idx, perm, salient_idx, salient_weight
+    assert down["packed_bytes"] == 4 * 15 * 64 + 4 * 5 * 6 + 2 * 5 * 64 + 2 * 4 * 152 + 4 * 8 + 2 * 64 * 8
+    assert summary["format_version"] == 2 and "format 2" in result.output
+    assert down["kernel"] in ("cpu-int4", "torch", "triton") and "kernels here" in result.output
 
 
 def test_info_on_a_plain_model_is_a_one_line_error(tiny_dir):
@@ -231,7 +236,8 @@ def test_eval_and_generate_accept_packed_directories(packed_dir, text_file):
 
 def test_quantize_cli_writes_packed_by_default_and_fake_quant_on_request(tiny_dir, text_file, tmp_path):
     base = ["quantize", "--model", str(tiny_dir), "--calib", str(text_file), "--nsamples", "4", "--seqlen", "32",
-            "--salient", "4", "--group-size", "32", "--bits", "4", "--no-clip-search", "--eval-windows", "0"]
+            "--salient", "4", "--group-size", "32", "--bits", "4", "--no-clip-search", "--eval-windows", "0",
+            "--dtype-rest", "fp32"]
     for flag, name in ((None, "packed"), ("--fake-quant", "fake")):
         result = CliRunner().invoke(main, [*base, "--out", str(tmp_path / name), *([flag] if flag else [])])
         assert result.exit_code == 0, result.output
@@ -267,10 +273,88 @@ def test_public_api():
 def test_dequantized_cache_switch_covers_every_layer_and_keeps_outputs(packed_dir):
     from quikft.nn import set_dequantized_cache
 
-    model = load(packed_dir)
+    model = load(packed_dir, dtype=torch.float32)
     ids = torch.randint(0, 300, (2, 12))  # short inputs: the uncached path dequantizes on every call
     plain = _logits(model, ids)
     modules = json.loads((packed_dir / "config.json").read_text())["quantization_config"]["modules"]
     assert set_dequantized_cache(model) == len(modules)
     torch.testing.assert_close(_logits(model, ids), plain, rtol=1e-5, atol=1e-5)
     assert all(m._cache is not None for m in model.modules() if isinstance(m, QuikLinear))
+
+
+def _as_format_1(directory):
+    """Rewrite a format-2 checkpoint as quikft 0.1 wrote it: ascending non-salient columns, no perm."""
+    tensors = load_file(directory / "model.safetensors")
+    for name in [key.removesuffix(".perm") for key in tensors if key.endswith(".perm")]:
+        perm = tensors.pop(f"{name}.perm").long()
+        ascending = torch.argsort(perm)  # stored position of each column, in column order
+        bits = json.loads((directory / "config.json").read_text())["quantization_config"]["bits"]
+        codes = unpack_codes(tensors[f"{name}.qweight"], bits, perm.numel())
+        tensors[f"{name}.qweight"] = pack_codes(codes[:, ascending], bits)
+        tensors[f"{name}.g_idx"] = tensors[f"{name}.g_idx"][ascending].contiguous()
+    save_file(tensors, directory / "model.safetensors", metadata={"format": "pt"})
+    config = json.loads((directory / "config.json").read_text())
+    config["quantization_config"]["format_version"] = 1
+    del config["quantization_config"]["dtype_rest"]
+    (directory / "config.json").write_text(json.dumps(config))
+
+
+def test_format_1_checkpoints_load_and_convert(packed_dir, tmp_path):
+    old = shutil.copytree(packed_dir, tmp_path / "v1")
+    _as_format_1(old)
+    ids = torch.randint(0, 300, (2, 12))
+    expected = _logits(load(packed_dir, dtype=torch.float32), ids)
+    v1 = load(old, dtype=torch.float32)
+    assert v1.config.quantization_config["format_version"] == 2  # reordered in memory
+    assert torch.equal(_logits(v1, ids), expected)
+    assert torch.equal(_logits(_from_pretrained(old), ids), expected)
+    assert "format 1" in CliRunner().invoke(main, ["info", str(old)]).output
+    result = CliRunner().invoke(main, ["convert", str(old), "--out", str(tmp_path / "v2")])
+    assert result.exit_code == 0, result.output
+    converted, original = load_file(tmp_path / "v2" / "model.safetensors"), load_file(packed_dir / "model.safetensors")
+    assert converted.keys() == original.keys() and all(torch.equal(converted[k], original[k]) for k in original)
+    assert (tmp_path / "v2" / "tokenizer.json").exists()
+    qconfig = json.loads((tmp_path / "v2" / "config.json").read_text())["quantization_config"]
+    assert qconfig["format_version"] == 2
+    # converting onto the input is refused before anything is written
+    result = CliRunner().invoke(main, ["convert", str(old), "--out", str(old)])
+    assert result.exit_code == 1 and "would overwrite" in result.output
+
+
+def test_unquantized_tensors_are_saved_in_bf16_by_default(tiny, text_file, tmp_path):
+    model, tokenizer = tiny
+    config, quantized, calib = _quantize(model, tokenizer, text_file, dtype_rest="bf16", bits=3, group_size=32)
+    out = save_packed(model, tokenizer, quantized, tmp_path / "p", config)
+    stored = load_file(out / "model.safetensors")
+    assert stored["model.embed_tokens.weight"].dtype == torch.bfloat16
+    assert stored["model.norm.weight"].dtype == torch.bfloat16
+    assert stored["model.layers.0.mlp.up_proj.scales"].dtype == torch.float16  # packed tensors as they are
+    assert json.loads((out / "config.json").read_text())["dtype"] == "bfloat16"
+    loaded = load(out, dtype=torch.float32)
+    assert torch.equal(loaded.model.embed_tokens.weight, model.model.embed_tokens.weight.bfloat16().float())
+
+
+def test_default_load_prepares_the_fastest_kernel(packed_dir):
+    from quikft.hardware import compute_dtype
+
+    native = compute_dtype("cpu").dtype == torch.bfloat16
+    model = load(packed_dir)  # dtype auto: bf16 where native, else float32
+    layers = [m for m in model.modules() if isinstance(m, QuikLinear)]
+    assert model.dtype == (torch.bfloat16 if native else torch.float32)
+    assert {layer.kernel_name for layer in layers} == ({"cpu-int4"} if native else {"torch"})
+    reference = load(packed_dir, dtype=torch.float32)
+    ids = torch.randint(0, 300, (2, 12))
+    fast, exact = _logits(model, ids).float(), _logits(reference, ids)
+    assert float((fast - exact).norm() / exact.norm()) < 2e-2  # bf16 activations
+    if native:
+        assert all(layer.qweight is None for layer in layers)  # the int4 copy holds the codes
+        # the state dict is still the checkpoint format, bit for bit
+        stored = load_file(packed_dir / "model.safetensors")
+        state = model.state_dict()
+        quik = [key for key in stored if key.rpartition(".")[2] in checkpoint.QUIK_TENSORS]
+        assert all(torch.equal(state[key], stored[key]) for key in quik)
+        from transformers import AutoModelForCausalLM
+
+        hf = AutoModelForCausalLM.from_pretrained(packed_dir, dtype=torch.bfloat16)
+        assert {m.kernel_name for m in hf.modules() if isinstance(m, QuikLinear)} == {"cpu-int4"}
+        assert torch.equal(_logits(hf, ids), _logits(model, ids))

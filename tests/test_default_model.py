@@ -73,7 +73,7 @@ def test_packed_checkpoint_of_real_blocks_matches_fake_quant(default_model, tmp_
     small = copy.deepcopy(model)
     small.model.layers = small.model.layers[:2]
     small.config.num_hidden_layers = 2
-    config = QuantConfig(bits=3, salient=128, nsamples=8, seqlen=128)
+    config = QuantConfig(bits=3, salient=128, nsamples=8, seqlen=128, dtype_rest="fp32")
     calib = calibration_windows(tokenizer, "c4", config.nsamples, config.seqlen, seed=0)
     quantized = quantize_model(small, calib, config, progress=False)
     save_packed(small, tokenizer, quantized, tmp_path / "packed", config)
@@ -81,11 +81,16 @@ def test_packed_checkpoint_of_real_blocks_matches_fake_quant(default_model, tmp_
     ids = calib[:2, :96]
     with torch.no_grad():
         fake = small(input_ids=ids).logits
-        loaded = quikft.load(tmp_path / "packed")
+        loaded = quikft.load(tmp_path / "packed", dtype=torch.float32)
         packed = loaded(input_ids=ids).logits
         hf = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "packed", dtype=torch.float32)
         via_hf = hf(input_ids=ids).logits
+        # the fast CPU path (bf16 activations, int4 operator) on real layers: 576x576 ... 576x1536, k = 128
+        fast = quikft.load(tmp_path / "packed", dtype=torch.bfloat16)
+        fast_logits = fast(input_ids=ids).logits.float()
     assert isinstance(loaded.model.layers[1].mlp.down_proj, QuikLinear)
     assert isinstance(hf.model.layers[0].self_attn.q_proj, QuikLinear)
     assert (packed - fake).abs().max().item() <= 1e-4
     assert (via_hf - packed).abs().max().item() <= 1e-5
+    assert {m.kernel_name for m in fast.modules() if isinstance(m, QuikLinear)} == {"cpu-int4"}
+    assert ((fast_logits - fake).norm() / fake.norm()).item() < 2e-2

@@ -5,12 +5,14 @@ import pytest
 import torch
 
 from quikft.nn import (
+    KernelState,
+    QuikKernel,
     QuikLinear,
     available_kernels,
     nonsalient_columns,
-    quik_linear,
     register_kernel,
     select_kernel,
+    torch_kernel,
     unregister_kernel,
 )
 from quikft.packing import unpack_codes
@@ -104,17 +106,25 @@ def test_dequant_and_forward_fp32(bits: int, k: int, bias: bool) -> None:
 
 @pytest.mark.parametrize("bits", BITS)
 @pytest.mark.parametrize("k", [0, 6])
-def test_only_non_salient_columns_are_packed(bits: int, k: int) -> None:
+def test_only_non_salient_columns_are_packed_group_contiguous(bits: int, k: int) -> None:
     q = make_quantized(bits, k, bias=False, seed=bits + k)
     layer = q.layer()
     keep = nonsalient_columns(IN, q.salient)
     assert keep.numel() == IN - k and bool((keep.diff() > 0).all())
     assert layer.qweight.shape == (math.ceil((IN - k) * bits / 32), OUT)
-    assert layer.g_idx.shape == (IN - k,) and torch.equal(layer.g_idx, q.g_idx[keep])
-    # ascending original column order, GPTQ bit stream along the input dimension
-    assert torch.equal(unpack_codes(layer.qweight, bits, IN - k), q.codes[:, keep])
-    assert torch.equal(layer.nonsalient_index(), keep)
-    assert set(layer.state_dict()) == {"qweight", "qzeros", "scales", "g_idx", "salient_idx", "salient_weight"}
+    perm = layer.perm.long()
+    # perm and salient_idx partition the input columns
+    assert torch.equal(torch.sort(torch.cat([perm, q.salient])).values, torch.arange(IN))
+    # every group is one run of stored columns, ascending columns inside a group
+    assert torch.equal(layer.g_idx, q.g_idx[perm])
+    assert bool((layer.g_idx.diff() >= 0).all())
+    same_group = layer.g_idx[1:] == layer.g_idx[:-1]
+    assert bool((perm.diff()[same_group] > 0).all())
+    # GPTQ bit stream along the input dimension, in storage order
+    assert torch.equal(unpack_codes(layer.qweight, bits, IN - k), q.codes[:, perm])
+    assert torch.equal(layer.codes(), q.codes[:, perm])
+    assert set(layer.state_dict()) == {"qweight", "qzeros", "scales", "g_idx", "perm", "salient_idx",
+                                       "salient_weight"}
 
 
 @pytest.mark.parametrize("method", ["gptq", "rtn"])
@@ -159,7 +169,7 @@ def test_packed_size_within_five_percent_of_the_limit() -> None:
     packed_total = limit_total = 0
     for (out_features, in_features), count in DEFAULT_MODEL_SHAPES.items():
         q = make_quantized(3, 128, bias=False, shape=(out_features, in_features), group_size=128)
-        # every stored tensor (the derived nonsalient_idx is not stored, hence not in the state dict)
+        # every stored tensor, the index tensors (g_idx, perm, salient_idx) included
         packed = sum(t.numel() * t.element_size() for t in q.layer().state_dict().values())
         limit = limit_bits(out_features, in_features, 128, q.scales.shape[1], 3) / 8
         assert packed <= 1.05 * limit, (out_features, in_features, packed / limit)
@@ -172,7 +182,7 @@ def test_packed_size_within_five_percent_of_the_limit() -> None:
 @pytest.mark.parametrize("k", [0, 6])
 def test_both_forward_forms(monkeypatch: pytest.MonkeyPatch, form: str, k: int) -> None:
     # Force one form whatever the input length; the default picks by token count.
-    monkeypatch.setattr(quik_linear, "FULL_WEIGHT_MIN_TOKENS", 0 if form == "full" else 1 << 30)
+    monkeypatch.setattr(torch_kernel, "FULL_WEIGHT_MIN_TOKENS", 0 if form == "full" else 1 << 30)
     q = make_quantized(3, k, bias=True, seed=k)
     layer = q.layer()
     x = torch.randn(2, 5, IN, requires_grad=True)
@@ -187,7 +197,7 @@ def test_both_forward_forms(monkeypatch: pytest.MonkeyPatch, form: str, k: int) 
 def test_long_inputs_use_one_full_weight_gemm() -> None:
     q = make_quantized(4, 6, bias=False)
     layer = q.layer()
-    x = torch.randn(2, quik_linear.FULL_WEIGHT_MIN_TOKENS // 2, IN)
+    x = torch.randn(2, torch_kernel.FULL_WEIGHT_MIN_TOKENS // 2, IN)
     expected = torch.nn.functional.linear(x, q.fake_quant())  # the same single GEMM
     assert torch.equal(layer(x), expected)
     torch.testing.assert_close(layer(x[:, :3]), expected[:, :3], rtol=1e-5, atol=1e-5)
@@ -253,9 +263,10 @@ def test_state_dict_roundtrip(bias: bool) -> None:
     n_groups = q.scales.shape[1]
     fresh = QuikLinear(IN, OUT, 3, GROUP, 6, n_groups, bias, cache_dequantized=True)
     x = torch.randn(3, IN)
-    fresh(x)  # populate the cache, which loading must invalidate
+    fresh(x)  # populate the cache and prepare a kernel, which loading must invalidate
+    assert fresh.kernel_state is not None and fresh._cache is not None
     fresh.load_state_dict(layer.state_dict())
-    assert fresh.nonsalient_idx is None  # derived from the old salient_idx: dropped with the cache
+    assert fresh.kernel_state is None and fresh._cache is None
     assert torch.equal(fresh(x), layer(x))
     state = layer.state_dict()
     assert state["qweight"].dtype == torch.int32 and state["qzeros"].dtype == torch.int32
@@ -282,20 +293,36 @@ def test_kernel_registry_dispatch() -> None:
     x = torch.randn(2, IN)
     calls = []
 
-    def fake_kernel(lay: QuikLinear, inp: torch.Tensor) -> torch.Tensor:
+    def forward(lay: QuikLinear, state: KernelState, inp: torch.Tensor) -> torch.Tensor:
         calls.append(inp.shape)
-        return torch.zeros(*inp.shape[:-1], lay.out_features)
+        return torch.zeros(*inp.shape[:-1], lay.out_features, dtype=inp.dtype)
 
-    register_kernel("fake", fake_kernel, lambda lay, inp: inp.shape[0] == 2, priority=10)
+    def check(layout, device, dtype):
+        return None if dtype == torch.float64 else "runs on float64 only"
+
+    fake = QuikKernel("fake", check, lambda lay, device, dtype: KernelState(fake, device, dtype), forward,
+                      priority=50)
+    register_kernel(fake)
     try:
         assert available_kernels()[0] == "fake"
-        assert torch.equal(layer(x), torch.zeros(2, OUT))
-        assert select_kernel(layer, torch.randn(3, IN)).name == "torch"
-        layer.kernel = "torch"
+        assert torch.equal(layer(x.double()), torch.zeros(2, OUT, dtype=torch.float64))
+        assert layer.kernel_name == "fake"
+        # another dtype re-selects: the fake kernel refuses it, the reference runs
         torch.testing.assert_close(layer(x), reference_forward(q, x), rtol=1e-5, atol=1e-5)
+        assert layer.kernel_name == "torch"
+        assert select_kernel(layer.layout(), "cpu", torch.float32).name == "torch"
+        layer.kernel = "torch"
+        torch.testing.assert_close(layer(x.double()).float(), reference_forward(q, x), rtol=1e-5, atol=1e-5)
         assert len(calls) == 1
+        layer.kernel = "fake"
+        with pytest.raises(RuntimeError, match="runs on float64 only"):
+            layer(x)
         with pytest.raises(ValueError):
-            register_kernel("fake", fake_kernel)
+            register_kernel(fake)
+        # training through a frozen layer needs a differentiable kernel: the reference
+        layer.kernel = None
+        y = layer(x.double().requires_grad_())
+        assert layer.kernel_name == "torch" and y.requires_grad
     finally:
         unregister_kernel("fake")
     assert "fake" not in available_kernels()

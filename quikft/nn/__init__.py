@@ -1,23 +1,40 @@
-"""Inference modules for quantized checkpoints."""
+"""Inference modules for quantized checkpoints, and the kernels that run them."""
 
-from quikft.nn.quik_linear import (
+from quikft.nn import cpu_kernel, torch_kernel, triton_kernel  # noqa: F401  -- register the built-in kernels
+from quikft.nn.kernels import (
+    KernelState,
+    LayerLayout,
     QuikKernel,
-    QuikLinear,
     available_kernels,
-    nonsalient_columns,
+    get_kernel,
     register_kernel,
     select_kernel,
-    set_dequantized_cache,
     unregister_kernel,
+    why_not,
+)
+from quikft.nn.quik_linear import (
+    QuikLinear,
+    nonsalient_columns,
+    prepare_for_inference,
+    quik_layers,
+    set_dequantized_cache,
+    set_kernel,
 )
 
 __all__ = [
+    "KernelState",
+    "LayerLayout",
     "QuikKernel",
     "QuikLinear",
     "available_kernels",
+    "get_kernel",
     "nonsalient_columns",
+    "prepare_for_inference",
+    "quik_layers",
     "register_kernel",
     "select_kernel",
     "set_dequantized_cache",
+    "set_kernel",
     "unregister_kernel",
+    "why_not",
 ]

@@ -1,7 +1,7 @@
 """``QuikLinear``: a linear layer stored as packed b-bit codes plus FP16 salient columns.
 
-Buffers (all persistent except ``nonsalient_idx``, so ``state_dict`` is the checkpoint
-format); ``n = in - k`` is the number of quantized (non-salient) input columns:
+Buffers (all persistent, so ``state_dict`` is the checkpoint format, format version 2);
+``n = in - k`` is the number of quantized (non-salient) input columns:
 
 ==================  ==========================================  =======
 name                shape                                       dtype
@@ -9,120 +9,59 @@ name                shape                                       dtype
 ``qweight``         (ceil(n*bits/32), out)                      int32
 ``qzeros``          (n_groups, ceil(out*bits/32))               int32
 ``scales``          (n_groups, out)  -- GPTQ orientation        float16
-``g_idx``           (n,)   group of every non-salient column    int32
+``g_idx``           (n,)   group of every stored column         int32
+``perm``            (n,)   input column of every stored column  int32
 ``salient_idx``     (k,)   sorted unique input columns          int32
 ``salient_weight``  (out, k)                                    float16
 ``bias``            (out,)  only when the layer has a bias      float32
-``nonsalient_idx``  (n,)   derived, not saved (see below)       int64
 ==================  ==========================================  =======
 
-Only the non-salient columns have codes: ``qweight`` packs them in ascending original
-column order, i.e. ``N = sorted(set(range(in)) - set(salient_idx))``, and ``g_idx[j]``
-is the group of column ``N[j]``.  ``N`` is derived from ``salient_idx`` on first use and
-kept as the non-persistent buffer ``nonsalient_idx`` (so it follows device moves but
-never reaches the checkpoint).  ``qweight``/``qzeros`` follow :mod:`quikft.packing`
-(true zero-points, not GPTQ v1's ``zero - 1``).  The effective weight is
+Only the non-salient columns have codes, stored **group-contiguous**: column ``j`` of the
+packed code matrix is input column ``perm[j]`` and belongs to group ``g_idx[j]``, and
+``g_idx`` is non-decreasing, so every group is one run of consecutive stored columns (within a
+group, input columns ascend). ``perm`` and ``salient_idx`` together partition
+``range(in)``. A kernel therefore computes
 
-    W[:, N[j]] = (code[:, j] - zero[:, g_idx[j]]) * scale[:, g_idx[j]]
+    y = Kq(x[..., perm]) + x[..., salient_idx] · salient_weightᵀ + bias
+
+with one gather of the input and a plain grouped low-bit GEMM ``Kq``. ``qweight``/``qzeros``
+follow :mod:`quikft.packing` (true zero-points, not GPTQ v1's ``zero - 1``). The effective
+weight is
+
+    W[:, perm[j]] = (code[:, j] - zero[:, g_idx[j]]) * scale[:, g_idx[j]]
     W[:, salient_idx[s]] = salient_weight[:, s]
 
-The bias is kept in float32 because it is tiny and holds fp16, bf16 and fp32 biases
-exactly.
+The bias is kept in float32 because it is tiny and holds fp16, bf16 and fp32 biases exactly.
+Every floating buffer keeps its dtype under ``module.to(dtype)`` / ``.half()``: converting fp16
+scales to bf16 would silently break bit-exact dequantization. Device moves work as usual.
 
-Every floating buffer keeps its dtype under ``module.to(dtype)`` / ``.half()``:
-converting fp16 scales to bf16 would silently break bit-exact dequantization.
-Device moves work as usual.
-
-The forward dispatches through a small kernel registry, so a fused GPU kernel
-(e.g. Triton) can be registered later without touching callers.  The built-in
-``"torch"`` kernel is the portable fallback.
+The forward runs through the kernel registry (:mod:`quikft.nn.kernels`): the first call on a
+(device, dtype) picks and prepares the fastest kernel that accepts the layer. A kernel whose
+prepared tensors reproduce the codes exactly (the CPU int4 path) lets
+:func:`prepare_for_inference` drop ``qweight`` to save memory; ``state_dict`` and every method
+that needs the codes then rebuild them bit for bit, so the checkpoint format never changes.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
-from quikft.packing import pack_codes, pack_zeros, packed_words, unpack_dim0, unpack_zeros
+from quikft.nn.kernels import KernelState, LayerLayout, get_kernel, note_fallback, select_kernel
+from quikft.packing import pack_codes, pack_zeros, packed_words, unpack_codes, unpack_dim0, unpack_zeros
 
-KernelFn = Callable[["QuikLinear", Tensor], Tensor]
-KernelPredicate = Callable[["QuikLinear", Tensor], bool]
-
-
-@dataclass(frozen=True)
-class QuikKernel:
-    """A forward implementation and the condition under which it may run."""
-
-    name: str
-    fn: KernelFn
-    predicate: KernelPredicate
-    priority: int
-
-
-_KERNELS: dict[str, QuikKernel] = {}
-
-
-def _always(layer: QuikLinear, x: Tensor) -> bool:
-    return True
-
-
-def register_kernel(
-    name: str,
-    fn: KernelFn,
-    predicate: KernelPredicate = _always,
-    priority: int = 0,
-    *,
-    replace: bool = False,
-) -> None:
-    """Register ``fn(layer, x) -> y`` for layers/inputs where ``predicate(layer, x)``.
-
-    Among accepting kernels the highest ``priority`` wins (ties: first
-    registered).  The built-in ``"torch"`` kernel has priority 0 and accepts
-    everything, so it is the fallback; a GPU kernel should use a higher
-    priority and check ``x.is_cuda`` and its own availability in the predicate.
-    """
-    if name in _KERNELS and not replace:
-        raise ValueError(f"kernel {name!r} is already registered")
-    _KERNELS[name] = QuikKernel(name, fn, predicate, priority)
-
-
-def unregister_kernel(name: str) -> None:
-    """Remove a registered kernel (the built-in ``"torch"`` kernel included)."""
-    del _KERNELS[name]
-
-
-def available_kernels() -> list[str]:
-    """Names of registered kernels, in selection order."""
-    return [k.name for k in sorted(_KERNELS.values(), key=lambda k: -k.priority)]
-
-
-def select_kernel(layer: QuikLinear, x: Tensor) -> QuikKernel:
-    """The kernel that will run ``layer(x)``: forced by ``layer.kernel`` or chosen by priority."""
-    if layer.kernel is not None:
-        kernel = _KERNELS.get(layer.kernel)
-        if kernel is None:
-            raise KeyError(f"kernel {layer.kernel!r} is not registered")
-        if not kernel.predicate(layer, x):
-            raise RuntimeError(f"kernel {layer.kernel!r} cannot run this layer on this input")
-        return kernel
-    for name in available_kernels():
-        if _KERNELS[name].predicate(layer, x):
-            return _KERNELS[name]
-    raise RuntimeError("no registered QuikLinear kernel accepts this input")
+KERNEL_BUFFER_PREFIX = "kernel_"
 
 
 class QuikLinear(nn.Module):
     """Linear layer with packed b-bit weights and k FP16 salient input columns.
 
-    The constructor allocates zero buffers of the right shapes, with the first
-    k columns as salient ones (what a checkpoint loader needs before
-    ``load_state_dict``; such a layer computes zeros); :meth:`from_quantized`
-    builds a filled layer from the quantizer's output.  ``group_size`` is
-    informational only: ``g_idx`` is the source of truth for grouping.
+    The constructor allocates zero buffers of the right shapes, with the first k columns as
+    salient ones (what a checkpoint loader needs before ``load_state_dict``; such a layer
+    computes zeros); :meth:`from_quantized` builds a filled layer from the quantizer's output.
+    ``group_size`` is informational only: ``g_idx`` is the source of truth for grouping.
     """
 
     def __init__(
@@ -148,13 +87,10 @@ class QuikLinear(nn.Module):
         self.group_size = group_size
         self.k = k
         self.n_groups = n_groups
-        # When True, the dequantized weight is kept after the first forward:
-        # a full (in, out) copy in the compute dtype in exchange for skipping
-        # unpacking on every call.
-        self.cache_dequantized = cache_dequantized
-        # Name of a registered kernel to force; None selects by priority.
-        self.kernel = kernel
+        self.kernel_state: KernelState | None = None
         self._cache: tuple[tuple[torch.dtype, torch.device], Tensor] | None = None
+        self._cache_dequantized = cache_dequantized
+        self._kernel = kernel
 
         def zeros(*shape: int, dtype: torch.dtype) -> Tensor:
             return torch.zeros(shape, dtype=dtype, device=device)
@@ -165,14 +101,11 @@ class QuikLinear(nn.Module):
         self.register_buffer("qzeros", zeros(n_groups, packed_words(out_features, bits), dtype=i32))
         self.register_buffer("scales", zeros(n_groups, out_features, dtype=f16))
         self.register_buffer("g_idx", zeros(n_quantized, dtype=i32))
-        # The first k columns, not k zeros: an empty layer stays a valid (all-zero) layer.
+        # The first k columns salient, the rest stored in order: an empty layer is a valid (zero) layer.
+        self.register_buffer("perm", torch.arange(k, in_features, dtype=i32, device=device))
         self.register_buffer("salient_idx", torch.arange(k, dtype=i32, device=device))
         self.register_buffer("salient_weight", zeros(out_features, k, dtype=f16))
         self.register_buffer("bias", zeros(out_features, dtype=torch.float32) if bias else None)
-        # Derived from salient_idx by nonsalient_index() on first use: it cannot be computed
-        # here, before a checkpoint's salient_idx is loaded, and it is not stored on disk.
-        # None until then, which also keeps it out of meta-device checks of empty layers.
-        self.register_buffer("nonsalient_idx", None, persistent=False)
 
     @classmethod
     def from_quantized(
@@ -188,50 +121,88 @@ class QuikLinear(nn.Module):
         group_size: int,
         **kwargs: object,
     ) -> QuikLinear:
-        """Pack the quantizer's output (see the module docstring for the contract).
+        """Pack the quantizer's output (see the module docstring for the layout).
 
-        ``codes`` (out, in) uint8, ``scales``/``zeros`` (out, n_groups),
-        ``g_idx`` (in,), ``salient`` (k,) sorted unique columns,
-        ``salient_weight`` (out, k).  Scales and salient weights must be
-        exactly representable in fp16, otherwise storing them would change
-        the weights; round them with ``.half().float()`` before quantizing.
-        Codes at salient columns must equal their group's zero-point (they
-        decode to 0, as :class:`~quikft.quant.gptq.QuantResult` guarantees):
-        only the non-salient columns' codes and groups are kept.
+        ``codes`` (out, in) uint8, ``scales``/``zeros`` (out, n_groups), ``g_idx`` (in,) the
+        group of every input column, ``salient`` (k,) sorted unique columns, ``salient_weight``
+        (out, k). Scales and salient weights must be exactly representable in fp16 (round them
+        with ``.half().float()`` before quantizing). Codes at salient columns must equal their
+        group's zero-point (they decode to 0, as :class:`~quikft.quant.gptq.QuantResult`
+        guarantees): only the non-salient columns' codes and groups are kept, sorted by group.
         """
         out_features, in_features = codes.shape
-        n_groups = scales.shape[1]
         _check_quantized(codes, scales, zeros, g_idx, salient, salient_weight, bias)
-        layer = cls(
-            in_features,
-            out_features,
-            bits,
-            group_size,
-            salient.numel(),
-            n_groups,
-            bias is not None,
-            device=codes.device,
-            **kwargs,
-        )
+        layer = cls(in_features, out_features, bits, group_size, salient.numel(), scales.shape[1],
+                    bias is not None, device=codes.device, **kwargs)
         keep = nonsalient_columns(in_features, salient.to(codes.device))
+        groups = g_idx.to(keep.device).long()[keep]
+        order = torch.argsort(groups, stable=True)  # group-contiguous, ascending columns within a group
+        perm = keep[order]
         with torch.no_grad():
-            layer.qweight.copy_(pack_codes(codes[:, keep], bits))
+            layer.qweight.copy_(pack_codes(codes[:, perm], bits))
             layer.qzeros.copy_(pack_zeros(zeros, bits))
             layer.scales.copy_(scales.t())
-            layer.g_idx.copy_(g_idx.to(keep.device)[keep])
-            layer.nonsalient_idx = keep  # already known: spare the first forward deriving it
+            layer.g_idx.copy_(groups[order])
+            layer.perm.copy_(perm)
             layer.salient_idx.copy_(salient)
             layer.salient_weight.copy_(salient_weight)
             if bias is not None:
                 layer.bias.copy_(bias)
         return layer
 
+    @property
+    def cache_dequantized(self) -> bool:
+        """When True, the reference kernel keeps the dequantized weight after the first forward: a
+        full (in, out) copy in the compute dtype in exchange for skipping unpacking on every call."""
+        return self._cache_dequantized
+
+    @cache_dequantized.setter
+    def cache_dequantized(self, enabled: bool) -> None:
+        self._cache_dequantized = enabled
+        self.reset_kernel()
+
+    @property
+    def kernel(self) -> str | None:
+        """Name of a registered kernel to force; None selects the fastest that accepts the layer."""
+        return self._kernel
+
+    @kernel.setter
+    def kernel(self, name: str | None) -> None:
+        self._kernel = name
+        self.reset_kernel()
+
+    # ------------------------------------------------------------------ the stored format
+
+    def layout(self) -> LayerLayout:
+        """Shapes and group structure, what kernels decide on."""
+        return LayerLayout(self.in_features, self.out_features, self.bits, self.k,
+                           group_sizes(self.g_idx, self.n_groups), groups_are_contiguous(self.g_idx))
+
+    def packed_codes(self) -> Tensor:
+        """``qweight``, rebuilt bit for bit from the kernel's tensors if a loader dropped it."""
+        if self.qweight is not None:
+            return self.qweight
+        state = self.kernel_state
+        if state is None or state.kernel.restore_codes is None:
+            raise RuntimeError("QuikLinear lost its codes: qweight was dropped without a kernel that can restore it")
+        with torch.inference_mode(False), torch.no_grad():
+            return state.kernel.restore_codes(self, state)
+
+    def codes(self) -> Tensor:
+        """The (out, in - k) uint8 codes of the stored columns, in storage order."""
+        return unpack_codes(self.packed_codes(), self.bits, self.in_features - self.k)
+
+    def restore_codes(self) -> None:
+        """Put ``qweight`` back if a loader dropped it (e.g. before a device move)."""
+        if self.qweight is None:
+            self.qweight = self.packed_codes()
+
     def dequantize_weight(self, dtype: torch.dtype = torch.float32) -> Tensor:
         """The quantized (base) part of the weight, (out, in), exactly 0 at salient columns.
 
-        Computed in fp32, where it equals the quantizer's
-        ``(codes - zeros[:, g_idx]) * scales[:, g_idx]`` bit for bit (one
-        rounding of an exact integer times an fp16-exact scale), then cast.
+        Computed in fp32, where it equals the quantizer's ``(codes - zeros[:, g_idx]) *
+        scales[:, g_idx]`` bit for bit (one rounding of an exact integer times an fp16-exact
+        scale), then cast.
         """
         return self._full_weight_t(salient=False).t().to(dtype).contiguous()
 
@@ -240,64 +211,13 @@ class QuikLinear(nn.Module):
         return self._full_weight_t(salient=True).t().to(dtype).contiguous()
 
     def nonsalient_index(self) -> Tensor:
-        """The non-salient input columns (int64, ascending): the columns ``qweight`` packs.
+        """The stored (non-salient) input columns in storage order, int64."""
+        return self.perm.long()
 
-        Computed once from ``salient_idx`` and cached in the ``nonsalient_idx`` buffer;
-        :meth:`clear_cache` (also run by ``load_state_dict``) drops it.
-        """
-        if self.nonsalient_idx is None:
-            # Built outside inference mode so later autograd-enabled forwards may use it.
-            with torch.inference_mode(False), torch.no_grad():
-                index = nonsalient_columns(self.in_features, self.salient_idx)
-            if index.numel() != self.in_features - self.k:
-                raise ValueError(f"salient_idx must hold {self.k} unique columns of {self.in_features}")
-            self.nonsalient_idx = index
-        return self.nonsalient_idx
-
-    def forward(self, x: Tensor) -> Tensor:
-        return select_kernel(self, x).fn(self, x)
-
-    def cached_weight_t(self, dtype: torch.dtype) -> Tensor:
-        """Effective weight transposed, (in, out), in ``dtype``; cached if enabled.
-
-        The cache holds one entry keyed by (dtype, device); it is dropped by
-        ``.to()``/``.cuda()``/``load_state_dict`` and by :meth:`clear_cache`
-        (call it after editing buffers in place).
-        """
-        if not self.cache_dequantized:
-            self._cache = None  # release memory if caching was switched off
-            return self._full_weight_t(salient=True).to(dtype)
-        key = (dtype, self.qweight.device)
-        if self._cache is not None and self._cache[0] == key:
-            return self._cache[1]
-        # A weight built inside inference_mode would be an inference tensor,
-        # unusable by later forwards that need autograd; build it as a normal
-        # (grad-free) tensor.
-        with torch.inference_mode(False), torch.no_grad():
-            weight = self._full_weight_t(salient=True).to(dtype)
-        self._cache = (key, weight)
-        return weight
-
-    def clear_cache(self) -> None:
-        """Drop the cached dequantized weight and the derived non-salient index."""
-        self.clear_weight_cache()
-        self.nonsalient_idx = None
-
-    def clear_weight_cache(self) -> None:
-        """Drop the cached dequantized weight only (the index stays valid while the buffers do)."""
-        self._cache = None
-
-    def extra_repr(self) -> str:
-        return (
-            f"in_features={self.in_features}, out_features={self.out_features}, "
-            f"bits={self.bits}, group_size={self.group_size}, k={self.k}, "
-            f"bias={self.bias is not None}"
-        )
-
-    def _quantized_rows_t(self) -> Tensor:
-        """Dequantized non-salient columns as (in - k, out) fp32 rows, in ``qweight`` order."""
+    def quantized_rows_t(self) -> Tensor:
+        """Dequantized stored columns as (in - k, out) fp32 rows, in storage order."""
         # Unpacking along dim 0 yields (n, out) directly, with no transpose copy.
-        codes_t = unpack_dim0(self.qweight, self.bits, self.in_features - self.k)
+        codes_t = unpack_dim0(self.packed_codes(), self.bits, self.in_features - self.k)
         zeros_t = unpack_zeros(self.qzeros, self.bits, self.out_features).t()
         group = self.g_idx.long()
         # In-place ops: same fp32 arithmetic, fewer (n, out) temporaries.
@@ -305,83 +225,148 @@ class QuikLinear(nn.Module):
         return rows.mul_(self.scales.float()[group])
 
     def _full_weight_t(self, salient: bool) -> Tensor:
-        """The (in, out) fp32 weight: dequantized rows at the non-salient columns and, at the
-        salient ones, the fp16 salient weights (``salient=True``) or exact zeros (the base)."""
-        rows_t = self._quantized_rows_t()
-        if self.k == 0:
-            return rows_t  # every column is quantized, already in column order
-        fill = self.salient_weight.t().float() if salient else rows_t.new_zeros(self.k, self.out_features)
+        """The (in, out) fp32 weight: dequantized rows at the stored columns and, at the salient
+        ones, the fp16 salient weights (``salient=True``) or exact zeros (the base)."""
+        rows_t = self.quantized_rows_t()
         weight_t = rows_t.new_empty(self.in_features, self.out_features)
-        weight_t.index_copy_(0, self.nonsalient_index(), rows_t)
-        return weight_t.index_copy_(0, self.salient_idx.long(), fill)
+        weight_t.index_copy_(0, self.perm.long(), rows_t)
+        if self.k:
+            fill = self.salient_weight.t().float() if salient else rows_t.new_zeros(self.k, self.out_features)
+            weight_t.index_copy_(0, self.salient_idx.long(), fill)
+        return weight_t
+
+    # ------------------------------------------------------------------ forward and kernels
+
+    def forward(self, x: Tensor) -> Tensor:
+        state = self.kernel_state
+        needs_grad = x.requires_grad and torch.is_grad_enabled()
+        if (state is None or state.device != x.device or state.dtype != x.dtype
+                or (needs_grad and not state.kernel.differentiable)):
+            state = self.prepare_kernel(x.device, x.dtype, needs_grad)
+        return state.kernel.forward(self, state, x)
+
+    def prepare_kernel(self, device: torch.device | str, dtype: torch.dtype, needs_grad: bool = False,
+                       release_codes: bool = False) -> KernelState:
+        """Pick and prepare the kernel for inputs of ``dtype`` on ``device`` (once per change).
+
+        ``release_codes`` drops ``qweight`` when the chosen kernel can rebuild it exactly,
+        which is what loaders do for inference; :meth:`packed_codes` rebuilds it on demand.
+        """
+        device = torch.device(device)
+        layout = self.layout()
+        # The dequantized-weight cache belongs to the reference kernel.
+        forced = self.kernel or ("torch" if self.cache_dequantized else None)
+        kernel = select_kernel(layout, device, dtype, needs_grad, forced)
+        if forced is None:
+            note_fallback(layout, device, dtype, kernel)
+        self.restore_codes()  # a new kernel may need the codes the previous one held
+        self.reset_kernel()
+        # Built outside inference mode so later autograd-enabled forwards may use the tensors.
+        with torch.inference_mode(False), torch.no_grad():
+            state = kernel.prepare(self, device, dtype)
+        for name, tensor in state.tensors.items():
+            self.register_buffer(KERNEL_BUFFER_PREFIX + name, tensor, persistent=False)
+        self.kernel_state = state
+        if release_codes and kernel.restore_codes is not None:
+            self.qweight = None
+        return state
+
+    def reset_kernel(self) -> None:
+        """Forget the prepared kernel and its tensors (the codes are restored first)."""
+        if self.kernel_state is not None:
+            self.restore_codes()
+            for name in self.kernel_state.tensors:
+                self._buffers.pop(KERNEL_BUFFER_PREFIX + name, None)
+            self.kernel_state = None
+        self._cache = None
+
+    @property
+    def kernel_name(self) -> str | None:
+        """The kernel prepared for the last input, if any."""
+        return None if self.kernel_state is None else self.kernel_state.kernel.name
+
+    def cached_weight_t(self, dtype: torch.dtype) -> Tensor:
+        """Effective weight transposed, (in, out), in ``dtype``; cached if enabled.
+
+        The cache holds one entry keyed by (dtype, device); it is dropped by
+        ``.to()``/``.cuda()``/``load_state_dict`` and by :meth:`clear_cache`.
+        """
+        if not self.cache_dequantized:
+            self._cache = None  # release memory if caching was switched off
+            return self._full_weight_t(salient=True).to(dtype)
+        key = (dtype, self.perm.device)
+        if self._cache is not None and self._cache[0] == key:
+            return self._cache[1]
+        # A weight built inside inference_mode would be an inference tensor, unusable by later
+        # forwards that need autograd; build it as a normal (grad-free) tensor.
+        with torch.inference_mode(False), torch.no_grad():
+            weight = self._full_weight_t(salient=True).to(dtype)
+        self._cache = (key, weight)
+        return weight
+
+    def clear_cache(self) -> None:
+        """Drop everything derived from the buffers: the prepared kernel and the cached weight.
+        Call it after editing buffers in place."""
+        self.reset_kernel()
+
+    def clear_weight_cache(self) -> None:
+        """Drop the cached dequantized weight (kept for callers of the first format)."""
+        self.clear_cache()
+
+    def extra_repr(self) -> str:
+        return (f"in_features={self.in_features}, out_features={self.out_features}, bits={self.bits}, "
+                f"group_size={self.group_size}, k={self.k}, bias={self.bias is not None}")
+
+    # ------------------------------------------------------------------ nn.Module plumbing
 
     def _apply(self, fn: Callable[[Tensor], Tensor], recurse: bool = True) -> QuikLinear:
-        # Honour device moves but refuse dtype changes of the stored tensors:
-        # fp16 scales/salient weights cast to bf16 would lose exactness.
+        # Honour device moves but refuse dtype changes of the stored tensors: fp16
+        # scales/salient weights cast to bf16 would lose exactness. Prepared kernel tensors are
+        # specific to a device and dtype, so they are rebuilt at the next forward.
         def keep_dtype(t: Tensor) -> Tensor:
             moved = fn(t)
             return moved if moved.dtype == t.dtype else t.to(moved.device)
 
-        # The dequantized weight is keyed by device and dtype, so drop it; the derived
-        # index is a buffer and moves with the others.
-        self.clear_weight_cache()
+        self.reset_kernel()
         return super()._apply(keep_dtype, recurse)
 
-    def _load_from_state_dict(self, *args: object, **kwargs: object) -> None:
-        self.clear_cache()
-        super()._load_from_state_dict(*args, **kwargs)
+    def _save_to_state_dict(self, destination: dict, prefix: str, keep_vars: bool) -> None:
+        super()._save_to_state_dict(destination, prefix, keep_vars)
+        if self.qweight is None:  # dropped by a loader: the format still has it
+            destination[prefix + "qweight"] = self.packed_codes()
+
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                              error_msgs) -> None:
+        self.reset_kernel()
+        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                                      error_msgs)
+
+    def upgrade_from_v1(self) -> None:
+        """Reorder a layer loaded from a format-1 checkpoint into the group-contiguous layout.
+
+        Format 1 stored the non-salient columns in ascending column order with arbitrary
+        (act-order) groups; the codes are permuted, not changed, so the weight is identical.
+        """
+        keep = nonsalient_columns(self.in_features, self.salient_idx)
+        order = torch.argsort(self.g_idx.long(), stable=True)
+        codes = unpack_codes(self.packed_codes(), self.bits, keep.numel())
+        with torch.no_grad():
+            self.qweight = pack_codes(codes[:, order], self.bits)
+            self.g_idx = self.g_idx[order].contiguous()
+            self.perm = keep[order].to(torch.int32)
+        self.reset_kernel()
 
 
-def _compute_dtype(x: Tensor) -> torch.dtype:
-    # CPU half-precision GEMM is slow (and missing on some builds), so fp16
-    # inputs are computed in fp32 on CPU; everything else runs in x's dtype.
-    if x.dtype == torch.float16 and x.device.type == "cpu":
-        return torch.float32
-    return x.dtype
+def group_sizes(g_idx: Tensor, n_groups: int) -> tuple[int, ...]:
+    """How many stored columns each group holds."""
+    if g_idx.numel() == 0:
+        return (0,) * n_groups
+    return tuple(int(c) for c in torch.bincount(g_idx.long().cpu(), minlength=n_groups))
 
 
-# Uncached, inputs of at least this many rows run as one GEMM on the full weight, shorter
-# ones as one GEMM per part (see _torch_kernel for the measurements behind the number).
-FULL_WEIGHT_MIN_TOKENS = 1024
-
-
-def _torch_kernel(layer: QuikLinear, x: Tensor) -> Tensor:
-    """Portable path: ``y = x[..., N] @ deq(W_q).T + x[..., S] @ W_S.T + b`` in one of two forms.
-
-    - Full weight: scatter the dequantized non-salient columns and the salient weights
-      into one (in, out) weight, then one GEMM.  Used for long inputs (prefill), and
-      always with ``cache_dequantized``, where that weight is built once and reused.
-    - Split: gather ``x[..., N]`` and ``x[..., S]`` and run a GEMM against each compact
-      part, so no full weight is built.  Used for short uncached inputs (decode).
-
-    Measured on CPU (one thread, 3 bits, k = 128, the default model's shapes 576x576,
-    192x576, 1536x576, 576x1536), uncached: at 2048 tokens the full-weight form was as
-    fast (1536x576) or 2-23% faster (the scatter is one pass over the weight, 0.1-0.4 ms,
-    while the split form pays for two input gathers and a skinny second GEMM); from 1 to
-    512 tokens the split form was 1-25% faster, most at 1-16 tokens, where building the
-    full weight costs as much as the GEMM.  Cached, one GEMV on the full weight beat the
-    split form on cached parts by 5-8 us per layer and token, hence the cache holds the
-    full weight.
-    The two forms agree to float rounding, not bit for bit (different summation order).
-    """
-    if not x.is_floating_point():
-        raise TypeError(f"QuikLinear expects a floating-point input, got {x.dtype}")
-    dtype = _compute_dtype(x)
-    bias = None if layer.bias is None else layer.bias.to(dtype)
-    tokens = x.numel() // max(layer.in_features, 1)
-    if layer.cache_dequantized or layer.k == 0 or tokens >= FULL_WEIGHT_MIN_TOKENS:
-        return F.linear(x.to(dtype), layer.cached_weight_t(dtype).t(), bias).to(x.dtype)
-    layer.clear_weight_cache()  # caching may have been switched off: release the old weight
-    y = _split_linear(layer, x.to(dtype).reshape(-1, layer.in_features), bias)
-    return y.view(*x.shape[:-1], layer.out_features).to(x.dtype)
-
-
-def _split_linear(layer: QuikLinear, x: Tensor, bias: Tensor | None) -> Tensor:
-    """(tokens, in) -> (tokens, out) as x[:, N] @ deq(W_q).T + x[:, S] @ W_S.T + b, in x's dtype."""
-    rows_t = layer._quantized_rows_t().to(x.dtype)
-    y = F.linear(x.index_select(1, layer.nonsalient_index()), rows_t.t(), bias)
-    # In place: linear's backward does not need its output, so autograd allows it.
-    return y.addmm_(x.index_select(1, layer.salient_idx.long()), layer.salient_weight.t().to(x.dtype))
+def groups_are_contiguous(g_idx: Tensor) -> bool:
+    """Whether ``g_idx`` is non-decreasing (each group one run of stored columns)."""
+    return g_idx.numel() < 2 or bool((g_idx[1:] >= g_idx[:-1]).all())
 
 
 def _check_quantized(
@@ -416,16 +401,50 @@ def _check_quantized(
         raise ValueError("bias must be (out_features,)")
 
 
+def quik_layers(model: nn.Module) -> dict[str, QuikLinear]:
+    return {name: m for name, m in model.named_modules() if isinstance(m, QuikLinear)}
+
+
 def set_dequantized_cache(model: nn.Module, enabled: bool = True) -> int:
     """Switch the dequantized-weight cache of every QuikLinear in ``model``; returns how many.
 
-    Worth it when a packed model runs many short forwards (zero-shot scoring, decoding): each
-    layer then dequantizes once instead of every call, for one full weight copy in the compute dtype.
+    With the cache on, the reference kernel runs every layer from one full weight in the
+    compute dtype, built once: exact (the fake-quantized weight) and fast, for one full weight
+    copy in memory. The fast kernels need no cache.
     """
-    layers = [m for m in model.modules() if isinstance(m, QuikLinear)]
+    layers = quik_layers(model).values()
     for layer in layers:
         layer.cache_dequantized = enabled
     return len(layers)
+
+
+def set_kernel(model: nn.Module, name: str | None) -> int:
+    """Force kernel ``name`` (None: automatic choice) on every QuikLinear; returns how many."""
+    if name is not None:
+        get_kernel(name)  # unknown names fail here, not at the first forward
+    layers = quik_layers(model).values()
+    for layer in layers:
+        layer.kernel = name
+    return len(layers)
+
+
+def prepare_for_inference(model: nn.Module, device: torch.device | str | None = None,
+                          dtype: torch.dtype | None = None, release_codes: bool = True) -> dict[str, int]:
+    """Prepare every QuikLinear's kernel for inputs of ``dtype`` on ``device`` now, not at the
+    first forward; with ``release_codes`` a kernel that can rebuild the codes exactly holds them
+    alone (the CPU int4 path: 4-bit codes instead of both those and ``qweight``).
+
+    ``device``/``dtype`` default to where and in what dtype the model's other weights are, which
+    is what its activations will be. Returns how many layers each kernel took.
+    """
+    reference = next((p for p in model.parameters() if p.is_floating_point()), None)
+    device = torch.device(device if device is not None else reference.device if reference is not None else "cpu")
+    dtype = dtype or (reference.dtype if reference is not None else torch.float32)
+    counts: dict[str, int] = {}
+    for layer in quik_layers(model).values():
+        state = layer.prepare_kernel(device, dtype, release_codes=release_codes)
+        counts[state.kernel.name] = counts.get(state.kernel.name, 0) + 1
+    return counts
 
 
 def nonsalient_columns(in_features: int, salient: Tensor) -> Tensor:
@@ -433,6 +452,3 @@ def nonsalient_columns(in_features: int, salient: Tensor) -> Tensor:
     keep = torch.ones(in_features, dtype=torch.bool, device=salient.device)
     keep[salient.long()] = False
     return keep.nonzero().squeeze(1)
-
-
-register_kernel("torch", _torch_kernel)

@@ -1,0 +1,228 @@
+"""CPU kernels: PyTorch's int4pack GEMM for 2/3/4-bit layers, its int8 GEMM for 8-bit ones.
+
+``cpu-int4``. ``torch.ops.aten._weight_int4pack_mm_for_cpu(x, packed, G, sz)`` multiplies bf16
+activations by 4-bit codes ``q`` in tinygemm's form ``w = (q - 8)·s + z`` with one (s, z) per
+group of ``G`` consecutive input columns (G in 32/64/128/256). Any code of b <= 4 bits with an
+integer zero-point ``z_int`` maps onto it exactly: ``(q - z_int)·s = (q - 8)·s + (8 - z_int)·s``.
+Format 2 stores the non-salient columns group-contiguous, so the layer is
+
+    y = int4mm(x[..., perm]) + x[..., salient_idx] · W_Sᵀ + b
+
+with one gather of the input. Each stored group is cut into sub-groups of the largest G that
+divides every group (only the last group may be shorter; it is zero-padded). The int4pack
+layout depends on the CPU (AVX-512, AVX2 and scalar builds interleave differently), so it is
+built at load time from the portable codes and never saved; :func:`restore_codes` gets the
+codes back bit for bit through the same operator (one-hot inputs, s = 1, z = 8), which lets a
+loader drop ``qweight`` and hold only the 4-bit copy.
+
+Precision: activations and the output are bf16 (as in any bf16 model); scales and the folded
+zeros are rounded to bf16 (relative error <= 2^-9 of a step). The salient product keeps the
+stored fp16 weights: a one-token input (decode) runs PyTorch's fp16 GEMV on the gathered inputs
+scaled by 2^-4 and scales the product back by 2^4 (exact powers of two), so inputs and outputs
+up to 2^20 cannot overflow fp16 (which ends at 65504); longer inputs convert W_S to bf16 for one
+GEMM.
+
+``cpu-int8``. ``torch.ops.aten._weight_int8pack_mm(x, w8, s)`` takes int8 weights with one
+scale per output row, so 8-bit layers with a single group (``group_size = -1``) run as
+``int8mm(x[..., perm], q - 128, s) + (Σ x[..., perm]) · (128 - z)·s``; grouped 8-bit layers use
+the reference kernel.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from quikft.nn.kernels import (
+    NOT_THIS_DEVICE,
+    NOT_THIS_WIDTH,
+    KernelState,
+    LayerLayout,
+    QuikKernel,
+    register_kernel,
+)
+from quikft.nn.quik_linear import QuikLinear
+from quikft.packing import pack_codes, unpack_zeros
+
+INT4_GROUP_SIZES = (256, 128, 64, 32)
+ROW_MULTIPLE = 16  # the int4pack operator packs output rows in blocks of 16
+# Inputs of at most this many rows use the fp16 GEMV for the salient part (decode).
+SALIENT_GEMV_MAX_ROWS = 1
+# Power-of-two scaling of the gathered salient inputs before the fp16 GEMV, undone on its output:
+# inputs and products up to 65504 * 16 stay finite; only values below 2^-10 lose relative precision.
+SALIENT_INPUT_SCALE = 2.0**-4
+RESTORE_CHUNK = 512
+INT8_COLUMN_MULTIPLE = 16  # the int8 operator crashes (torch 2.13) unless K is a multiple of 16
+
+
+def _cpu_bf16(device: torch.device, dtype: torch.dtype) -> str | None:
+    if device.type != "cpu":
+        return f"{NOT_THIS_DEVICE} CPU only"
+    if dtype != torch.bfloat16:
+        return f"{NOT_THIS_DEVICE} bf16 activations only (got {str(dtype).removeprefix('torch.')})"
+    if not hasattr(torch.ops.aten, "_weight_int4pack_mm_for_cpu"):
+        return f"{NOT_THIS_DEVICE} torch builds with the int4pack CPU operator only"
+    return None
+
+
+def int4_group_size(layout: LayerLayout) -> int | None:
+    """The operator's group size for this layer: the largest that divides every group, so nothing is
+    padded (smaller sub-groups cost 4 bytes of scale and zero per row and sub-group, padding 16 bytes
+    per row and 32 columns); else the largest that divides every group but the last, which is padded."""
+    if not layout.contiguous_groups:
+        return None
+    sizes = [size for size in layout.group_sizes if size]
+    for candidates in (sizes, sizes[:-1]):
+        for size in INT4_GROUP_SIZES:
+            if all(g % size == 0 for g in candidates):
+                return size
+    return None
+
+
+def check_int4(layout: LayerLayout, device: torch.device, dtype: torch.dtype) -> str | None:
+    reason = _cpu_bf16(device, dtype)
+    if reason:
+        return reason
+    if layout.bits > 4:
+        return f"{NOT_THIS_WIDTH} 2/3/4-bit codes only"
+    if not layout.contiguous_groups:
+        return "groups are not contiguous (a format-1 layout; run quikft convert)"
+    if layout.n_quantized == 0:
+        return "no quantized columns"
+    if int4_group_size(layout) is None:
+        return f"group sizes {sorted(set(layout.group_sizes))} are not multiples of 32"
+    return None
+
+
+def _subgroups(layout: LayerLayout, size: int) -> tuple[Tensor, int]:
+    """Stored group of every operator sub-group, and how many zero columns pad the last group."""
+    counts = [-(-g // size) for g in layout.group_sizes]
+    owner = torch.repeat_interleave(torch.arange(len(counts)), torch.tensor(counts))
+    return owner, sum(counts) * size - layout.n_quantized
+
+
+def prepare_int4(layer: QuikLinear, device: torch.device, dtype: torch.dtype) -> KernelState:
+    layout = layer.layout()
+    size = int4_group_size(layout)
+    owner, pad = _subgroups(layout, size)
+    rows = -(-layer.out_features // ROW_MULTIPLE) * ROW_MULTIPLE
+    codes = layer.codes()  # (out, n) storage order
+    padded = torch.zeros(rows, layout.n_quantized + pad, dtype=torch.int32)
+    padded[: layer.out_features, : layout.n_quantized] = codes
+    scales = layer.scales.float().t()[:, owner]  # (out, sub-groups)
+    zeros = unpack_zeros(layer.qzeros, layer.bits, layer.out_features)[:, owner]
+    scale_zero = torch.zeros(owner.numel(), rows, 2)
+    scale_zero[:, : layer.out_features, 0] = scales.t()
+    scale_zero[:, : layer.out_features, 1] = ((8 - zeros) * scales).t()
+    tensors = {
+        "int4": torch.ops.aten._convert_weight_to_int4pack_for_cpu(padded, 1),
+        "scale_zero": scale_zero.to(torch.bfloat16).contiguous(),
+        "gather": torch.cat([layer.perm, layer.salient_idx]).long(),
+    }
+    tensors.update(_salient_tensors(layer))
+    return KernelState(INT4_KERNEL, device, dtype, tensors,
+                       {"group": size, "pad": pad, "rows": rows, "n": layout.n_quantized})
+
+
+def _salient_tensors(layer: QuikLinear) -> dict[str, Tensor]:
+    """A bf16 copy of the bias (the salient weights are used as stored)."""
+    return {} if layer.bias is None else {"bias": layer.bias.to(torch.bfloat16)}
+
+
+def forward_int4(layer: QuikLinear, state: KernelState, x: Tensor) -> Tensor:
+    tensors, meta = state.tensors, state.meta
+    flat = x.reshape(-1, layer.in_features)
+    gathered = flat.index_select(1, tensors["gather"])
+    quantized = gathered[:, : meta["n"]]
+    if meta["pad"]:
+        quantized = F.pad(quantized, (0, meta["pad"]))
+    y = torch.ops.aten._weight_int4pack_mm_for_cpu(quantized.contiguous(), tensors["int4"], meta["group"],
+                                                   tensors["scale_zero"])
+    if meta["rows"] != layer.out_features:
+        y = y[:, : layer.out_features].contiguous()
+    return _add_salient_and_bias(layer, tensors, y, gathered[:, meta["n"]:]).view(*x.shape[:-1], layer.out_features)
+
+
+def _add_salient_and_bias(layer: QuikLinear, tensors: dict[str, Tensor], y: Tensor, salient_x: Tensor) -> Tensor:
+    if layer.k:
+        if salient_x.shape[0] <= SALIENT_GEMV_MAX_ROWS:
+            scaled = F.linear(salient_x.mul(SALIENT_INPUT_SCALE).half(), layer.salient_weight)
+            y.add_(scaled, alpha=1 / SALIENT_INPUT_SCALE)
+        else:
+            y.addmm_(salient_x, layer.salient_weight.t().to(y.dtype))
+    if "bias" in tensors:
+        y.add_(tensors["bias"])
+    return y
+
+
+def restore_int4_codes(layer: QuikLinear, state: KernelState) -> Tensor:
+    """``qweight`` from the int4pack tensor: one-hot inputs with s = 1, z = 8 read every code back."""
+    meta, packed = state.meta, state.tensors["int4"]
+    width = meta["n"] + meta["pad"]
+    unit = torch.zeros(width // meta["group"], meta["rows"], 2, dtype=torch.bfloat16)
+    unit[..., 0], unit[..., 1] = 1.0, 8.0
+    chunks = []
+    for start in range(0, meta["n"], RESTORE_CHUNK):
+        stop = min(start + RESTORE_CHUNK, meta["n"])
+        onehot = torch.zeros(stop - start, width, dtype=torch.bfloat16)
+        onehot[torch.arange(stop - start), torch.arange(start, stop)] = 1.0
+        chunks.append(torch.ops.aten._weight_int4pack_mm_for_cpu(onehot, packed, meta["group"], unit))
+    codes_t = torch.cat(chunks)[:, : layer.out_features]  # (n, out), integers 0..15 exactly
+    return pack_codes(codes_t.t().to(torch.uint8), layer.bits)
+
+
+INT4_KERNEL = QuikKernel("cpu-int4", check_int4, prepare_int4, forward_int4, priority=10,
+                         restore_codes=restore_int4_codes)
+
+
+# ---------------------------------------------------------------------------------------- 8-bit
+
+
+def check_int8(layout: LayerLayout, device: torch.device, dtype: torch.dtype) -> str | None:
+    reason = _cpu_bf16(device, dtype)
+    if reason:
+        return reason
+    if layout.bits != 8:
+        return f"{NOT_THIS_WIDTH} 8-bit codes only"
+    if len(layout.group_sizes) != 1:
+        return "8-bit layers with groups (the int8 operator takes one scale per row)"
+    return None
+
+
+def prepare_int8(layer: QuikLinear, device: torch.device, dtype: torch.dtype) -> KernelState:
+    n = layer.in_features - layer.k
+    pad = -n % INT8_COLUMN_MULTIPLE
+    codes = F.pad(layer.codes().to(torch.int16) - 128, (0, pad))  # padded columns meet zero inputs
+    scales = layer.scales.float()[0]
+    zeros = unpack_zeros(layer.qzeros, layer.bits, layer.out_features)[:, 0]
+    tensors = {
+        "int8": codes.to(torch.int8).contiguous(),
+        "scale": scales.to(torch.bfloat16),
+        "zero_term": ((128 - zeros) * scales).to(torch.bfloat16),
+        "gather": torch.cat([layer.perm, layer.salient_idx]).long(),
+    }
+    tensors.update(_salient_tensors(layer))
+    return KernelState(INT8_KERNEL, device, dtype, tensors, {"n": n, "pad": pad})
+
+
+def forward_int8(layer: QuikLinear, state: KernelState, x: Tensor) -> Tensor:
+    tensors, n = state.tensors, state.meta["n"]
+    gathered = x.reshape(-1, layer.in_features).index_select(1, tensors["gather"])
+    quantized = gathered[:, :n]
+    padded = F.pad(quantized, (0, state.meta["pad"])) if state.meta["pad"] else quantized.contiguous()
+    y = torch.ops.aten._weight_int8pack_mm(padded, tensors["int8"], tensors["scale"])
+    y.addmm_(quantized.sum(1, keepdim=True), tensors["zero_term"][None, :])
+    return _add_salient_and_bias(layer, tensors, y, gathered[:, n:]).view(*x.shape[:-1], layer.out_features)
+
+
+def restore_int8_codes(layer: QuikLinear, state: KernelState) -> Tensor:
+    codes = state.tensors["int8"][:, : state.meta["n"]].to(torch.int16) + 128
+    return pack_codes(codes.to(torch.uint8), layer.bits)
+
+
+INT8_KERNEL = QuikKernel("cpu-int8", check_int8, prepare_int8, forward_int8, priority=10,
+                         restore_codes=restore_int8_codes)
+
+register_kernel(INT4_KERNEL)
+register_kernel(INT8_KERNEL)

@@ -1,0 +1,172 @@
+"""The kernel registry of :class:`~quikft.nn.QuikLinear`: which implementation runs a layer.
+
+A kernel is registered once with the conditions under which it can run (device, activation
+dtype, bit-width, group layout) and a priority; a layer picks the highest-priority kernel that
+accepts it the first time it sees a (device, dtype) and keeps that choice until its buffers,
+device or input dtype change, so the per-call cost of dispatch is two attribute compares.
+
+Built-in kernels (registered by :mod:`quikft.nn`):
+
+=============  ========  ===========================================================
+name           priority  runs
+=============  ========  ===========================================================
+``torch``      0         everywhere; the reference every other kernel is tested against
+``cpu-int4``   10        CPU, bf16 activations, 2/3/4-bit codes (PyTorch's int4pack GEMM)
+``cpu-int8``   10        CPU, bf16 activations, 8-bit codes with one group per row
+``triton``     20        CUDA, fp16/bf16/fp32 activations, every bit-width (Triton)
+=============  ========  ===========================================================
+
+A kernel that cannot take a layer says why in one line (:func:`why_not`), which is what
+``quikft info`` prints and what the one-time note of a fallback says.
+"""
+
+from __future__ import annotations
+
+import warnings
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
+
+import torch
+from torch import Tensor
+
+if TYPE_CHECKING:
+    from quikft.nn.quik_linear import QuikLinear
+
+
+@dataclass(frozen=True)
+class LayerLayout:
+    """What a kernel needs to know about a layer to decide whether it can run it."""
+
+    in_features: int
+    out_features: int
+    bits: int
+    k: int
+    group_sizes: tuple[int, ...]  # number of stored (non-salient) columns of each group, in storage order
+    contiguous_groups: bool  # every group is one run of consecutive stored columns (format 2)
+
+    @property
+    def n_quantized(self) -> int:
+        return self.in_features - self.k
+
+
+@dataclass
+class KernelState:
+    """What a kernel prepared for one layer on one (device, dtype): tensors and small metadata.
+
+    ``tensors`` are also registered on the layer as non-persistent buffers ``kernel_<name>``,
+    so they count in the model's memory and never reach a checkpoint.
+    """
+
+    kernel: QuikKernel
+    device: torch.device
+    dtype: torch.dtype
+    tensors: dict[str, Tensor] = field(default_factory=dict)
+    meta: dict = field(default_factory=dict)
+
+
+Check = Callable[[LayerLayout, torch.device, torch.dtype], "str | None"]
+Prepare = Callable[["QuikLinear", torch.device, torch.dtype], KernelState]
+Forward = Callable[["QuikLinear", KernelState, Tensor], Tensor]
+RestoreCodes = Callable[["QuikLinear", KernelState], Tensor]
+
+
+@dataclass(frozen=True)
+class QuikKernel:
+    """A forward implementation of QuikLinear and the conditions under which it may run.
+
+    - ``check(layout, device, dtype)``: None if the kernel can run such a layer, else the reason.
+    - ``prepare(layer, device, dtype)``: build the kernel's tensors (repacked codes, ...) once.
+    - ``forward(layer, state, x)``: ``y = layer(x)``.
+    - ``differentiable``: the forward supports autograd to ``x`` (needed when training around
+      frozen layers).
+    - ``restore_codes(layer, state)``: rebuild the layer's ``qweight`` bit for bit from the
+      prepared tensors; kernels that have it let a loader drop the stored codes to save memory.
+    """
+
+    name: str
+    check: Check
+    prepare: Prepare
+    forward: Forward
+    priority: int = 0
+    differentiable: bool = False
+    restore_codes: RestoreCodes | None = None
+
+
+_KERNELS: dict[str, QuikKernel] = {}
+_NOTED: set[tuple[str, str]] = set()
+
+
+def register_kernel(kernel: QuikKernel, *, replace: bool = False) -> None:
+    """Add ``kernel`` to the registry (``replace`` swaps an existing one of the same name)."""
+    if kernel.name in _KERNELS and not replace:
+        raise ValueError(f"kernel {kernel.name!r} is already registered")
+    _KERNELS[kernel.name] = kernel
+
+
+def unregister_kernel(name: str) -> None:
+    """Remove a registered kernel (the built-in ``torch`` reference included)."""
+    del _KERNELS[name]
+
+
+def get_kernel(name: str) -> QuikKernel:
+    try:
+        return _KERNELS[name]
+    except KeyError:
+        raise KeyError(f"kernel {name!r} is not registered; registered: {', '.join(available_kernels())}") from None
+
+
+def available_kernels() -> list[str]:
+    """Names of registered kernels, in selection order (highest priority first)."""
+    return [k.name for k in sorted(_KERNELS.values(), key=lambda k: -k.priority)]
+
+
+def why_not(kernel: QuikKernel, layout: LayerLayout, device: torch.device, dtype: torch.dtype,
+            needs_grad: bool = False) -> str | None:
+    """Why ``kernel`` cannot run such a layer here (None: it can)."""
+    if needs_grad and not kernel.differentiable:
+        return "no autograd support"
+    return kernel.check(layout, device, dtype)
+
+
+def select_kernel(layout: LayerLayout, device: str | torch.device, dtype: torch.dtype,
+                  needs_grad: bool = False, forced: str | None = None) -> QuikKernel:
+    """The kernel that runs such a layer: ``forced`` if given (it must accept), else by priority."""
+    device = torch.device(device)
+    if forced is not None:
+        kernel = get_kernel(forced)
+        reason = why_not(kernel, layout, device, dtype, needs_grad)
+        if reason:
+            raise RuntimeError(f"kernel {forced!r} cannot run this layer on {device.type} {dtype}: {reason}")
+        return kernel
+    for name in available_kernels():
+        kernel = _KERNELS[name]
+        if why_not(kernel, layout, device, dtype, needs_grad) is None:
+            return kernel
+    raise RuntimeError(f"no registered QuikLinear kernel runs this layer on {device.type} {dtype}")
+
+
+def note_fallback(layout: LayerLayout, device: torch.device, dtype: torch.dtype, chosen: QuikKernel) -> None:
+    """Warn once per (kernel, reason) when a faster kernel exists for the device but refuses a layer."""
+    for name in available_kernels():
+        kernel = _KERNELS[name]
+        if kernel.priority <= chosen.priority:
+            return
+        reason = kernel.check(layout, device, dtype)
+        if reason and not is_scope_reason(reason):
+            key = (kernel.name, reason)
+            if key not in _NOTED:
+                _NOTED.add(key)
+                warnings.warn(f"quikft: kernel {kernel.name!r} cannot run a {layout.out_features}x"
+                              f"{layout.in_features} {layout.bits}-bit layer ({reason}); using {chosen.name!r} "
+                              f"for such layers", RuntimeWarning, stacklevel=4)
+
+
+# Reasons that start with these say the layer or device is outside the kernel's scope (another
+# device, dtype or bit-width), not that its layout is unusual: such refusals need no note.
+NOT_THIS_DEVICE = "runs on"
+NOT_THIS_WIDTH = "handles"
+
+
+def is_scope_reason(reason: str) -> bool:
+    return reason.startswith((NOT_THIS_DEVICE, NOT_THIS_WIDTH))

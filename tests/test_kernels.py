@@ -1,0 +1,199 @@
+"""The fast QuikLinear kernels against the reference: layout, exactness, memory, fallbacks."""
+
+import warnings
+
+import pytest
+import torch
+
+from quikft.nn import QuikLinear, cpu_kernel, get_kernel, nonsalient_columns, prepare_for_inference, why_not
+from quikft.nn.kernels import LayerLayout
+
+CPU = torch.device("cpu")
+
+
+def exact_layer(bits: int, k: int, shape: tuple[int, int], group_size: int, act_order: bool, bias: bool,
+                seed: int = 0) -> QuikLinear:
+    """A layer whose every number is exact in bf16: power-of-two scales, small integer zeros and
+    salient weights in steps of 1/8. With inputs in steps of 1/4 every product and partial sum is
+    exact in fp32, so a kernel can only differ from the exact result by the final rounding;
+    a layout bug (wrong column, group or code) shows as an O(1) error."""
+    out_features, in_features = shape
+    gen = torch.Generator().manual_seed(seed)
+    salient = torch.randperm(in_features, generator=gen)[:k].sort().values
+    rest = nonsalient_columns(in_features, salient)
+    order = rest[torch.randperm(rest.numel(), generator=gen)] if act_order else rest
+    size = group_size if group_size > 0 else rest.numel()
+    n_groups = -(-rest.numel() // size)
+    g_idx = torch.zeros(in_features, dtype=torch.int32)
+    g_idx[order] = (torch.arange(order.numel()) // size).int()
+    top = (1 << bits) - 1
+    scales = 2.0 ** -torch.randint(3, 7, (out_features, n_groups), generator=gen).float()
+    zeros = torch.randint(0, top + 1, (out_features, n_groups), generator=gen).float()
+    codes = torch.randint(0, top + 1, (out_features, in_features), generator=gen, dtype=torch.uint8)
+    codes[:, salient] = zeros[:, g_idx[salient].long()].to(torch.uint8)
+    salient_weight = torch.randint(-16, 17, (out_features, k), generator=gen).float() / 8
+    bias_t = torch.randint(-8, 9, (out_features,), generator=gen).float() / 4 if bias else None
+    return QuikLinear.from_quantized(codes, scales, zeros, g_idx, salient, salient_weight, bias_t, bits,
+                                     group_size)
+
+
+def exact_input(rows: int, in_features: int, seed: int = 1) -> torch.Tensor:
+    gen = torch.Generator().manual_seed(seed)
+    return torch.randint(-8, 9, (rows, in_features), generator=gen).float() / 4
+
+
+class Expected:
+    """The exact product and the size of its partial sums (what bf16 rounding is relative to)."""
+
+    def __init__(self, layer: QuikLinear, x: torch.Tensor) -> None:
+        weight = layer.effective_weight().double()
+        bias = layer.bias.double() if layer.bias is not None else torch.zeros(layer.out_features).double()
+        self.value = x.double() @ weight.t() + bias
+        self.magnitude = x.double().abs() @ weight.abs().t() + bias.abs()
+
+    def view(self, *shape: int) -> "Expected":
+        self.value, self.magnitude = self.value.view(*shape), self.magnitude.view(*shape)
+        return self
+
+
+def expected(layer: QuikLinear, x: torch.Tensor) -> Expected:
+    return Expected(layer, x)
+
+
+def assert_bf16_close(y: torch.Tensor, reference: Expected, ulps: int = 2) -> None:
+    """Within a few bf16 roundings (8-bit significand) of the partial sums of the exact value; a wrong
+    column, group or code gives an error of the order of the partial sums themselves."""
+    assert y.dtype == torch.bfloat16
+    excess = (y.double() - reference.value).abs() - ulps * 2.0**-8 * reference.magnitude
+    assert float(excess.max()) <= 0, f"max excess {float(excess.max()):.4g}"
+
+
+INT4_CASES = [  # bits, k, (out, in), group size, act-order
+    (3, 7, (64, 160), 32, True),
+    (2, 7, (64, 160), 64, False),
+    (4, 0, (64, 160), 64, True),
+    (3, 5, (24, 100), 32, True),  # out not a multiple of 16, last group 31 columns (zero-padded)
+    (4, 9, (48, 300), 128, True),  # groups cut into sub-groups of 128 and a short last one
+    (3, 6, (32, 96), -1, False),  # one group per row: 90 columns, cut into 32-column sub-groups
+    (2, 3, (16, 67), 32, True),
+]
+
+
+@pytest.mark.parametrize("bits,k,shape,group_size,act_order", INT4_CASES)
+@pytest.mark.parametrize("rows", [1, 5])
+@pytest.mark.parametrize("bias", [False, True])
+def test_cpu_int4_equals_the_exact_product(bits, k, shape, group_size, act_order, rows, bias):
+    layer = exact_layer(bits, k, shape, group_size, act_order, bias, seed=bits + k)
+    x = exact_input(rows, shape[1])
+    y = layer(x.bfloat16())
+    assert layer.kernel_name == "cpu-int4"
+    assert_bf16_close(y, expected(layer, x))
+    # the reference kernel on the same bf16 input agrees with the exact product too
+    layer.kernel = "torch"
+    assert_bf16_close(layer(x.bfloat16()), expected(layer, x))
+
+
+def test_cpu_int4_keeps_leading_dimensions_and_large_activations():
+    layer = exact_layer(3, 8, (32, 128), 64, True, bias=True)
+    x = exact_input(6, 128).view(2, 3, 128)
+    assert_bf16_close(layer(x.bfloat16()), expected(layer, x.view(6, 128)).view(2, 3, 32))
+    # a one-token input whose salient activation exceeds fp16's range (65504): the scaled fp16 GEMV holds
+    big = exact_input(1, 128)
+    big[0, layer.salient_idx[0]] = 2.0**17
+    assert_bf16_close(layer(big.bfloat16()), expected(layer, big))
+
+
+@pytest.mark.parametrize("group_size", [32, -1])
+def test_cpu_int8_equals_the_reference_for_one_group_per_row(group_size):
+    layer = exact_layer(8, 6, (48, 96), group_size, True, bias=True)
+    x = exact_input(3, 96)
+    y = layer(x.bfloat16())
+    if group_size == -1:
+        assert layer.kernel_name == "cpu-int8"
+        assert_bf16_close(y, expected(layer, x), ulps=4)
+    else:  # the int8 operator takes one scale per row: grouped 8-bit layers run the reference
+        assert layer.kernel_name == "torch"
+
+
+@pytest.mark.parametrize("bits,group_size", [(3, 32), (2, 64), (4, -1), (8, -1)])
+def test_released_codes_are_rebuilt_bit_for_bit(bits, group_size):
+    layer = exact_layer(bits, 5, (40, 130), group_size, True, bias=False)
+    stored = {name: t.clone() for name, t in layer.state_dict().items()}
+    weight = layer.effective_weight()
+    x = exact_input(2, 130).bfloat16()
+    before = layer(x)
+    prepare_for_inference(layer, CPU, torch.bfloat16)
+    assert layer.qweight is None  # the kernel's copy is the only one now
+    state = layer.state_dict()
+    assert state.keys() == stored.keys() and all(torch.equal(state[n], stored[n]) for n in stored)
+    assert torch.equal(layer.effective_weight(), weight)
+    assert torch.equal(layer(x), before)
+    layer.to("cpu")  # a move drops the prepared kernel after putting the codes back
+    assert torch.equal(layer.qweight, stored["qweight"]) and layer.kernel_state is None
+    assert torch.equal(layer(x), before)
+
+
+def test_released_layer_holds_four_bits_per_quantized_weight():
+    layer = exact_layer(3, 128, (576, 576), 128, True, bias=False)
+    prepare_for_inference(layer, CPU, torch.bfloat16)
+    kernel_bytes = {name: t.numel() * t.element_size() for name, t in layer.named_buffers()
+                    if name.startswith("kernel_")}
+    assert kernel_bytes["kernel_int4"] == 576 * 448 // 2  # 448 columns cut into 64-wide sub-groups: no padding
+    assert "qweight" not in dict(layer.named_buffers())
+
+
+def test_unsupported_layouts_fall_back_with_one_note():
+    layer = exact_layer(3, 4, (32, 100), 16, True, bias=False)  # groups of 16: no operator group size fits
+    reason = why_not(get_kernel("cpu-int4"), layer.layout(), CPU, torch.bfloat16)
+    assert reason and "multiples of 32" in reason
+    x = exact_input(2, 100)
+    cpu_kernel_notes = []
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        y = layer(x.bfloat16())
+        exact_layer(3, 4, (32, 100), 16, True, bias=False, seed=5)(x.bfloat16())
+        cpu_kernel_notes = [w for w in caught if "cpu-int4" in str(w.message)]
+    assert layer.kernel_name == "torch"
+    assert len(cpu_kernel_notes) <= 1  # once per reason, not per layer (0 if an earlier test noted it)
+    assert_bf16_close(y, expected(layer, x))
+
+
+def test_int4_group_size_choice():
+    def layout(sizes, contiguous=True):
+        return LayerLayout(sum(sizes) + 4, 32, 3, 4, tuple(sizes), contiguous)
+
+    assert cpu_kernel.int4_group_size(layout([128, 128, 128])) == 128
+    assert cpu_kernel.int4_group_size(layout([128, 128, 64])) == 64  # no padding beats larger sub-groups
+    assert cpu_kernel.int4_group_size(layout([128, 128, 7])) == 128  # the last group is padded anyway
+    assert cpu_kernel.int4_group_size(layout([192, 192, 7])) == 64
+    assert cpu_kernel.int4_group_size(layout([96, 96, 96])) == 32
+    assert cpu_kernel.int4_group_size(layout([448])) == 64
+    assert cpu_kernel.int4_group_size(layout([450])) == 256  # one group: cut into 256s, padded
+    assert cpu_kernel.int4_group_size(layout([100, 100])) is None
+    assert cpu_kernel.int4_group_size(layout([128, 128], contiguous=False)) is None
+
+
+def test_fp32_inputs_run_the_exact_reference():
+    layer = exact_layer(3, 7, (64, 160), 32, True, bias=True)
+    x = exact_input(3, 160)
+    y = layer(x)
+    assert layer.kernel_name == "torch"
+    torch.testing.assert_close(y.double(), expected(layer, x).value, rtol=0, atol=1e-5)
+
+
+def test_upgrade_from_format_1_keeps_the_weight():
+    from quikft.packing import pack_codes
+
+    new = exact_layer(3, 6, (32, 96), 32, True, bias=False)
+    keep = nonsalient_columns(96, new.salient_idx)
+    # the same layer in format 1: ascending non-salient columns, act-order groups in that order
+    position = torch.empty(96, dtype=torch.long)
+    position[new.perm.long()] = torch.arange(new.perm.numel())
+    old = QuikLinear(96, 32, 3, 32, 6, new.n_groups)
+    old.load_state_dict({**new.state_dict(), "qweight": pack_codes(new.codes()[:, position[keep]], 3),
+                         "g_idx": new.g_idx[position[keep]], "perm": keep.int()})
+    old.perm = None
+    old.upgrade_from_v1()
+    assert torch.equal(old.perm, new.perm) and torch.equal(old.g_idx, new.g_idx)
+    assert torch.equal(old.qweight, new.qweight)
+    assert torch.equal(old.effective_weight(), new.effective_weight())
