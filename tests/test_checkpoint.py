@@ -358,3 +358,17 @@ def test_default_load_prepares_the_fastest_kernel(packed_dir):
         hf = AutoModelForCausalLM.from_pretrained(packed_dir, dtype=torch.bfloat16)
         assert {m.kernel_name for m in hf.modules() if isinstance(m, QuikLinear)} == {"cpu-int4"}
         assert torch.equal(_logits(hf, ids), _logits(model, ids))
+
+
+def test_from_pretrained_loads_float32_where_bf16_is_not_native(tiny, text_file, tmp_path, monkeypatch):
+    import quikft.hf
+    from quikft.hardware import DtypeChoice
+
+    model, tokenizer = tiny
+    config, quantized, _ = _quantize(model, tokenizer, text_file, dtype_rest="bf16", bits=3, group_size=32)
+    out = save_packed(model, tokenizer, quantized, tmp_path / "p", config)
+    monkeypatch.setattr(quikft.hf, "compute_dtype", lambda device: DtypeChoice(torch.float32, "cpu capability AVX2"))
+    with pytest.warns(UserWarning, match="loading in float32, not bfloat16 .cpu capability AVX2"):
+        hf = _from_pretrained(out)
+    assert hf.dtype == torch.float32
+    assert {m.kernel_name for m in hf.modules() if isinstance(m, QuikLinear)} == {"torch"}
