@@ -224,11 +224,17 @@ def write_shards(state: dict[str, Tensor], directory: Path, max_shard_size: int 
     split = split_torch_state_dict_into_shards(state, filename_pattern="model{suffix}.safetensors",
                                                max_shard_size=max_shard_size)
     for filename, names in split.filename_to_tensors.items():
-        shard = {name: state[name].detach().to("cpu").contiguous() for name in names}
+        shard = {name: _own_storage(state[name].detach().to("cpu").contiguous()) for name in names}
         save_file(shard, directory / filename, metadata={"format": "pt"})
     if split.is_sharded:
         index = {"metadata": dict(split.metadata), "weight_map": dict(split.tensor_to_filename)}
         (directory / INDEX_NAME).write_text(json.dumps(index, indent=2, sort_keys=True) + "\n")
+
+
+def _own_storage(tensor: Tensor) -> Tensor:
+    """A view of a larger storage (e.g. QuikLinear's fused index buffers) as a tensor of its own:
+    safetensors refuses tensors that share memory."""
+    return tensor.clone() if tensor.untyped_storage().nbytes() != tensor.nbytes else tensor
 
 
 def write_model_config(model: nn.Module, qconfig: dict, directory: Path) -> None:

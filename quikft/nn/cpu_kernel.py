@@ -118,11 +118,11 @@ def prepare_int4(layer: QuikLinear, device: torch.device, dtype: torch.dtype) ->
     tensors = {
         "int4": torch.ops.aten._convert_weight_to_int4pack_for_cpu(padded, 1),
         "scale_zero": scale_zero.to(torch.bfloat16).contiguous(),
-        "gather": torch.cat([layer.perm, layer.salient_idx]).long(),
     }
     tensors.update(_salient_tensors(layer))
     return KernelState(INT4_KERNEL, device, dtype, tensors,
-                       {"group": size, "pad": pad, "rows": rows, "n": layout.n_quantized})
+                       {"group": size, "pad": pad, "rows": rows, "n": layout.n_quantized,
+                        "gather": layer.input_columns()})
 
 
 def _salient_tensors(layer: QuikLinear) -> dict[str, Tensor]:
@@ -133,7 +133,7 @@ def _salient_tensors(layer: QuikLinear) -> dict[str, Tensor]:
 def forward_int4(layer: QuikLinear, state: KernelState, x: Tensor) -> Tensor:
     tensors, meta = state.tensors, state.meta
     flat = x.reshape(-1, layer.in_features)
-    gathered = flat.index_select(1, tensors["gather"])
+    gathered = flat.index_select(1, state.meta["gather"])
     quantized = gathered[:, : meta["n"]]
     if meta["pad"]:
         quantized = F.pad(quantized, (0, meta["pad"]))
@@ -200,15 +200,14 @@ def prepare_int8(layer: QuikLinear, device: torch.device, dtype: torch.dtype) ->
         "int8": codes.to(torch.int8).contiguous(),
         "scale": scales.to(torch.bfloat16),
         "zero_term": ((128 - zeros) * scales).to(torch.bfloat16),
-        "gather": torch.cat([layer.perm, layer.salient_idx]).long(),
     }
     tensors.update(_salient_tensors(layer))
-    return KernelState(INT8_KERNEL, device, dtype, tensors, {"n": n, "pad": pad})
+    return KernelState(INT8_KERNEL, device, dtype, tensors, {"n": n, "pad": pad, "gather": layer.input_columns()})
 
 
 def forward_int8(layer: QuikLinear, state: KernelState, x: Tensor) -> Tensor:
     tensors, n = state.tensors, state.meta["n"]
-    gathered = x.reshape(-1, layer.in_features).index_select(1, tensors["gather"])
+    gathered = x.reshape(-1, layer.in_features).index_select(1, state.meta["gather"])
     quantized = gathered[:, :n]
     padded = F.pad(quantized, (0, state.meta["pad"])) if state.meta["pad"] else quantized.contiguous()
     y = torch.ops.aten._weight_int8pack_mm(padded, tensors["int8"], tensors["scale"])

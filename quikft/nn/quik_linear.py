@@ -192,6 +192,20 @@ class QuikLinear(nn.Module):
         """The (out, in - k) uint8 codes of the stored columns, in storage order."""
         return unpack_codes(self.packed_codes(), self.bits, self.in_features - self.k)
 
+    def input_columns(self) -> Tensor:
+        """``cat(perm, salient_idx)`` (int32): the input gather of a two-path kernel.
+
+        Afterwards ``perm`` and ``salient_idx`` are views of it, so a prepared layer holds the
+        indices once (they stay ordinary buffers: ``state_dict`` and ``load_state_dict`` work).
+        """
+        n = self.in_features - self.k
+        if self.perm.untyped_storage().data_ptr() == self.salient_idx.untyped_storage().data_ptr() \
+                and self.perm.storage_offset() + n == self.salient_idx.storage_offset():
+            return self.perm.as_strided((self.in_features,), (1,))  # already fused
+        columns = torch.cat([self.perm, self.salient_idx]).to(torch.int32)
+        self.perm, self.salient_idx = columns[:n], columns[n:]
+        return columns
+
     def restore_codes(self) -> None:
         """Put ``qweight`` back if a loader dropped it (e.g. before a device move)."""
         if self.qweight is None:
