@@ -1,19 +1,31 @@
-"""Crash-safe writes: everything we produce is written under a temporary name and renamed.
+"""Crash-safe outputs: everything we produce is written under a temporary name and renamed, and
+an output never replaces data quikft did not write.
 
 A rename within one filesystem is atomic, so a reader (or a second process) sees either
-the old state or the complete new one, never a half-written file or directory.
+the old state or the complete new one, never a half-written file or directory. A run killed
+before its rename leaves a ``.<name>.<pid>.<random>.partial`` staging directory; the next run
+writing the same output removes those whose process is gone. SIGTERM is turned into
+``KeyboardInterrupt`` (:func:`handle_sigterm_as_interrupt`), so a terminated run cleans up like
+one stopped with Ctrl-C.
 """
 
 from __future__ import annotations
 
 import contextlib
+import glob
 import json
 import os
 import shutil
+import signal
 import tempfile
-from collections.abc import Iterator
+import threading
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any
+
+
+class OutputError(ValueError):
+    """An output location that must not or cannot be written; the message is one line."""
 
 
 def _umask() -> int:
@@ -44,20 +56,121 @@ def write_text(path: str | os.PathLike, text: str) -> Path:
     return path
 
 
-@contextlib.contextmanager
-def atomic_directory(target: str | os.PathLike, overwrite: bool = False) -> Iterator[Path]:
-    """Yield a temporary sibling directory that replaces ``target`` only if the block succeeds.
+# ------------------------------------------------------------------------------------ output checks
 
-    On any exception the temporary directory is removed and ``target`` is left untouched.
+def _overlaps(a: Path, b: Path) -> bool:
+    return a == b or a.is_relative_to(b) or b.is_relative_to(a)
+
+
+def check_output(target: str | os.PathLike, marker: str, overwrite: bool = False,
+                 inputs: Iterable[str | os.PathLike | None] = ()) -> None:
+    """Refuse an output location before any work: one-line :class:`OutputError`\\ s.
+
+    ``target`` may be absent or an empty directory; a directory holding ``marker`` (the report
+    a previous run of the same job wrote) is replaced only with ``overwrite``; anything else is
+    refused, as is a target equal to, inside or around one of ``inputs`` (local paths the job
+    reads). The nearest existing ancestor must be a directory we can create entries in.
     """
     target = Path(target)
-    if target.exists() and not overwrite and any(target.iterdir()):
-        raise FileExistsError(f"{target} exists and is not empty; pass --overwrite or choose another --out")
+    resolved = target.resolve()
+    for source in inputs:
+        if source is not None and Path(source).exists() and _overlaps(resolved, Path(source).resolve()):
+            raise OutputError(f"--out {target} overlaps the input {source}: writing it would destroy the input; "
+                              f"choose another --out")
+    if target.is_dir() and any(target.iterdir()):
+        if not (target / marker).is_file():
+            raise OutputError(f"--out {target} exists and is not a previous output of this command (no {marker}); "
+                              f"choose another --out (quikft never replaces data it did not write)")
+        if not overwrite:
+            raise OutputError(f"--out {target} holds a previous output; pass --overwrite to replace it, "
+                              f"or choose another --out")
+    elif target.exists() and not target.is_dir():
+        raise OutputError(f"--out {target} exists and is not a directory; choose another --out")
+    _check_writable(target)
+
+
+def _check_writable(target: Path) -> None:
+    """The nearest existing ancestor of ``target``'s parent must be a directory we can create entries in.
+
+    A probe directory is created and removed, because permission bits do not tell the whole
+    story (a read-only filesystem, root, ACLs).
+    """
+    ancestor = target.parent  # the staging directory is created beside the target
+    while not ancestor.exists():
+        ancestor = ancestor.parent
+    if not ancestor.is_dir():
+        raise OutputError(f"{target} cannot be created: {ancestor} is not a directory")
+    try:
+        Path(tempfile.mkdtemp(prefix=".quikft-write-probe.", dir=ancestor)).rmdir()
+    except OSError as err:
+        raise OutputError(f"{target} is not writable ({err.strerror}: {ancestor}); choose another location") from None
+
+
+def check_file_output(path: str | os.PathLike, setting: str) -> None:
+    """A file output (e.g. ``--json``): not a directory, and its directory can be created and written."""
+    path = Path(path)
+    if path.is_dir():
+        raise OutputError(f"{setting} {path} is a directory; pass a file name")
+    _check_writable(path)
+
+
+def prepare_output(target: str | os.PathLike, marker: str, overwrite: bool = False,
+                   inputs: Iterable[str | os.PathLike | None] = ()) -> Path:
+    """:func:`check_output`, then remove what killed runs left beside ``target``. Returns ``target``."""
+    target = Path(target)
+    check_output(target, marker, overwrite, inputs)
+    remove_stale_partials(target)
+    return target
+
+
+# ------------------------------------------------------------------------------------ staging
+
+def _staging_prefix(target: Path) -> str:
+    return f".{target.name}.{os.getpid()}."
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's live process
+        return True
+    return True
+
+
+def remove_stale_partials(target: str | os.PathLike) -> list[Path]:
+    """Remove ``target``'s staging and swap-aside directories whose process is gone; returns them."""
+    target = Path(target)
+    if not target.parent.is_dir():
+        return []
+    name = glob.escape(target.name)
+    removed = []
+    for path in [*target.parent.glob(f".{name}.*.partial"), *target.parent.glob(f".{name}.old.*")]:
+        pid = path.name[len(target.name) + 2:].removeprefix("old.").split(".")[0]
+        if pid.isdigit() and int(pid) != os.getpid() and not _pid_alive(int(pid)):
+            shutil.rmtree(path, ignore_errors=True)
+            removed.append(path)
+    return removed
+
+
+@contextlib.contextmanager
+def atomic_directory(target: str | os.PathLike, overwrite: bool = False, marker: str | None = None) -> Iterator[Path]:
+    """Yield a temporary sibling directory that replaces ``target`` only if the block succeeds.
+
+    On any exception (Ctrl-C and, through :func:`handle_sigterm_as_interrupt`, SIGTERM included)
+    the temporary directory is removed and ``target`` is left untouched. An existing non-empty
+    ``target`` is replaced only with ``overwrite`` and, when ``marker`` is given, only if it holds
+    that file (a previous output of the same job); this is checked on entry and again at the swap.
+    """
+    target = Path(target)
+    _check_replaceable(target, overwrite, marker)
     target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", suffix=".partial", dir=target.parent))
+    tmp = Path(tempfile.mkdtemp(prefix=_staging_prefix(target), suffix=".partial", dir=target.parent))
     try:
         yield tmp
         _share(tmp)
+        _check_replaceable(target, overwrite, marker)
         if target.exists():
             # Move the old directory aside first so the swap is as short as possible.
             old = target.with_name(f".{target.name}.old.{os.getpid()}")
@@ -71,9 +184,35 @@ def atomic_directory(target: str | os.PathLike, overwrite: bool = False) -> Iter
         raise
 
 
+def _check_replaceable(target: Path, overwrite: bool, marker: str | None) -> None:
+    if not (target.is_dir() and any(target.iterdir())):
+        if target.exists() and not target.is_dir():
+            raise FileExistsError(f"{target} exists and is not a directory; choose another --out")
+        return
+    if not overwrite:
+        raise FileExistsError(f"{target} exists and is not empty; pass --overwrite or choose another --out")
+    if marker is not None and not (target / marker).is_file():
+        raise FileExistsError(f"{target} is not a previous output (no {marker}); choose another --out")
+
+
 def _share(directory: Path) -> None:
     """Give a finished output the permissions of a normally created one (mkdtemp/mkstemp use 0700/0600)."""
     mask = _umask()
     directory.chmod(0o777 & ~mask)
     for path in directory.rglob("*"):
         path.chmod((0o777 if path.is_dir() else 0o666) & ~mask)
+
+
+# ------------------------------------------------------------------------------------ signals
+
+def _interrupt(signum: int, frame: Any) -> None:
+    raise KeyboardInterrupt(f"terminated by signal {signum}")
+
+
+def handle_sigterm_as_interrupt() -> None:
+    """Make SIGTERM raise ``KeyboardInterrupt``, so ``finally`` blocks clean up as for Ctrl-C.
+
+    Only the main thread can install handlers; elsewhere this does nothing.
+    """
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGTERM, _interrupt)

@@ -6,9 +6,10 @@ A directory that follows ``save_pretrained`` conventions:
 
 - ``config.json``: the model's config plus ``quantization_config`` =
   ``{quant_method: "quikft", format_version, bits, group_size, sym, salient, metric, act_order,
-  method, dtype_rest, modules, settings}``; ``modules`` lists every quantized linear by its full
-  name, ``dtype_rest`` is the dtype of every unquantized tensor (bf16 by default) and
-  ``settings`` holds the complete quantize configuration (provenance).
+  method, dtype_rest, modules, settings, source_model}``; ``modules`` lists every quantized linear
+  by its full name, ``dtype_rest`` is the dtype of every unquantized tensor (bf16 by default),
+  ``settings`` holds the complete quantization scheme (provenance; no job settings such as the
+  output path or device) and ``source_model`` the full-precision model that was quantized.
 - ``model.safetensors``, or ``model-0000i-of-0000n.safetensors`` shards plus
   ``model.safetensors.index.json``: every tensor of the model's state dict, except that each
   quantized linear ``<name>.weight`` is replaced by the QuikLinear buffers ``<name>.qweight``,
@@ -108,7 +109,7 @@ class TensorInfo:
 
 def save_packed(model: nn.Module, tokenizer: Any, quantized: QuantizedLayers, out_dir: str | os.PathLike,
                 quant_config: QuantConfig | Mapping[str, Any], overwrite: bool = True,
-                max_shard_size: int | str = "5GB") -> Path:
+                max_shard_size: int | str = "5GB", source_model: str | None = None) -> Path:
     """Write ``model`` with its quantized linears packed as a loadable checkpoint directory.
 
     ``quantized`` is what :func:`quikft.quant.pipeline.quantize_model` returned for ``model``;
@@ -117,14 +118,19 @@ def save_packed(model: nn.Module, tokenizer: Any, quantized: QuantizedLayers, ou
     """
     out_dir = Path(out_dir)
     with atomic_directory(out_dir, overwrite=overwrite) as staging:
-        write_packed(model, tokenizer, quantized, staging, quant_config, max_shard_size)
+        write_packed(model, tokenizer, quantized, staging, quant_config, max_shard_size, source_model)
     return out_dir
 
 
 def write_packed(model: nn.Module, tokenizer: Any, quantized: QuantizedLayers, directory: str | os.PathLike,
-                 quant_config: QuantConfig | Mapping[str, Any], max_shard_size: int | str = "5GB") -> dict:
-    """:func:`save_packed` into an existing (staging) directory; returns the quantization_config."""
-    qconfig = build_quantization_config(quantized, quant_config)
+                 quant_config: QuantConfig | Mapping[str, Any], max_shard_size: int | str = "5GB",
+                 source_model: str | None = None) -> dict:
+    """:func:`save_packed` into an existing (staging) directory; returns the quantization_config.
+
+    ``source_model`` (the full-precision model quantized; provenance, and the default KD teacher
+    of a later recovery) is recorded in its own field; ``quant_config`` is the scheme only.
+    """
+    qconfig = build_quantization_config(quantized, quant_config, source_model)
     _write(model, tokenizer, packed_state_dict(model, quantized), qconfig, Path(directory), max_shard_size)
     return qconfig
 
@@ -170,7 +176,8 @@ def rest_dtype(qconfig: Mapping[str, Any]) -> torch.dtype:
     return DTYPE_REST[name]
 
 
-def build_quantization_config(quantized: QuantizedLayers, quant_config: QuantConfig | Mapping[str, Any]) -> dict:
+def build_quantization_config(quantized: QuantizedLayers, quant_config: QuantConfig | Mapping[str, Any],
+                              source_model: str | None = None) -> dict:
     """The ``quantization_config`` entry of config.json (see the module docstring)."""
     settings = dict(quant_config.to_dict() if hasattr(quant_config, "to_dict") else quant_config)
     missing = [key for key in SETTING_KEYS if key not in settings]
@@ -188,7 +195,7 @@ def build_quantization_config(quantized: QuantizedLayers, quant_config: QuantCon
         raise ValueError(f"dtype_rest {dtype_rest!r} is not one of {', '.join(DTYPE_REST)}")
     return {"quant_method": QUANT_METHOD, "format_version": FORMAT_VERSION,
             **{key: settings[key] for key in SETTING_KEYS}, "dtype_rest": dtype_rest,
-            "modules": list(quantized.results), "settings": settings}
+            "modules": list(quantized.results), "settings": settings, "source_model": source_model}
 
 
 def packed_state_dict(model: nn.Module, quantized: QuantizedLayers) -> dict[str, Tensor]:
@@ -504,7 +511,7 @@ def finish_loading(model: nn.Module, qconfig: dict, prepare: bool = True) -> dic
 
 
 def load(path: str | os.PathLike, dtype: str | torch.dtype | None = None, device: str | torch.device = "cpu",
-         *, prepare: bool = True) -> nn.Module:
+         *, prepare: bool = True, trust_remote_code: bool = False) -> nn.Module:
     """Load a packed checkpoint directory as a model with QuikLinear layers, in eval mode.
 
     ``dtype`` applies to the unquantized tensors (embeddings, norms, lm_head) and so to the
@@ -513,7 +520,8 @@ def load(path: str | os.PathLike, dtype: str | torch.dtype | None = None, device
     on the meta device, so no memory is spent on the full-precision linears it replaces. With
     ``prepare`` (the default) every QuikLinear takes its fastest kernel for that device and
     dtype at once (on a CPU with bf16, the int4 path, which then holds the codes alone);
-    ``prepare=False`` keeps the stored layout untouched until the first forward.
+    ``prepare=False`` keeps the stored layout untouched until the first forward. A model class
+    defined by code in the checkpoint runs only with ``trust_remote_code``.
     """
     from transformers import AutoConfig
 
@@ -522,7 +530,8 @@ def load(path: str | os.PathLike, dtype: str | torch.dtype | None = None, device
     qconfig = read_quantization_config(path)
     files = weight_files(path)
     tensors = read_headers(files)
-    model = _skeleton(AutoConfig.from_pretrained(path), dtype)
+    model = _skeleton(AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code), dtype,
+                      trust_remote_code)
     swap_in_quik_layers(model, qconfig, tensors, weights_source(files))
     check_tensors(model, tensors, weights_source(files))
     _load_tensors(model, tensors, dtype, device)
@@ -534,7 +543,7 @@ def load(path: str | os.PathLike, dtype: str | torch.dtype | None = None, device
     return model.eval()
 
 
-def _skeleton(config: Any, dtype: torch.dtype) -> nn.Module:
+def _skeleton(config: Any, dtype: torch.dtype, trust_remote_code: bool = False) -> nn.Module:
     """The model the config describes, on the meta device, with its quantization_config as a dict.
 
     The quantization_config is set aside while building, so transformers builds a plain
@@ -545,7 +554,7 @@ def _skeleton(config: Any, dtype: torch.dtype) -> nn.Module:
     qconfig = config.quantization_config
     del config.quantization_config
     with torch.device("meta"):
-        model = AutoModelForCausalLM.from_config(config, dtype=dtype)
+        model = AutoModelForCausalLM.from_config(config, dtype=dtype, trust_remote_code=trust_remote_code)
     model.config.quantization_config = qconfig
     return model
 

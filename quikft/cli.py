@@ -6,6 +6,7 @@ import os
 
 import click
 
+from quikft.config import RECOVER_MODES
 from quikft.models import DEFAULT_MODEL
 
 MODEL_HELP = f"Model: an alias ({DEFAULT_MODEL}, the default), a hub id or a local directory."
@@ -26,7 +27,7 @@ def _fail_cleanly(func):
     def wrapper(*args, **kwargs):
         try:
             return func(*args, **kwargs)
-        except (DataError, ModelUnavailableError, ValueError, FileExistsError) as err:
+        except (DataError, ModelUnavailableError, ValueError, FileExistsError, FileNotFoundError) as err:
             if os.environ.get("QUIKFT_DEBUG"):  # keep the traceback when debugging
                 raise
             raise UserError(str(err)) from None
@@ -34,10 +35,20 @@ def _fail_cleanly(func):
     return wrapper
 
 
+TRUST_HELP = "Run Python code shipped with the model (transformers' trust_remote_code); only for models you trust."
+
+
+def trust_remote_code_option(func):
+    return click.option("--trust-remote-code", is_flag=True, default=None, help=TRUST_HELP)(func)
+
+
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(package_name="quikft")
 def main() -> None:
     """quikft: salient-column mixed-precision quantization and GIFT-SW recovery for LLMs."""
+    from quikft.atomic import handle_sigterm_as_interrupt
+
+    handle_sigterm_as_interrupt()  # a terminated run cleans up its temporary outputs like Ctrl-C
 
 
 @main.command("eval")
@@ -57,33 +68,47 @@ def main() -> None:
 @click.option("--max-windows", type=int, default=None, help="Evaluate only the first N windows.")
 @click.option("--window-stride", default=1, show_default=True,
               help="Evaluate every K-th window (8 gives the standard quick subset: 19 of 148).")
-@click.option("--dtype", default="float32", show_default=True, help="float32, bfloat16 or float16.")
-@click.option("--device", default="cpu", show_default=True)
+@click.option("--dtype", default="auto", show_default=True,
+              help="auto (bfloat16 where the device runs it natively, else float32), float32, bfloat16 or float16.")
+@click.option("--device", default="auto", show_default=True, help="auto (cuda when present), cpu or cuda.")
 @click.option("--json", "json_path", type=click.Path(dir_okay=False), default=None, help="Write results as JSON.")
 @click.option("--cache-dequantized", is_flag=True,
               help="Packed models: dequantize each layer once and keep it (much faster zero-shot scoring, "
                    "one more full-precision weight copy in memory).")
+@trust_remote_code_option
 @_fail_cleanly
 def eval_command(model_name, ppl_datasets, tasks, limit, batch_size, backend, split, seqlen, max_windows,
-                 window_stride, dtype, device, json_path, cache_dequantized):
+                 window_stride, dtype, device, json_path, cache_dequantized, trust_remote_code):
     """Perplexity with the paper protocol (WikiText-2 test, 2048-token windows) and zero-shot tasks."""
-    from quikft.atomic import write_json
+    from quikft.atomic import check_file_output, write_json
+    from quikft.data import check_source
     from quikft.eval import evaluate_ppl, evaluate_tasks, parse_tasks
+    from quikft.eval.ppl import require_finite
     from quikft.eval.zeroshot import format_table
+    from quikft.hardware import resolve_device, resolve_dtype
     from quikft.models import load_model, model_label
 
-    refs = parse_tasks(tasks) if tasks else []  # bad task names fail before the model loads
+    # Bad task names, data, dtype or --json fail before the model loads.
+    refs = parse_tasks(tasks) if tasks else []
     if not ppl_datasets and not refs:
         ppl_datasets = ("wikitext2",)
+    for dataset in ppl_datasets:
+        check_source(dataset, "--ppl")
+    if json_path:
+        check_file_output(json_path, "--json")
+    device = resolve_device(device)
+    choice = resolve_dtype(dtype, device)
     label = model_label(model_name)
-    model, tokenizer = load_model(model_name, dtype=dtype, device=device)
+    model, tokenizer = load_model(model_name, dtype=choice.dtype, device=device,
+                                  trust_remote_code=bool(trust_remote_code))
     if cache_dequantized:
         from quikft.nn import set_dequantized_cache
 
         set_dequantized_cache(model)
     results = []
     for dataset in ppl_datasets:
-        result = evaluate_ppl(model, tokenizer, dataset, seqlen, max_windows, window_stride, split, model_name=label)
+        result = require_finite(evaluate_ppl(model, tokenizer, dataset, seqlen, max_windows, window_stride, split,
+                                             model_name=label))
         click.echo(result.summary())
         results.append(result.to_dict())
     task_results = evaluate_tasks(model, tokenizer, refs, limit, batch_size, backend, model_name=label) if refs else []
@@ -92,7 +117,8 @@ def eval_command(model_name, ppl_datasets, tasks, limit, batch_size, backend, sp
     if refs:
         click.echo(format_table(table))
     if json_path:
-        report = {"job": "eval", "model": label, "dtype": dtype, "ppl": results}
+        report = {"job": "eval", "model": label, "dtype": choice.name, "compute_dtype": choice.to_dict(),
+                  "device": device, "ppl": results}
         if refs:
             report.update(backend=backend, limit=limit, tasks=[r.to_dict() for r in task_results], table=table)
         write_json(json_path, report)
@@ -106,15 +132,16 @@ def eval_command(model_name, ppl_datasets, tasks, limit, batch_size, backend, sp
 @click.option("--chat/--raw", default=True, show_default=True,
               help="Wrap the prompt in the tokenizer's chat template when it has one.")
 @click.option("--seed", default=0, show_default=True)
-@click.option("--dtype", default="float32", show_default=True)
+@click.option("--dtype", default="float32", show_default=True, help="float32, bfloat16, float16 or auto.")
 @click.option("--device", default="cpu", show_default=True)
+@trust_remote_code_option
 @_fail_cleanly
-def generate(prompt, model_name, max_new_tokens, temperature, chat, seed, dtype, device):
+def generate(prompt, model_name, max_new_tokens, temperature, chat, seed, dtype, device, trust_remote_code):
     """Generate a continuation of PROMPT."""
     from quikft.generation import generate_text
     from quikft.models import load_model
 
-    model, tokenizer = load_model(model_name, dtype=dtype, device=device)
+    model, tokenizer = load_model(model_name, dtype=dtype, device=device, trust_remote_code=bool(trust_remote_code))
     click.echo(generate_text(model, tokenizer, prompt, max_new_tokens, temperature, chat, seed))
 
 @main.command()
@@ -139,20 +166,23 @@ def generate(prompt, model_name, max_new_tokens, temperature, chat, seed, dtype,
 @click.option("--batch-size", type=int, default=None, help="Calibration windows per block forward [8].")
 @click.option("--device", default=None, help="Where each block is quantized: cpu or cuda [cpu].")
 @click.option("--out", default=None, help="Output directory [runs/<model>-w<bits>-k<salient>-<method>].")
+@click.option("--overwrite", is_flag=True, default=None, help="Replace a previous quantize output at --out.")
 @click.option("--fake-quant/--packed", default=None,
               help="Save dequantized float weights (a debugging format) instead of the packed checkpoint [packed].")
 @click.option("--eval-windows", type=int, default=None,
               help="Quick WikiText-2 ppl on the first N windows of the stride-8 subset (19 = all of it; 0 = skip) [4].")
 @click.option("--dtype-rest", type=click.Choice(["bf16", "fp16", "fp32"]), default=None,
               help="Dtype of the unquantized tensors (embeddings, norms, an untied head) in the checkpoint [bf16].")
+@trust_remote_code_option
 @_fail_cleanly
 def quantize(config_path, **flags):
     """Quantize a model: salient columns in FP16, the rest with GPTQ (or RTN)."""
-    from quikft.config import QuantConfig, build_config
+    from quikft.config import QuantizeJob, build_config
     from quikft.quantize import quantize as run_quantize
 
-    config = build_config(QuantConfig, config_path, **flags)
-    report = run_quantize(config)
+    job = build_config(QuantizeJob, config_path, **flags)
+    config = job.quant
+    report = run_quantize(job)
     click.echo(f"quantized {report['config']['model'] or 'smollm2-135m'} to {config.bits} bits with "
                f"{config.salient} salient columns ({report['salient_fraction']:.1%} of inputs) in "
                f"{report['quantize_seconds']:.0f}s, peak RSS {report['peak_rss_mb']:.0f} MiB -> {report['out']}")
@@ -168,7 +198,7 @@ def quantize(config_path, **flags):
               help="YAML preset (e.g. configs/gift-sw.yaml); flags override it.")
 @click.option("--model", default=None,
               help="post/salient-ft/lora: a packed checkpoint from `quikft quantize`; pre: a full-precision model.")
-@click.option("--mode", type=click.Choice(["post", "pre", "salient-ft", "lora"]), default=None,
+@click.option("--mode", type=click.Choice(RECOVER_MODES), default=None,
               help="post = Post-GIFT-SW, pre = Pre-GIFT-SW, salient-ft = post without noise, lora = baseline [post].")
 @click.option("--noise/--no-noise", default=None, help="Inject step-scaled noise [on for post/pre].")
 @click.option("--noise-bits", type=int, default=None, help="Bit-width whose step scales the noise [post 4, pre --bits].")
@@ -186,8 +216,10 @@ def quantize(config_path, **flags):
 @click.option("--seqlen", type=int, default=None, help="Tokens per row [512].")
 @click.option("--lr", type=float, default=None, help="AdamW learning rate, cosine schedule, 3% warmup [1e-4].")
 @click.option("--max-grad-norm", type=float, default=None, help="Gradient clipping; 0 = off [1.0].")
-@click.option("--bf16/--fp32", "bf16", default=None,
-              help="bf16 autocast for the frozen weights; trainable columns stay fp32 [bf16].")
+@click.option("--dtype", type=click.Choice(["auto", "bf16", "fp32"]), default=None,
+              help="Autocast dtype of the frozen weights' GEMMs; auto = bf16 where the device runs it natively, "
+                   "else fp32 (trainable columns always stay fp32) [auto].")
+@click.option("--bf16/--fp32", "bf16", default=None, help="Force bf16 or fp32 autocast (wins over --dtype).")
 @click.option("--gradient-checkpointing/--no-gradient-checkpointing", default=None,
               help="Recompute activations in backward to save memory [off].")
 @click.option("--cache-base/--no-cache-base", default=None,
@@ -200,26 +232,30 @@ def quantize(config_path, **flags):
 @click.option("--eval-before/--no-eval-before", default=None, help="Also measure the input model's ppl [on].")
 @click.option("--save-every", type=int, default=None, help="Resumable state every N steps; 0 = never [0].")
 @click.option("--resume", is_flag=True, default=None, help="Continue an interrupted run from its saved state.")
-@click.option("--device", default=None, help="cpu or cuda [cpu].")
+@click.option("--device", default=None, help="auto (cuda when present), cpu or cuda [auto].")
 @click.option("--out", default=None, help="Output directory [runs/<model>-<mode>].")
+@click.option("--overwrite", is_flag=True, default=None, help="Replace a previous recover output at --out.")
+@trust_remote_code_option
 @_fail_cleanly
 def recover(config_path, data, **flags):
     """Recover a quantized model with GIFT-SW: train only the salient columns, with noise on the rest."""
     from quikft.config import RecoverConfig, build_config
+    from quikft.recover import MODES
     from quikft.recover import recover as run_recover
 
     config = build_config(RecoverConfig, config_path, data=tuple(data) or None, **flags)
     report = run_recover(config)
     if report is None:  # not the main process of a distributed run
         return
-    click.echo(f"recovered ({config.mode}, noise {report['config']['noise_bits'] or 'off'}) "
-               f"{report['trainable_params']:,} trainable parameters, {config.steps} steps "
-               f"({report['step_seconds'] or 0:.2f} s/step) -> {report['out']}")
+    click.echo(f"recovered ({config.mode}, noise {report['config']['noise_bits'] or 'off'}, "
+               f"{report['compute_dtype']['dtype']}) {report['trainable_params']:,} trainable parameters, "
+               f"{config.steps} steps ({report['step_seconds'] or 0:.2f} s/step) -> {report['out']}")
     before, after, fp = report["ppl_before"], report["ppl_after"], report["fp_ppl"]
     if before and after:
-        label = "FP" if config.mode == "pre" else "quantized"
+        quantized_input = MODES[config.mode].packed_input
+        label = "quantized" if quantized_input else "FP"
         line = f"wikitext2 ppl ({after['windows']} windows x {after['seqlen']}): {label} {before['ppl']:.3f}"
-        if fp and config.mode != "pre":
+        if fp and quantized_input:
             line = f"{line} (FP {fp['ppl']:.3f})"
         click.echo(f"{line} -> recovered {after['ppl']:.3f}")
 

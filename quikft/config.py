@@ -1,32 +1,133 @@
 """Run configurations as dataclasses: one set of names for the CLI flags, the YAML presets in
 ``configs/`` and the saved checkpoint/report.
 
+Two kinds of settings are kept apart:
+
+- :class:`QuantConfig` is the quantization *scheme*: every setting that determines the
+  quantized weights (bits, salient columns, metric, grid, calibration recipe). It is what a
+  packed checkpoint records.
+- :class:`QuantizeJob` and :class:`RecoverConfig` are *jobs*: which model, where the output
+  goes, which device, how much to evaluate. A checkpoint never records them.
+
 Defaults follow the paper (GIFT-SW, 128 salient columns, ``gift`` metric) and GPTQ (asymmetric,
 group 128, act-order, 1% damping). Calibration defaults (128 windows of 512 C4 tokens) are
 chosen so the default run finishes in minutes on a laptop-class CPU; the paper's setting is
 ``nsamples=128, seqlen=2048``.
+
+Every value is type-checked when a config is built (``bits: 4.0`` or ``nsamples: "8"`` in a
+YAML preset is a one-line error naming the setting), before any model is loaded. This module
+imports nothing else from quikft: every other layer may use it.
 """
 
 from __future__ import annotations
 
 import dataclasses
-from dataclasses import asdict, dataclass, fields
+import math
+import types
+import typing
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
 import yaml
 
-from quikft.quant.grid import check_bits
-
+BITS = (2, 3, 4, 8)
 METHODS = ("gptq", "rtn")
-REST_DTYPES = ("bf16", "fp16", "fp32")
+REST_DTYPES = ("bf16", "fp16", "fp32")  # storage dtypes of a checkpoint's unquantized tensors
+METRICS = ("gift", "quik", "owq", "wanda", "custom")  # custom: free tau/rho/gamma (quikft.saliency)
+SUPPORTED_RHO = (1.0, 2.0, math.inf)  # the input norms the streamed column statistics can give
 RECOVER_MODES = ("post", "pre", "salient-ft", "lora")
 LOSSES = ("ce", "kd")
+RECOVER_DTYPES = ("auto", "bf16", "fp32")
 
+
+class ConfigError(ValueError):
+    """A setting that cannot work; the message is one line naming the setting (``setting``, when one)."""
+
+    def __init__(self, message: str, setting: str | None = None) -> None:
+        super().__init__(message)
+        self.setting = setting
+
+
+def check_bits(bits: int, name: str = "bits") -> None:
+    """Raise unless ``bits`` is one of the supported widths (an int: ``4.0`` is refused)."""
+    if type(bits) is not int or bits not in BITS:
+        raise ConfigError(f"{name} must be one of {', '.join(map(str, BITS))}; got {bits!r}", name)
+
+
+def check_metric_norms(tau: float | None, rho: float | None) -> None:
+    """The metric's norms: tau positive (or None: weight term ignored), rho one the statistics stream."""
+    if rho is not None and float(rho) not in SUPPORTED_RHO:
+        raise ConfigError(f"rho must be one of 1, 2, inf (streamed statistics); got {rho}", "rho")
+    if tau is not None and not float(tau) > 0:
+        raise ConfigError(f"tau must be positive, inf or None; got {tau}", "tau")
+
+
+# ------------------------------------------------------------------------------------ type checks
+
+def _type_name(kind: Any) -> str:
+    return {int: "an integer", float: "a number", bool: "true or false", str: "a string"}.get(kind, str(kind))
+
+
+def _coerce(name: str, value: Any, kind: Any) -> Any:
+    """``value`` checked against the annotation ``kind`` (returned, floats normalised)."""
+    options = typing.get_args(kind) if isinstance(kind, types.UnionType) else ()
+    if options:
+        if value is None and type(None) in options:
+            return None
+        kind = next(option for option in options if option is not type(None))
+    if typing.get_origin(kind) is tuple:
+        if isinstance(value, str):
+            value = (value,)
+        if not isinstance(value, list | tuple) or not all(isinstance(item, str) for item in value):
+            raise ConfigError(f"setting {name} must be a list of strings; got {value!r}", name)
+        return tuple(value)
+    if kind is float:
+        # YAML 1.1 reads 1e-4 and inf (without a dot) as strings: accept numbers spelled so.
+        if isinstance(value, str):
+            try:
+                return float(value)
+            except ValueError:
+                pass
+        elif isinstance(value, int | float) and not isinstance(value, bool):
+            return float(value)
+    elif kind is int and type(value) is int or kind in (bool, str) and isinstance(value, kind):
+        return value
+    raise ConfigError(f"setting {name} must be {_type_name(kind)}; got {value!r} ({type(value).__name__})", name)
+
+
+def _check_types(config: Any) -> None:
+    """Check (and normalise) every field of a config dataclass against its annotation."""
+    hints = typing.get_type_hints(type(config))
+    for item in fields(config):
+        if dataclasses.is_dataclass(hints[item.name]):
+            continue
+        setattr(config, item.name, _coerce(item.name, getattr(config, item.name), hints[item.name]))
+
+
+def _positive(config: Any, names: tuple[str, ...]) -> None:
+    for name in names:
+        if getattr(config, name) <= 0:
+            raise ConfigError(f"{name} must be positive (got {getattr(config, name)})", name)
+
+
+def _non_negative(config: Any, names: tuple[str, ...]) -> None:
+    for name in names:
+        if getattr(config, name) < 0:
+            raise ConfigError(f"{name} must be >= 0 (got {getattr(config, name)})", name)
+
+
+def _one_of(name: str, value: str, allowed: tuple[str, ...], what: str | None = None) -> None:
+    if value not in allowed:
+        raise ConfigError(f"unknown {what or name} {value!r}; use one of {', '.join(allowed)}", name)
+
+
+# ------------------------------------------------------------------------------------ quantize
 
 @dataclass
 class QuantConfig:
-    model: str | None = None  # alias, hub id or directory; None = the embedded default model
+    """The quantization scheme (SPEC §2-4): what determines the quantized weights; saved in the checkpoint."""
+
     bits: int = 3
     salient: int = 128  # k FP16 input columns per linear layer (capped at in_features - 1)
     metric: str = "gift"  # gift | quik | owq | wanda | custom (with tau/rho/gamma)
@@ -44,52 +145,77 @@ class QuantConfig:
     nsamples: int = 128
     seqlen: int = 512
     seed: int = 0
-    batch_size: int = 8  # calibration sequences per block forward
-    device: str = "cpu"
-    out: str | None = None
-    fake_quant: bool = False  # save dequantized float weights (debugging) instead of the packed checkpoint
     dtype_rest: str = "bf16"  # dtype of the unquantized tensors (embeddings, norms, an untied head) when saved
-    eval_windows: int = 4  # quick ppl on the first N windows of the stride-8 WikiText-2 subset (0: none)
-    eval_stride: int = 8
-    eval_seqlen: int = 2048
 
     def __post_init__(self) -> None:
         self.validate()
 
     def validate(self) -> None:
-        """One-line errors for settings that cannot work, raised before anything is written."""
+        """One-line errors for settings that cannot work, raised before anything is loaded."""
+        _check_types(self)
         check_bits(self.bits)
-        if self.method not in METHODS:
-            raise ValueError(f"unknown method {self.method!r}; use one of {', '.join(METHODS)}")
+        _one_of("method", self.method, METHODS)
+        _one_of("metric", self.metric, METRICS, "saliency metric")
+        if self.metric == "custom" and (self.rho is None or self.gamma is None):
+            raise ConfigError("metric custom needs rho and gamma (and tau, or none to ignore the weight term)",
+                              "metric")
+        check_metric_norms(self.tau, self.rho)
         if self.group_size == 0 or self.group_size < -1:
-            raise ValueError(f"group size {self.group_size} is invalid; use a positive size such as 128, "
-                             f"or -1 for one scale per row")
-        if self.salient < 0:
-            raise ValueError(f"--salient must be >= 0 (got {self.salient})")
-        for name in ("nsamples", "seqlen", "batch_size", "block_size", "eval_stride", "eval_seqlen"):
-            if getattr(self, name) <= 0:
-                raise ValueError(f"{name} must be positive (got {getattr(self, name)})")
-        if self.eval_windows < 0:
-            raise ValueError(f"eval_windows must be >= 0 (got {self.eval_windows})")
-        if self.dtype_rest not in REST_DTYPES:
-            raise ValueError(f"dtype_rest {self.dtype_rest!r} is not one of {', '.join(REST_DTYPES)}")
+            raise ConfigError(f"group size {self.group_size} is invalid; use a positive size such as 128, "
+                              f"or -1 for one scale per row", "group_size")
+        _non_negative(self, ("salient", "percdamp"))
+        _positive(self, ("nsamples", "seqlen", "block_size"))
+        _one_of("dtype_rest", self.dtype_rest, REST_DTYPES)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
 
 
 @dataclass
+class QuantizeJob:
+    """One ``quikft quantize`` run: the scheme plus where and how it runs (not saved in the checkpoint)."""
+
+    quant: QuantConfig = field(default_factory=QuantConfig)
+    model: str | None = None  # alias, hub id or directory; None = the embedded default model
+    device: str = "cpu"  # where each block is quantized
+    batch_size: int = 8  # calibration sequences per block forward
+    out: str | None = None
+    overwrite: bool = False  # replace a previous quantize output at --out
+    fake_quant: bool = False  # save dequantized float weights (debugging) instead of the packed checkpoint
+    eval_windows: int = 4  # quick ppl on the first N windows of the stride-8 WikiText-2 subset (0: none)
+    eval_stride: int = 8
+    eval_seqlen: int = 2048
+    trust_remote_code: bool = False  # run a hub model's own Python code (only for models you trust)
+
+    def __post_init__(self) -> None:
+        self.validate()
+
+    def validate(self) -> None:
+        _check_types(self)
+        self.quant.validate()
+        _positive(self, ("batch_size", "eval_stride", "eval_seqlen"))
+        _non_negative(self, ("eval_windows",))
+
+    def to_dict(self) -> dict[str, Any]:
+        """Flat, with the names of the CLI flags (as reports record it)."""
+        out = {item.name: getattr(self, item.name) for item in fields(self) if item.name != "quant"}
+        return {**out, **self.quant.to_dict()}
+
+
+# ------------------------------------------------------------------------------------ recover
+
+@dataclass
 class RecoverConfig:
     """GIFT-SW recovery (SPEC §5). Optimiser defaults are the paper's (AdamW, weight decay 0, lr 1e-4,
     cosine with 3% warmup); the step budget is sized for a CPU (the paper: 500 steps of batch 128,
-    see configs/gift-sw-paper.yaml)."""
+    see configs/gift-sw-paper.yaml). ``None`` means "decided by the mode or the preset"."""
 
     model: str | None = None  # post/salient-ft/lora: a packed checkpoint; pre: a full-precision model
     mode: str = "post"  # post | pre | salient-ft | lora (a LoRA baseline on the quantized model)
     noise: bool | None = None  # None: on for post/pre, off for salient-ft
-    noise_bits: int | None = None  # None: 4 in post mode (paper §6.3), the target --bits in pre mode
-    bits: int = 3  # pre mode: quantize to this many bits after training
-    salient: int = 128  # pre mode: salient columns per linear
+    noise_bits: int | None = None  # None: 4 in post mode (paper §6.3), the target bits in pre mode
+    bits: int | None = None  # pre mode: quantize to this many bits after training [quant_config's, else 3]
+    salient: int | None = None  # pre mode: salient columns per linear [quant_config's, else 128]
     quant_config: str | None = None  # pre mode: a quantize YAML preset (bits/salient above override it)
     data: tuple[str, ...] = ("alpaca", "c4")  # names or paths; several = a round-robin mixture
     loss: str = "ce"  # ce | kd (KL to the full-precision teacher's logits)
@@ -103,7 +229,8 @@ class RecoverConfig:
     weight_decay: float = 0.0
     warmup_ratio: float = 0.03
     max_grad_norm: float = 1.0
-    bf16: bool = True  # bf16 autocast for the frozen weights' GEMMs; trainable columns stay fp32 (SPEC §10.6)
+    dtype: str = "auto"  # autocast dtype of the frozen weights' GEMMs: auto (quikft.hardware) | bf16 | fp32
+    bf16: bool | None = None  # --bf16/--fp32: an explicit choice that wins over dtype
     gradient_checkpointing: bool = False
     cache_base: bool = True  # post mode: keep the dequantized frozen weights (memory for speed)
     lora_rank: int = 64  # lora mode; 64 matches k=128's trainable parameters on SmolLM2-135M
@@ -115,72 +242,94 @@ class RecoverConfig:
     eval_stride: int = 8
     eval_seqlen: int = 2048
     eval_before: bool = True  # also measure the input's ppl (skip when it is already known)
-    device: str = "cpu"
+    device: str = "auto"  # auto: cuda when present, else cpu
     out: str | None = None
+    overwrite: bool = False  # replace a previous recover output at --out
+    trust_remote_code: bool = False  # run a hub model's own Python code (only for models you trust)
 
     def __post_init__(self) -> None:
-        self.data = tuple(self.data) if not isinstance(self.data, str) else (self.data,)
         self.validate()
 
-    @property
-    def noise_enabled(self) -> bool:
-        return self.mode in ("post", "pre") if self.noise is None else (self.noise and self.mode != "lora")
-
-    @property
-    def effective_noise_bits(self) -> int | None:
-        if not self.noise_enabled:
-            return None
-        return self.noise_bits or (self.bits if self.mode == "pre" else 4)
-
     def validate(self) -> None:
-        if self.mode not in RECOVER_MODES:
-            raise ValueError(f"unknown mode {self.mode!r}; use one of {', '.join(RECOVER_MODES)}")
-        if self.loss not in LOSSES:
-            raise ValueError(f"unknown loss {self.loss!r}; use ce or kd")
-        check_bits(self.bits)
-        if self.noise_bits is not None:
-            check_bits(self.noise_bits)
-        for name in ("steps", "batch_size", "grad_accum", "seqlen", "lora_rank", "eval_stride", "eval_seqlen"):
-            if getattr(self, name) <= 0:
-                raise ValueError(f"{name} must be positive (got {getattr(self, name)})")
-        for name in ("lr", "weight_decay", "max_grad_norm", "eval_every", "save_every", "eval_windows", "salient"):
-            if getattr(self, name) < 0:
-                raise ValueError(f"{name} must be >= 0 (got {getattr(self, name)})")
+        _check_types(self)
+        _one_of("mode", self.mode, RECOVER_MODES)
+        _one_of("loss", self.loss, LOSSES)
+        _one_of("dtype", self.dtype, RECOVER_DTYPES)
+        for name in ("bits", "noise_bits"):
+            if getattr(self, name) is not None:
+                check_bits(getattr(self, name), name)
+        _positive(self, ("steps", "batch_size", "grad_accum", "seqlen", "lora_rank", "eval_stride", "eval_seqlen",
+                         "kd_temperature"))
+        _non_negative(self, ("lr", "weight_decay", "max_grad_norm", "eval_every", "save_every", "eval_windows"))
+        if self.salient is not None and self.salient < 0:
+            raise ConfigError(f"salient must be >= 0 (got {self.salient})", "salient")
         if not 0 <= self.warmup_ratio < 1:
-            raise ValueError(f"warmup_ratio must lie in [0, 1) (got {self.warmup_ratio})")
-        if self.kd_temperature <= 0:
-            raise ValueError(f"kd_temperature must be positive (got {self.kd_temperature})")
+            raise ConfigError(f"warmup_ratio must lie in [0, 1) (got {self.warmup_ratio})", "warmup_ratio")
 
     def to_dict(self) -> dict[str, Any]:
         out = asdict(self)
         out["data"] = list(self.data)
-        out["noise"] = self.noise_enabled
-        out["noise_bits"] = self.effective_noise_bits
         return out
 
 
+# ------------------------------------------------------------------------------------ building
+
 def load_yaml(path: str | Path) -> dict[str, Any]:
-    """Read a YAML preset into a plain dict (keys are config field names)."""
+    """Read a YAML preset into a plain dict (keys are config field names); one-line errors."""
     path = Path(path)
     if not path.is_file():
-        raise ValueError(f"config file {path} does not exist")
-    data = yaml.safe_load(path.read_text()) or {}
+        raise ConfigError(f"config file {path} does not exist")
+    try:
+        data = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as err:
+        mark = getattr(err, "problem_mark", None)
+        where = f"{path}:{mark.line + 1}" if mark is not None else str(path)
+        problem = getattr(err, "problem", None) or str(err).splitlines()[0]
+        raise ConfigError(f"{where}: invalid YAML ({problem})") from None
+    except UnicodeDecodeError:
+        raise ConfigError(f"{path}: not a text file") from None
+    data = data or {}
     if not isinstance(data, dict):
-        raise ValueError(f"{path}: expected a mapping of settings, found {type(data).__name__}")
-    return {key.replace("-", "_"): value for key, value in data.items()}
+        raise ConfigError(f"{path}: expected a mapping of settings, found {type(data).__name__}")
+    return {str(key).replace("-", "_"): value for key, value in data.items()}
+
+
+def _nested(cls) -> dict[str, type]:
+    """Fields of ``cls`` that are themselves config dataclasses (their settings are given flat)."""
+    hints = typing.get_type_hints(cls)
+    return {item.name: hints[item.name] for item in fields(cls) if dataclasses.is_dataclass(hints[item.name])}
+
+
+def setting_names(cls) -> set[str]:
+    """Every flat setting name of ``cls`` (those of nested configs included)."""
+    nested = _nested(cls)
+    names = {item.name for item in fields(cls) if item.name not in nested}
+    for sub in nested.values():
+        names |= setting_names(sub)
+    return names
+
+
+def from_settings(cls, values: dict[str, Any]):
+    """``cls`` from flat settings, routing the names of nested configs to them."""
+    values = dict(values)
+    known = setting_names(cls)
+    unknown = sorted(set(values) - known)
+    if unknown:
+        raise ConfigError(f"unknown setting(s) {', '.join(unknown)}; known: {', '.join(sorted(known))}", unknown[0])
+    for name, sub in _nested(cls).items():
+        values[name] = from_settings(sub, {key: values.pop(key) for key in setting_names(sub) if key in values})
+    return cls(**values)
 
 
 def build_config(cls, yaml_path: str | Path | None = None, **overrides):
     """``cls`` from its defaults, then a YAML preset, then explicit (non-None) overrides."""
-    known = {f.name for f in fields(cls)}
     values = load_yaml(yaml_path) if yaml_path else {}
-    values.update({k: v for k, v in overrides.items() if v is not None})
-    unknown = sorted(set(values) - known)
-    if unknown:
-        raise ValueError(f"unknown setting(s) {', '.join(unknown)}; known: {', '.join(sorted(known))}")
-    return cls(**values)
-
-
-def replace(config, **changes):
-    """A validated copy of a config with some fields changed."""
-    return dataclasses.replace(config, **changes)
+    from_yaml = set(values)
+    given = {k: v for k, v in overrides.items() if v is not None}
+    values.update(given)
+    try:
+        return from_settings(cls, values)
+    except ConfigError as err:
+        if err.setting in from_yaml and err.setting not in given:  # name the preset the bad value came from
+            raise ConfigError(f"{yaml_path}: {err}", err.setting) from None
+        raise

@@ -175,6 +175,19 @@ def available_split(name: str, preferred: tuple[str, ...]) -> str:
                     f"available: {sorted(spec.local)}")
 
 
+def check_source(source: str, setting: str = "--data") -> None:
+    """Refuse (before any model loads) a data source that is neither a known name nor an existing file."""
+    if source in DATASETS:
+        return
+    path = Path(source).expanduser()
+    if path.is_file():
+        return
+    if path.exists():
+        raise DataError(f"{setting} {source} is a directory; pass a .txt, .json, .jsonl or .parquet file")
+    raise DataError(f"{setting} {source!r} is neither a known dataset ({', '.join(sorted(DATASETS))}) "
+                    f"nor an existing file")
+
+
 def _named(name: str) -> NamedDataset:
     if name not in DATASETS:
         raise DataError(f"unknown dataset {name!r}; use one of {sorted(DATASETS)} or a file path")

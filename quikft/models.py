@@ -55,6 +55,14 @@ class ModelUnavailableError(RuntimeError):
     """The requested model cannot be obtained on this machine."""
 
 
+class RemoteCodeError(ValueError):
+    """A model that needs its own Python code, without ``--trust-remote-code``."""
+
+
+# Config attributes holding a model's context length, by the names transformers' configs use.
+CONTEXT_ATTRIBUTES = ("max_position_embeddings", "n_positions", "max_sequence_length", "seq_length")
+
+
 def cache_root() -> Path:
     """``$QUIKFT_CACHE`` or ``~/.cache/quikft``."""
     return Path(os.environ.get("QUIKFT_CACHE", Path.home() / ".cache" / "quikft")).expanduser()
@@ -121,8 +129,9 @@ def _convert_gguf(gguf: Path, out_dir: Path, alias: str) -> None:
     """Dequantize a GGUF into a plain float32 Hugging Face checkpoint."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
-    model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
+    tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name, trust_remote_code=False)
+    model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32,
+                                                 trust_remote_code=False)
     # The dequantized weights are our full-precision reference: drop the GGUF marker so
     # the checkpoint saves and reloads as an ordinary float model.
     if hasattr(model.config, "quantization_config"):
@@ -160,41 +169,102 @@ def resolve_model(name: str | None) -> str:
     return name
 
 
+def model_reference(name: str | None) -> str:
+    """How outputs record a model: an alias or hub id as given, a local directory made absolute
+    (so a later job, e.g. recovery's KD teacher, finds it from any working directory)."""
+    name = name or DEFAULT_MODEL
+    return str(Path(name).resolve()) if name not in EMBEDDED_MODELS and Path(name).exists() else name
+
+
 def model_label(name: str | None) -> str:
     """A short name for run directories and reports."""
     name = name or DEFAULT_MODEL
     return Path(name.rstrip("/")).name or name
 
 
-def load_tokenizer(name: str | None):
+@contextlib.contextmanager
+def refusing_remote_code(name: str | None) -> Iterator[None]:
+    """Turn transformers' refusal to run a model's own code into a one-line error naming the opt-in.
+
+    Every loader passes ``trust_remote_code`` explicitly (False unless the user opts in), so
+    transformers never asks on stdin, where a stray ``y`` would run the model's code.
+    """
+    try:
+        yield
+    except ValueError as err:
+        if "trust_remote_code" not in str(err):
+            raise
+        raise RemoteCodeError(f"{name or DEFAULT_MODEL} ships its own Python code, which loading would run; "
+                              f"pass --trust-remote-code if you trust it") from None
+
+
+def _load_failed(name: str | None, err: OSError) -> ModelUnavailableError:
+    return ModelUnavailableError(
+        f"cannot load model {name!r}: {str(err).splitlines()[0]}; pass a local Hugging Face "
+        f"directory, or omit --model to use the embedded {DEFAULT_MODEL}")
+
+
+def load_config(name: str | None, trust_remote_code: bool = False):
+    """The transformers config of a model (cheap: no weights are read)."""
+    from transformers import AutoConfig
+
+    try:
+        with refusing_remote_code(name):
+            return AutoConfig.from_pretrained(resolve_model(name), trust_remote_code=trust_remote_code)
+    except OSError as err:
+        raise _load_failed(name, err) from None
+
+
+def context_length(name: str | None, trust_remote_code: bool = False) -> int | None:
+    """The longest sequence the model's positions cover, from its config; None if it names none."""
+    config = load_config(name, trust_remote_code)
+    config = getattr(config, "text_config", None) or config
+    return next((int(value) for attribute in CONTEXT_ATTRIBUTES
+                 if isinstance(value := getattr(config, attribute, None), int) and value > 0), None)
+
+
+def check_seqlen(name: str | None, seqlen: int, setting: str = "--seqlen", trust_remote_code: bool = False) -> None:
+    """Refuse a sequence length beyond the model's context before the model (or any data) is loaded."""
+    limit = context_length(name, trust_remote_code)
+    if limit is not None and seqlen > limit:
+        raise ValueError(f"{setting} {seqlen} exceeds the context of {model_label(name)} ({limit} tokens); "
+                         f"use {setting} {limit} or less")
+
+
+def load_tokenizer(name: str | None, trust_remote_code: bool = False):
     from transformers import AutoTokenizer
 
-    tokenizer = AutoTokenizer.from_pretrained(resolve_model(name))
+    with refusing_remote_code(name):
+        tokenizer = AutoTokenizer.from_pretrained(resolve_model(name), trust_remote_code=trust_remote_code)
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     return tokenizer
 
 
-def load_model(name: str | None = None, dtype: str | torch.dtype = torch.float32, device: str = "cpu"):
+def load_model(name: str | None = None, dtype: str | torch.dtype = torch.float32, device: str = "cpu",
+               trust_remote_code: bool = False):
     """Load ``(model, tokenizer)`` in eval mode from an alias, a hub id or a local directory.
 
-    A quikft packed checkpoint directory is loaded by :func:`quikft.checkpoint.load`, which
-    checks every stored tensor strictly before reading it.
+    ``dtype`` may be ``auto`` (what ``device`` runs fast, see :mod:`quikft.hardware`). A quikft
+    packed checkpoint directory is loaded by :func:`quikft.checkpoint.load`, which checks every
+    stored tensor strictly before reading it. A model's own Python code runs only with
+    ``trust_remote_code``.
     """
     from transformers import AutoModelForCausalLM
 
     from quikft.checkpoint import is_packed_checkpoint, load
 
     path = resolve_model(name)
-    torch_dtype = parse_dtype(dtype)
+    torch_dtype = parse_dtype(dtype, device)
     if is_packed_checkpoint(path):
-        return load(path, dtype=torch_dtype, device=device), load_tokenizer(path)
+        with refusing_remote_code(name):
+            model = load(path, dtype=torch_dtype, device=device, trust_remote_code=trust_remote_code)
+        return model, load_tokenizer(path, trust_remote_code)
     try:
-        model = AutoModelForCausalLM.from_pretrained(path, dtype=torch_dtype)
+        with refusing_remote_code(name):
+            model = AutoModelForCausalLM.from_pretrained(path, dtype=torch_dtype, trust_remote_code=trust_remote_code)
     except OSError as err:
-        raise ModelUnavailableError(
-            f"cannot load model {name!r}: {str(err).splitlines()[0]}; pass a local Hugging Face "
-            f"directory, or omit --model to use the embedded {DEFAULT_MODEL}") from None
+        raise _load_failed(name, err) from None
     model.to(device)
     model.eval()
-    return model, load_tokenizer(path)
+    return model, load_tokenizer(path, trust_remote_code)

@@ -10,12 +10,16 @@
   with noise at the target bit-width, then the model is quantized keeping those columns.
 - ``lora``: a LoRA baseline (peft) on the quantized model, for comparison only.
 
+Each mode is a small object (:class:`RecoveryMode`) chosen once from the config: it checks its
+input, prepares the model, makes it trainable and writes its output.
+
 Only the salient slices (``GiftLinear.salient_weight``) are parameters with gradients and
 optimizer state. Runs under ``accelerate launch`` as data parallel (each process takes
 different rows of every batch); rank 0 evaluates and saves. ``save_every`` writes a
-resumable state (trainable tensors, optimizer, scheduler, every rank's RNG; the data
-position is the step, since rows are a function of their index), so a resumed run ends with
-the same weights as an uninterrupted one.
+resumable state (:mod:`quikft.train_state`: trainable tensors, optimizer, scheduler, every
+rank's RNG; the data position is the step, since rows are a function of their index), so a
+resumed run ends with the same weights as an uninterrupted one. A non-finite loss or gradient
+stops the run before the update that would spread it, and nothing is written.
 """
 
 from __future__ import annotations
@@ -23,7 +27,6 @@ from __future__ import annotations
 import contextlib
 import json
 import math
-import os
 import random
 import shutil
 import time
@@ -36,25 +39,38 @@ from safetensors.torch import save_file
 from torch import nn
 from tqdm.auto import tqdm
 
-from quikft.atomic import atomic_directory, write_json
-from quikft.checkpoint import is_packed_checkpoint, read_quantization_config, write_packed, write_quik_model
-from quikft.config import QuantConfig, RecoverConfig, build_config
-from quikft.data import calibration_windows
-from quikft.eval.ppl import evaluate_ppl
-from quikft.models import load_model, load_tokenizer, model_label, resolve_model
-from quikft.nn.gift_linear import gift_layers, unwrap_after_training, wrap_for_training
+from quikft import train_state
+from quikft.atomic import atomic_directory, prepare_output, write_json
+from quikft.checkpoint import is_packed_checkpoint, write_packed, write_quik_model
+from quikft.config import ConfigError, QuantConfig, RecoverConfig, build_config
+from quikft.data import calibration_windows, check_source
+from quikft.eval.ppl import quick_ppl
+from quikft.hardware import DtypeChoice, native_bf16, resolve_device, resolve_dtype
+from quikft.models import (
+    check_seqlen,
+    load_model,
+    load_tokenizer,
+    model_label,
+    model_reference,
+    resolve_model,
+)
+from quikft.nn.gift_linear import unwrap_after_training, wrap_for_training
 from quikft.nn.quik_linear import QuikLinear
 from quikft.quant.pipeline import linear_names, quantize_model, select_salient_model
 from quikft.runinfo import library_versions, peak_rss_mb
 from quikft.train_data import IGNORE, TrainingMixture
 
 REPORT_NAME = "recover_report.json"
-STATE_NAME = "training_state.pt"
-LOG_NAME = "log.jsonl"
+SALIENT_NAME = "salient_indices.safetensors"
+FP16_MAX = 65504.0  # trained columns are stored as fp16
 # Settings that change the training trajectory: a resumed run must match them.
-TRAJECTORY_KEYS = ("model", "mode", "noise", "noise_bits", "bits", "salient", "data", "loss", "steps",
-                   "batch_size", "grad_accum", "seqlen", "lr", "weight_decay", "warmup_ratio",
-                   "max_grad_norm", "bf16", "lora_rank", "seed")
+TRAJECTORY_KEYS = ("model", "mode", "noise", "noise_bits", "bits", "salient", "quant_config", "data", "loss",
+                   "teacher", "kd_temperature", "steps", "batch_size", "grad_accum", "seqlen", "lr", "weight_decay",
+                   "warmup_ratio", "max_grad_norm", "compute_dtype", "lora_rank", "seed")
+
+
+class TrainingDivergedError(ValueError):
+    """A non-finite loss, gradient or trained weight; the message is one line naming the step."""
 
 
 @dataclass
@@ -66,9 +82,22 @@ class Job:
     ppl_before: dict | None
     fp_ppl: dict | None
     quantization: dict = field(default_factory=dict)  # the output's quantize settings (bits, salient, ...)
+    source_model: str | None = None  # the full-precision model the output derives from (provenance, KD teacher)
     salient: dict[str, torch.Tensor] = field(default_factory=dict)  # pre mode
     calib: torch.Tensor | None = None  # pre mode: re-used to quantize after training
     quant_config: QuantConfig | None = None
+
+
+@dataclass(frozen=True)
+class Run:
+    """Decisions made once at the start of a run."""
+
+    config: RecoverConfig
+    mode: RecoveryMode
+    device: str
+    dtype: DtypeChoice
+    out_dir: Path
+    state_dir: Path
 
 
 def default_out_dir(config: RecoverConfig) -> Path:
@@ -80,106 +109,122 @@ def state_dir_for(out_dir: Path) -> Path:
     return out_dir.with_name(f"{out_dir.name}.train-state")
 
 
-# ------------------------------------------------------------------------------------ the job
+# ------------------------------------------------------------------------------------ modes
 
-def recover(config: RecoverConfig, progress: bool = True) -> dict:
-    """Run the whole recovery job for ``config``; returns the report (rank 0) that is also saved."""
-    config.validate()
-    accelerator = _accelerator(cpu=config.device == "cpu")
-    main = accelerator.is_main_process
-    out_dir = Path(config.out) if config.out else default_out_dir(config)
-    state_dir = state_dir_for(out_dir)
-    _check_state(config, state_dir)
-    began = time.perf_counter()
-    _seed_everything(config.seed + accelerator.process_index)
-    # Data first: a bad --data should fail in seconds, not after loading and evaluating the model.
-    data = TrainingMixture(load_tokenizer(config.model), config.data, config.seqlen, config.seed)
-    job = prepare(config, evaluate=main and config.eval_before, progress=progress and main)
-    trainable = attach_trainable(job, config)
-    teacher = load_teacher(config) if config.loss == "kd" else None
-    curve = train(job.model, job.tokenizer, trainable, data, config, accelerator, teacher, state_dir,
-                  progress and main)
-    report = None
-    if main:
-        report = finish(job, config, out_dir, curve, began)
-        shutil.rmtree(state_dir, ignore_errors=True)
-    accelerator.wait_for_everyone()
-    return report
+class RecoveryMode:
+    """How one mode checks its input, prepares the model, makes it trainable and writes its output."""
 
+    name = ""
+    noise_default = True  # noise when --noise/--no-noise is not given
+    packed_input = True  # a packed checkpoint in (False: a full-precision model)
 
-def _accelerator(cpu: bool):
-    from accelerate import Accelerator, DistributedDataParallelKwargs
+    def noise_bits(self, config: RecoverConfig) -> int | None:
+        """The bit-width whose step scales the noise, or None for no noise."""
+        if not (self.noise_default if config.noise is None else config.noise):
+            return None
+        return config.noise_bits or self.default_noise_bits(config)
 
-    # cpu=True makes a multi-process launch (accelerate launch --multi_gpu, torchrun) use gloo on CPU.
-    # Buffers (packed codes, frozen weights) never change: do not re-broadcast them every forward.
-    return Accelerator(cpu=cpu, kwargs_handlers=[DistributedDataParallelKwargs(broadcast_buffers=False)])
+    def default_noise_bits(self, config: RecoverConfig) -> int:
+        return 4  # paper §6.3: 4-bit noise after quantization
 
-
-def _seed_everything(seed: int) -> None:
-    random.seed(seed)
-    torch.manual_seed(seed)
-
-
-def quick_ppl(model, tokenizer, config: RecoverConfig, label: str) -> dict | None:
-    if config.eval_windows == 0:
-        return None
-    was_training = model.training
-    model.eval()  # no noise in evaluation
-    result = evaluate_ppl(model, tokenizer, "wikitext2", config.eval_seqlen, config.eval_windows,
-                          config.eval_stride, model_name=label).to_dict()
-    model.train(was_training)
-    return result
-
-
-def prepare(config: RecoverConfig, evaluate: bool = True, progress: bool = True) -> Job:
-    """Load the input for the mode and measure its ppl (before any training)."""
-    packed = is_packed_checkpoint(resolve_model(config.model))
-    if config.mode == "pre":
-        if packed:
-            raise ValueError(f"--mode pre trains a full-precision model, but {config.model} is a packed "
+    def check_input(self, config: RecoverConfig) -> None:
+        """Refuse the wrong kind of input before anything is loaded."""
+        packed = is_packed_checkpoint(resolve_model(config.model))
+        if self.packed_input and not packed:
+            raise ValueError(f"--mode {self.name} needs a packed checkpoint from `quikft quantize` as --model "
+                             f"(got {config.model or 'the default FP model'}); or use --mode pre")
+        if not self.packed_input and packed:
+            raise ValueError(f"--mode {self.name} trains a full-precision model, but {config.model} is a packed "
                              f"checkpoint; pass the FP model, or use --mode post")
-        return _prepare_pre(config, evaluate, progress)
-    if not packed:
-        raise ValueError(f"--mode {config.mode} needs a packed checkpoint from `quikft quantize` as --model "
-                         f"(got {config.model or 'the default FP model'}); or use --mode pre")
-    model, tokenizer = load_model(config.model, device=config.device)
-    ppl = quick_ppl(model, tokenizer, config, str(config.model)) if evaluate else None
-    return Job(model, tokenizer, ppl, _fp_ppl_of(config), dict(model.config.quantization_config))
+
+    def prepare(self, config: RecoverConfig, device: str, evaluate: bool, progress: bool) -> Job:
+        """Load the packed input and measure its ppl (before any training)."""
+        model, tokenizer = load_model(config.model, device=device, trust_remote_code=config.trust_remote_code)
+        ppl = _quick_ppl(model, tokenizer, config, str(config.model)) if evaluate else None
+        qconfig = dict(model.config.quantization_config)
+        # Checkpoints written before source_model existed kept the source in their settings.
+        source = qconfig.get("source_model") or qconfig.get("settings", {}).get("model")
+        return Job(model, tokenizer, ppl, _fp_ppl_of(config), qconfig, source_model=source)
+
+    def wrap(self, job: Job, config: RecoverConfig) -> dict[str, nn.Parameter]:
+        """Make the mode's layers trainable (everything else frozen); the trainable parameters by name."""
+        layers = wrap_for_training(job.model, self.noise_bits(config), job.salient or None,
+                                   cache_base=config.cache_base)
+        return {f"{name}.salient_weight": layer.salient_weight for name, layer in layers.items()}
+
+    def finish(self, job: Job, config: RecoverConfig, staging: Path, label: str) -> dict | None:
+        """Write the output into ``staging``; returns the quick ppl after training."""
+        unwrap_after_training(job.model)
+        ppl_after = _quick_ppl(job.model, job.tokenizer, config, label)
+        write_quik_model(job.model, job.tokenizer, staging)
+        return ppl_after
 
 
-def _prepare_pre(config: RecoverConfig, evaluate: bool, progress: bool) -> Job:
-    quant_config = build_config(QuantConfig, config.quant_config, model=config.model, bits=config.bits,
-                                salient=config.salient, seed=config.seed, device=config.device,
-                                eval_windows=config.eval_windows, eval_stride=config.eval_stride,
-                                eval_seqlen=config.eval_seqlen)
-    model, tokenizer = load_model(config.model, device=config.device)
-    linear_names(model)  # refuse unsupported architectures before any work
-    ppl = quick_ppl(model, tokenizer, config, model_label(config.model)) if evaluate else None
-    calib = calibration_windows(tokenizer, quant_config.calib, quant_config.nsamples, quant_config.seqlen,
-                                quant_config.seed)
-    salient = select_salient_model(model, calib, quant_config, progress=progress)
-    return Job(model, tokenizer, ppl, ppl, quant_config.to_dict(), salient, calib, quant_config)
+class PostMode(RecoveryMode):
+    name = "post"
 
 
-def _fp_ppl_of(config: RecoverConfig) -> dict | None:
-    """The FP reference ppl the quantize run recorded, if it used the same evaluation setting."""
-    report = Path(resolve_model(config.model)) / "quantize_report.json"
-    if not report.is_file():
+class SalientFtMode(RecoveryMode):
+    name = "salient-ft"
+    noise_default = False
+
+
+class PreMode(RecoveryMode):
+    name = "pre"
+    packed_input = False
+
+    def quant_config(self, config: RecoverConfig) -> QuantConfig:
+        """The scheme used after training: --quant-config, with --bits/--salient overriding it when given."""
+        return build_config(QuantConfig, config.quant_config, bits=config.bits, salient=config.salient)
+
+    def default_noise_bits(self, config: RecoverConfig) -> int:
+        return self.quant_config(config).bits  # noise at the target bit-width
+
+    def check_input(self, config: RecoverConfig) -> None:
+        super().check_input(config)
+        scheme = self.quant_config(config)  # a bad preset fails here, not after training
+        check_source(scheme.calib, "calib")
+
+    def prepare(self, config: RecoverConfig, device: str, evaluate: bool, progress: bool) -> Job:
+        scheme = self.quant_config(config)
+        model, tokenizer = load_model(config.model, device=device, trust_remote_code=config.trust_remote_code)
+        linear_names(model)  # refuse unsupported architectures before any work
+        ppl = _quick_ppl(model, tokenizer, config, model_label(config.model)) if evaluate else None
+        calib = calibration_windows(tokenizer, scheme.calib, scheme.nsamples, scheme.seqlen, scheme.seed)
+        salient = select_salient_model(model, calib, scheme, progress=progress, device=device)
+        return Job(model, tokenizer, ppl, ppl, scheme.to_dict(), source_model=model_reference(config.model),
+                   salient=salient, calib=calib, quant_config=scheme)
+
+    def finish(self, job: Job, config: RecoverConfig, staging: Path, label: str) -> dict | None:
+        unwrap_after_training(job.model)
+        device = str(next(job.model.parameters()).device)
+        quantized = quantize_model(job.model, job.calib, job.quant_config, progress=False, device=device)
+        ppl_after = _quick_ppl(job.model, job.tokenizer, config, label)
+        write_packed(job.model, job.tokenizer, quantized, staging, job.quant_config, source_model=job.source_model)
+        save_file({n: t.contiguous() for n, t in quantized.salient_indices().items()}, staging / SALIENT_NAME)
+        return ppl_after
+
+
+class LoraMode(RecoveryMode):
+    name = "lora"
+    noise_default = False
+
+    def noise_bits(self, config: RecoverConfig) -> int | None:
+        if config.noise:
+            raise ConfigError("--mode lora trains adapters without noise; drop --noise", "noise")
         return None
-    fp = json.loads(report.read_text()).get("fp_ppl") or {}
-    same = (fp.get("seqlen") == config.eval_seqlen and fp.get("windows") == config.eval_windows
-            and fp.get("window_stride") == config.eval_stride)
-    return fp if same else None
 
-
-def attach_trainable(job: Job, config: RecoverConfig) -> list[nn.Parameter]:
-    """Make the mode's layers trainable; everything else is frozen. Returns the trainable parameters."""
-    if config.mode == "lora":
+    def wrap(self, job: Job, config: RecoverConfig) -> dict[str, nn.Parameter]:
         job.model = lora_model(job.model, config)
-        return [p for p in job.model.parameters() if p.requires_grad]
-    layers = wrap_for_training(job.model, config.effective_noise_bits, job.salient or None,
-                               cache_base=config.cache_base)
-    return [layer.salient_weight for layer in layers.values()]
+        return {name: p for name, p in job.model.named_parameters() if p.requires_grad}
+
+    def finish(self, job: Job, config: RecoverConfig, staging: Path, label: str) -> dict | None:
+        ppl_after = _quick_ppl(job.model, job.tokenizer, config, label)
+        job.model.save_pretrained(staging / "adapter")
+        return ppl_after
+
+
+MODES: dict[str, RecoveryMode] = {mode.name: mode for mode in (PostMode(), SalientFtMode(), PreMode(), LoraMode())}
 
 
 def lora_model(model: nn.Module, config: RecoverConfig) -> nn.Module:
@@ -203,15 +248,110 @@ def lora_model(model: nn.Module, config: RecoverConfig) -> nn.Module:
     return get_peft_model(model, lora)
 
 
-def load_teacher(config: RecoverConfig) -> nn.Module:
+# ------------------------------------------------------------------------------------ the job
+
+def recover(config: RecoverConfig, progress: bool = True) -> dict:
+    """Run the whole recovery job for ``config``; returns the report (rank 0) that is also saved."""
+    run = plan(config)
+    accelerator = _accelerator(cpu=run.device == "cpu")
+    main = accelerator.is_main_process
+    began = time.perf_counter()
+    _seed_everything(config.seed + accelerator.process_index)
+    if progress and main:
+        tqdm.write(f"recover {config.mode}: compute dtype {run.dtype.name} ({run.dtype.reason}), device {run.device}")
+    # Data first: a bad --data should fail in seconds, not after loading and evaluating the model.
+    tokenizer = load_tokenizer(config.model, config.trust_remote_code)
+    data = TrainingMixture(tokenizer, config.data, config.seqlen, config.seed)
+    job = run.mode.prepare(config, run.device, evaluate=main and config.eval_before, progress=progress and main)
+    trainable = run.mode.wrap(job, config)
+    teacher = load_teacher(run, job) if config.loss == "kd" else None
+    curve = train(run, job, trainable, data, accelerator, teacher, progress and main)
+    report = None
+    if main:
+        report = finish(run, job, trainable, curve, began)
+        shutil.rmtree(run.state_dir, ignore_errors=True)
+    accelerator.wait_for_everyone()
+    return report
+
+
+def plan(config: RecoverConfig) -> Run:
+    """Every check that needs no model weights, and the run's one-time decisions (mode, device, dtype)."""
+    config.validate()
+    mode = MODES[config.mode]
+    mode.noise_bits(config)  # a contradictory noise setting fails here
+    for source in config.data:
+        check_source(source)
+    mode.check_input(config)
+    check_seqlen(config.model, config.seqlen, trust_remote_code=config.trust_remote_code)
+    out_dir = Path(config.out) if config.out else default_out_dir(config)
+    state_dir = state_dir_for(out_dir)
+    _check_state(config, state_dir)
+    inputs = [resolve_model(config.model), config.teacher and resolve_model(config.teacher)]
+    prepare_output(out_dir, REPORT_NAME, config.overwrite, inputs)
+    device = resolve_device(config.device)
+    return Run(config, mode, device, recover_dtype(config, device), out_dir, state_dir)
+
+
+def recover_dtype(config: RecoverConfig, device: str) -> DtypeChoice:
+    """The autocast dtype: --bf16/--fp32 when given, else --dtype (auto: what the device runs fast)."""
+    if config.bf16 is None:
+        return resolve_dtype(config.dtype, device)
+    flag = "--bf16" if config.bf16 else "--fp32"
+    return DtypeChoice(torch.bfloat16 if config.bf16 else torch.float32, f"{flag} requested; {native_bf16(device)[1]}")
+
+
+def _accelerator(cpu: bool):
+    from accelerate import Accelerator, DistributedDataParallelKwargs
+
+    # cpu=True makes a multi-process launch (accelerate launch --multi_gpu, torchrun) use gloo on CPU.
+    # Buffers (packed codes, frozen weights) never change: do not re-broadcast them every forward.
+    return Accelerator(cpu=cpu, kwargs_handlers=[DistributedDataParallelKwargs(broadcast_buffers=False)])
+
+
+def _seed_everything(seed: int) -> None:
+    random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def _quick_ppl(model, tokenizer, config: RecoverConfig, label: str) -> dict | None:
+    return quick_ppl(model, tokenizer, config.eval_windows, config.eval_stride, config.eval_seqlen, label)
+
+
+def _fp_ppl_of(config: RecoverConfig) -> dict | None:
+    """The FP reference ppl the quantize run recorded, if it used the same evaluation setting."""
+    report = Path(resolve_model(config.model)) / "quantize_report.json"
+    if not report.is_file():
+        return None
+    fp = json.loads(report.read_text()).get("fp_ppl") or {}
+    same = (fp.get("seqlen") == config.eval_seqlen and fp.get("windows") == config.eval_windows
+            and fp.get("window_stride") == config.eval_stride)
+    return fp if same else None
+
+
+def teacher_name(run: Run, job: Job) -> str | None:
+    """The KD teacher: --teacher, else the full-precision model the input derives from."""
+    return run.config.teacher or job.source_model
+
+
+def load_teacher(run: Run, job: Job) -> nn.Module:
     """The full-precision model for ``--loss kd`` (costs one more model in memory and a forward per step)."""
-    name = config.teacher
-    if name is None and config.mode != "pre":
-        name = read_quantization_config(resolve_model(config.model)).get("settings", {}).get("model")
-    elif name is None:
-        name = config.model
-    teacher, _ = load_model(name, device=config.device)
+    name = teacher_name(run, job)
+    if name is None:
+        raise ValueError(f"--loss kd: {run.config.model} does not record the model it was quantized from; "
+                         f"pass --teacher")
+    teacher, _ = load_model(name, device=run.device, trust_remote_code=run.config.trust_remote_code)
     return teacher.requires_grad_(False).eval()
+
+
+def run_settings(run: Run, job: Job | None = None) -> dict:
+    """The config as it ran: noise, noise bits and compute dtype resolved (what reports and resume compare)."""
+    settings = run.config.to_dict()
+    settings["noise_bits"] = run.mode.noise_bits(run.config)
+    settings["noise"] = settings["noise_bits"] is not None
+    settings["compute_dtype"] = run.dtype.name
+    if job is not None and run.config.loss == "kd":
+        settings["teacher"] = teacher_name(run, job)
+    return settings
 
 
 # ------------------------------------------------------------------------------------ training
@@ -228,37 +368,69 @@ def batch_rows(step: int, micro: int, config: RecoverConfig, rank: int, world: i
     return list(range(first + rank, first + config.batch_size, world))
 
 
-def training_loss(model, batch: dict, config: RecoverConfig, teacher: nn.Module | None) -> torch.Tensor:
-    """Mean cross-entropy over labelled tokens, or the KL divergence to the teacher on them."""
-    autocast = torch.autocast(batch["input_ids"].device.type, dtype=torch.bfloat16, enabled=config.bf16)
-    with autocast:
-        if teacher is None:
-            return model(input_ids=batch["input_ids"], labels=batch["labels"], use_cache=False).loss
+def step_label_count(data: TrainingMixture, step: int, config: RecoverConfig) -> int:
+    """Labelled (predicted) tokens in one optimizer step over every process and micro-batch.
+
+    Each process can count them alone (rows are a function of their index), and dividing every
+    micro-batch's summed loss by this count makes the step's loss the mean over all its labelled
+    tokens, whatever the split into processes and micro-batches. A rank whose rows happen to hold
+    no labelled token then adds zero instead of a NaN mean of nothing.
+    """
+    rows = config.batch_size * config.grad_accum
+    labels = data.batch(list(range(step * rows, (step + 1) * rows)))["labels"]
+    return int((labels[:, 1:] != IGNORE).sum())
+
+
+def training_loss(model, batch: dict, dtype: torch.dtype, teacher: nn.Module | None,
+                  temperature: float) -> torch.Tensor:
+    """Summed cross-entropy over the labelled tokens, or the summed KL divergence to the teacher on them."""
+    device_type = batch["input_ids"].device.type
+    with torch.autocast(device_type, dtype=dtype, enabled=dtype != torch.float32):
         logits = model(input_ids=batch["input_ids"], use_cache=False).logits
-    return kd_loss(logits, teacher, batch, config.kd_temperature)
+    if teacher is None:
+        return F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), batch["labels"][:, 1:].flatten(),
+                               ignore_index=IGNORE, reduction="sum")
+    return kd_loss(logits, teacher, batch, temperature)
 
 
 def kd_loss(logits: torch.Tensor, teacher: nn.Module, batch: dict, temperature: float) -> torch.Tensor:
-    """KL(teacher || student) per labelled position, at ``temperature`` (scaled by T² as usual)."""
+    """KL(teacher || student) summed over labelled positions, at ``temperature`` (scaled by T² as usual)."""
     keep = batch["labels"][:, 1:] != IGNORE
     with torch.no_grad():
         target = teacher(input_ids=batch["input_ids"], use_cache=False).logits[:, :-1][keep].float()
     student = logits[:, :-1][keep].float()
     return F.kl_div(F.log_softmax(student / temperature, -1), F.log_softmax(target / temperature, -1),
-                    log_target=True, reduction="batchmean") * temperature ** 2
+                    log_target=True, reduction="sum") * temperature ** 2
 
 
-def train(model, tokenizer, trainable: list[nn.Parameter], data: TrainingMixture, config: RecoverConfig,
-          accelerator, teacher, state_dir: Path, progress: bool) -> dict:
+def gradient_norm(params: list[nn.Parameter], max_norm: float) -> float:
+    """The total gradient norm, clipping the gradients to ``max_norm`` when it is positive."""
+    if max_norm > 0:
+        return float(torch.nn.utils.clip_grad_norm_(params, max_norm))
+    return float(torch.nn.utils.get_total_norm([p.grad for p in params if p.grad is not None]))
+
+
+def _diverged(step: int, run: Run, what: str) -> TrainingDivergedError:
+    saved = train_state.committed_step(run.state_dir) if run.state_dir.is_dir() else None
+    kept = f"; the last resumable state (step {saved}) stays in {run.state_dir}" if saved else ""
+    return TrainingDivergedError(f"step {step} of {run.config.steps}: {what}; stopped before the update, no output "
+                                 f"written. The learning rate (--lr {run.config.lr:g}) is the likely cause: "
+                                 f"lower it{kept}")
+
+
+def train(run: Run, job: Job, trainable: dict[str, nn.Parameter], data: TrainingMixture, accelerator, teacher,
+          progress: bool) -> dict:
     """The optimisation loop; returns the loss curve and timing."""
+    config, model = run.config, job.model
     world, rank = accelerator.num_processes, accelerator.process_index
     if config.batch_size % world:
         raise ValueError(f"--batch-size {config.batch_size} must be a multiple of the {world} processes")
-    optimizer = torch.optim.AdamW(trainable, lr=config.lr, weight_decay=config.weight_decay)
+    params = list(trainable.values())
+    optimizer = torch.optim.AdamW(params, lr=config.lr, weight_decay=config.weight_decay)
     scheduler = lr_schedule(optimizer, config)
-    names = _trainable_names(model, trainable)
+    settings = run_settings(run, job)
     curve = {"loss_curve": [], "eval_curve": [], "step_seconds": [], "processes": world}
-    start = _resume(config, state_dir, trainable, names, optimizer, scheduler, curve, rank) if config.resume else 0
+    start = _resume(run, settings, world, rank, trainable, optimizer, scheduler, curve) if config.resume else 0
     if config.gradient_checkpointing:
         set_activation_checkpointing(model, True)
     model.train()
@@ -268,34 +440,39 @@ def train(model, tokenizer, trainable: list[nn.Parameter], data: TrainingMixture
                initial=start, total=config.steps)
     for step in bar:
         t0 = time.perf_counter()
-        loss_sum = 0.0
+        count = max(step_label_count(data, step, config), 1)
+        loss_sum = torch.zeros((), device=accelerator.device)
         for micro in range(config.grad_accum):
             batch = data.batch(batch_rows(step, micro, config, rank, world))
             batch = {k: v.to(accelerator.device) for k, v in batch.items()}
             sync = micro == config.grad_accum - 1
             with contextlib.nullcontext() if sync else accelerator.no_sync(wrapped):
-                loss = training_loss(wrapped, batch, config, teacher) / config.grad_accum
-                accelerator.backward(loss)
-            loss_sum += loss.detach().float()
-        if config.max_grad_norm > 0:
-            torch.nn.utils.clip_grad_norm_(trainable, config.max_grad_norm)
+                summed = training_loss(wrapped, batch, run.dtype.dtype, teacher, config.kd_temperature)
+                # Data parallel averages gradients over processes: scale by their number to get the sum.
+                accelerator.backward(summed * (world / count))
+            loss_sum = loss_sum + summed.detach().float()
+        loss_value = accelerator.reduce(loss_sum.reshape(1), reduction="sum").item() / count
+        norm = gradient_norm(params, config.max_grad_norm)
+        if not math.isfinite(loss_value):
+            raise _diverged(step + 1, run, f"the training loss is {loss_value}")
+        if not math.isfinite(norm):
+            raise _diverged(step + 1, run, f"the gradient norm is {norm}")
         lr = scheduler.get_last_lr()[0]
         optimizer.step()
         scheduler.step()
         optimizer.zero_grad(set_to_none=True)
-        loss_value = accelerator.reduce(loss_sum.reshape(1), reduction="mean").item()
         seconds = time.perf_counter() - t0
         curve["step_seconds"].append(seconds)
-        curve["loss_curve"].append({"step": step + 1, "loss": loss_value, "lr": lr,
+        curve["loss_curve"].append({"step": step + 1, "loss": loss_value, "lr": lr, "grad_norm": norm,
                                     "tokens_per_s": tokens_per_step / seconds})
-        bar.set_postfix(loss=f"{loss_value:.4f}", lr=f"{lr:.2e}", tok_s=f"{tokens_per_step / seconds:.0f}")
+        bar.set_postfix({"loss": f"{loss_value:.4f}", "lr": f"{lr:.2e}", "tok/s": f"{tokens_per_step / seconds:.0f}"})
         if accelerator.is_main_process:
-            _log_step(state_dir, curve["loss_curve"][-1], fresh=step == 0)
+            train_state.append_log(run.state_dir, curve["loss_curve"][-1], fresh=step == 0)
         if config.eval_every and (step + 1) % config.eval_every == 0 and accelerator.is_main_process:
-            ppl = quick_ppl(model, tokenizer, config, f"step {step + 1}")
+            ppl = _quick_ppl(model, job.tokenizer, config, f"step {step + 1}")
             curve["eval_curve"].append({"step": step + 1, "ppl": ppl["ppl"] if ppl else None})
         if config.save_every and (step + 1) % config.save_every == 0 and step + 1 < config.steps:
-            _save_state(config, state_dir, step + 1, trainable, names, optimizer, scheduler, curve, accelerator)
+            _save_state(run, step + 1, settings, trainable, optimizer, scheduler, curve, accelerator)
     if config.gradient_checkpointing:
         set_activation_checkpointing(model, False)
     model.eval()
@@ -317,116 +494,91 @@ def set_activation_checkpointing(model, enabled: bool) -> None:
         disable()
 
 
-def _trainable_names(model, trainable: list[nn.Parameter]) -> list[str]:
-    ids = {id(p): name for name, p in model.named_parameters()}
-    return [ids[id(p)] for p in trainable]
-
-
 # ------------------------------------------------------------------------------------ resume
 
 def _check_state(config: RecoverConfig, state_dir: Path) -> None:
-    if (state_dir / STATE_NAME).exists() and not config.resume:
-        raise FileExistsError(f"{state_dir} holds the state of an interrupted run; pass --resume to continue it "
-                              f"or delete that directory to start over")
-    if config.resume and not (state_dir / STATE_NAME).exists():
-        raise FileNotFoundError(f"--resume: no training state at {state_dir} (it is written every --save-every steps)")
+    saved = train_state.committed_step(state_dir) if state_dir.is_dir() else None
+    if saved is not None and not config.resume:
+        raise FileExistsError(f"{state_dir} holds the state of an interrupted run (step {saved}); pass --resume to "
+                              f"continue it or delete that directory to start over")
+    if config.resume and saved is None:
+        raise FileNotFoundError(f"--resume: no training state at {state_dir} (it is written every --save-every "
+                                f"steps); run without --resume to start")
 
 
-def _log_step(state_dir: Path, entry: dict, fresh: bool) -> None:
-    """Append one step to ``log.jsonl`` beside the training state, so a crash keeps the curve so far."""
-    state_dir.mkdir(parents=True, exist_ok=True)
-    with open(state_dir / LOG_NAME, "w" if fresh else "a") as log:
-        log.write(json.dumps(entry) + "\n")
-
-
-def _atomic_torch_save(obj, path: Path) -> None:
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    torch.save(obj, tmp)
-    os.replace(tmp, path)
-
-
-def _save_state(config, state_dir: Path, step: int, trainable, names, optimizer, scheduler, curve,
-                accelerator) -> None:
-    state_dir.mkdir(parents=True, exist_ok=True)
-    rng = {"torch": torch.get_rng_state(), "python": random.getstate()}
-    if torch.cuda.is_available():
-        rng["cuda"] = torch.cuda.get_rng_state_all()
-    _atomic_torch_save(rng, state_dir / f"rng-{accelerator.process_index}.pt")
-    accelerator.wait_for_everyone()  # every rank's RNG is on disk before the state that points at them
+def _save_state(run: Run, step: int, settings: dict, trainable: dict[str, nn.Parameter], optimizer, scheduler,
+                curve: dict, accelerator) -> None:
+    """Every rank's RNG into a fresh step directory, then rank 0's tensors, JSON and the commit."""
+    directory = train_state.step_dir(run.state_dir, step)
     if accelerator.is_main_process:
-        _atomic_torch_save({"step": step, "config": config.to_dict(), "world": accelerator.num_processes,
-                            "trainable": {n: p.detach().cpu().clone() for n, p in zip(names, trainable, strict=True)},
-                            "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
-                            "curve": curve}, state_dir / STATE_NAME)
+        train_state.begin_save(run.state_dir, step)
+    accelerator.wait_for_everyone()
+    train_state.save_rng(directory, accelerator.process_index)
+    accelerator.wait_for_everyone()  # every rank's RNG is on disk before the commit that points at them
+    if accelerator.is_main_process:
+        train_state.save_state(directory, step, settings, accelerator.num_processes, trainable, optimizer,
+                               scheduler, curve)
     accelerator.wait_for_everyone()
 
 
-def _resume(config, state_dir: Path, trainable, names, optimizer, scheduler, curve, rank: int) -> int:
-    state = torch.load(state_dir / STATE_NAME, weights_only=False)
-    saved, now = state["config"], config.to_dict()
-    changed = [k for k in TRAJECTORY_KEYS if saved.get(k) != now.get(k)]
+def _resume(run: Run, settings: dict, world: int, rank: int, trainable: dict[str, nn.Parameter], optimizer,
+            scheduler, curve: dict) -> int:
+    state = train_state.load_state(run.state_dir)
+    changed = [k for k in TRAJECTORY_KEYS if state.settings.get(k) != settings.get(k)]
     if changed:
         raise ValueError(f"--resume: the saved run used different {', '.join(changed)} "
-                         f"({', '.join(f'{k}={saved.get(k)!r}' for k in changed)}); use the same settings")
-    with torch.no_grad():
-        for name, param in zip(names, trainable, strict=True):
-            param.copy_(state["trainable"][name])
-    optimizer.load_state_dict(state["optimizer"])
-    scheduler.load_state_dict(state["scheduler"])
-    curve.update(state["curve"])
-    rng = torch.load(state_dir / f"rng-{rank}.pt", weights_only=False)
-    torch.set_rng_state(rng["torch"])
-    random.setstate(rng["python"])
-    if "cuda" in rng:
-        torch.cuda.set_rng_state_all(rng["cuda"])
-    return state["step"]
+                         f"({', '.join(f'{k}={state.settings.get(k)!r}' for k in changed)}); use the same settings")
+    if state.world != world:
+        raise ValueError(f"--resume: the saved run used {state.world} processes, this one {world}; use the same")
+    train_state.restore(state, trainable, optimizer, scheduler)
+    curve.update(state.curve)
+    train_state.load_rng(run.state_dir, rank)
+    if rank == 0:
+        train_state.rewrite_log(run.state_dir, curve["loss_curve"])
+    return state.step
 
 
 # ------------------------------------------------------------------------------------ output
 
-def finish(job: Job, config: RecoverConfig, out_dir: Path, curve: dict, began: float) -> dict:
+def check_trained_values(trainable: dict[str, nn.Parameter], config: RecoverConfig) -> None:
+    """Trained columns must be finite and fit fp16, the dtype they are stored in."""
+    for name, param in trainable.items():
+        peak = float(param.detach().abs().max()) if param.numel() else 0.0
+        if not peak <= FP16_MAX:  # also catches NaN
+            raise TrainingDivergedError(f"{name}: trained values reach {peak:g}, beyond fp16 (the checkpoint's "
+                                        f"dtype); no output written. The learning rate (--lr {config.lr:g}) is "
+                                        f"the likely cause: lower it")
+
+
+def finish(run: Run, job: Job, trainable: dict[str, nn.Parameter], curve: dict, began: float) -> dict:
     """Put the trained columns back, quantize (pre), evaluate, and write the output atomically."""
-    model = job.model
-    trainable_params = _count_trainable(model, config)
-    with atomic_directory(out_dir, overwrite=True) as staging:
-        if config.mode == "lora":
-            ppl_after = quick_ppl(model, job.tokenizer, config, str(out_dir))
-            model.save_pretrained(staging / "adapter")
-        elif config.mode == "pre":
-            unwrap_after_training(model)
-            quantized = quantize_model(model, job.calib, job.quant_config)
-            ppl_after = quick_ppl(model, job.tokenizer, config, str(out_dir))
-            write_packed(model, job.tokenizer, quantized, staging, job.quant_config)
-            save_file({n: t.contiguous() for n, t in quantized.salient_indices().items()},
-                      staging / "salient_indices.safetensors")
-        else:
-            unwrap_after_training(model)
-            ppl_after = quick_ppl(model, job.tokenizer, config, str(out_dir))
-            write_quik_model(model, job.tokenizer, staging)
-        report = build_report(config, job, curve, ppl_after, trainable_params, time.perf_counter() - began)
+    config = run.config
+    check_trained_values(trainable, config)
+    trainable_params = sum(p.numel() for p in trainable.values())
+    with atomic_directory(run.out_dir, overwrite=config.overwrite, marker=REPORT_NAME) as staging:
+        ppl_after = run.mode.finish(job, config, staging, str(run.out_dir))
+        report = build_report(run, job, curve, ppl_after, trainable_params, time.perf_counter() - began)
         write_json(staging / REPORT_NAME, report)
-    report["out"] = str(out_dir)
+    report["out"] = str(run.out_dir)
     return report
 
 
-def _count_trainable(model, config: RecoverConfig) -> int:
-    if config.mode == "lora":
-        return sum(p.numel() for p in model.parameters() if p.requires_grad)
-    return sum(layer.salient_weight.numel() for layer in gift_layers(model).values())
-
-
-def build_report(config: RecoverConfig, job: Job, curve: dict, ppl_after: dict | None, trainable_params: int,
+def build_report(run: Run, job: Job, curve: dict, ppl_after: dict | None, trainable_params: int,
                  seconds: float) -> dict:
+    config = run.config
     steps = curve["step_seconds"]
     # The first step includes one-off costs (allocations, caches): leave it out of the mean if we can.
     typical = steps[1:] or steps
     step_seconds = sum(typical) / len(typical) if typical else None
     return {
         "job": "recover",
-        "config": config.to_dict(),
-        # What the output is quantized to (post modes: the input checkpoint's; config.bits is pre-only).
+        "config": run_settings(run, job),
+        # What the output is quantized to (post modes: the input checkpoint's).
         "bits": job.quantization.get("bits"),
         "salient": job.quantization.get("salient"),
+        "source_model": job.source_model,
+        "device": run.device,
+        "compute_dtype": run.dtype.to_dict(),
         "fp_ppl": job.fp_ppl,
         "ppl_before": job.ppl_before,
         "ppl_after": ppl_after,

@@ -19,9 +19,8 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from quikft.config import check_metric_norms
 from quikft.quant.grid import paper_quantize, paper_step
-
-_SUPPORTED_RHO = (1.0, 2.0, math.inf)
 
 
 @dataclass(frozen=True)
@@ -40,10 +39,7 @@ class MetricSpec:
     d_power: float = 1.0
 
     def __post_init__(self) -> None:
-        if self.rho not in _SUPPORTED_RHO:
-            raise ValueError(f"rho must be one of 1, 2, inf (streamed statistics); got {self.rho}")
-        if self.tau is not None and not self.tau > 0:
-            raise ValueError(f"tau must be positive, inf or None; got {self.tau}")
+        check_metric_norms(self.tau, self.rho)
 
 
 PRESETS: dict[str, MetricSpec] = {
@@ -93,7 +89,7 @@ class ColumnStats:
 
     Keeps the running max ``|x|`` and float64 running sums of ``x^2`` and ``|x|``
     per input column, plus the token count; enough for ``||X_j||_rho`` with rho in
-    {inf, 2, 1}. Padding tokens are excluded through ``mask``.
+    {inf, 2, 1}. Calibration windows are full (no padding), so every token counts.
     """
 
     def __init__(self, in_features: int):
@@ -103,14 +99,10 @@ class ColumnStats:
         self.sum_sq: Tensor | None = None
         self.sum_abs: Tensor | None = None
 
-    def update(self, x: Tensor, mask: Tensor | None = None) -> None:
-        """Add inputs ``x`` (..., in); ``mask`` (...) bool marks the valid tokens."""
+    def update(self, x: Tensor) -> None:
+        """Add inputs ``x`` (..., in)."""
         if x.shape[-1] != self.in_features:
             raise ValueError(f"expected inputs with last dimension {self.in_features}, got {tuple(x.shape)}")
-        if mask is not None:
-            if mask.shape != x.shape[:-1]:
-                raise ValueError(f"mask shape {tuple(mask.shape)} does not match inputs {tuple(x.shape)}")
-            x = x[mask.to(device=x.device, dtype=torch.bool)]
         ax = x.reshape(-1, self.in_features).detach().float().abs()
         if ax.shape[0] == 0:
             return

@@ -36,7 +36,8 @@ def test_eval_prints_ppl_and_writes_json(tiny_dir, text_file, tmp_path):
 def test_eval_bad_dataset_is_one_line_error(tiny_dir):
     result = CliRunner().invoke(main, ["eval", "--model", str(tiny_dir), "--ppl", "nope.txt"])
     assert result.exit_code == 1
-    assert "Error: data file nope.txt does not exist" in result.output
+    assert "Error: --ppl 'nope.txt' is neither a known dataset (alpaca, " in result.output
+    assert result.output.count("\n") == 1
 
 
 def test_generate_runs_on_a_plain_model(tiny_dir):

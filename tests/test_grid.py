@@ -5,10 +5,9 @@ import math
 import pytest
 import torch
 
+from quikft.config import BITS, check_bits
 from quikft.quant.grid import (
-    BITS,
     SHRINK_FACTORS,
-    check_bits,
     dequantize,
     fake_quantize,
     fit_scale_zero,

@@ -7,7 +7,7 @@ from click.testing import CliRunner
 from safetensors.torch import load_file
 
 from quikft.cli import main
-from quikft.config import QuantConfig, build_config
+from quikft.config import QuantConfig, QuantizeJob, build_config
 from quikft.data import calibration_windows
 from quikft.quant.gptq import gptq_quantize, rtn_quantize
 from quikft.quant.grid import round_to_fp16
@@ -82,7 +82,7 @@ def test_salient_columns_come_from_the_metric_on_block_inputs(tiny, text_file):
     calib = _calib(tokenizer, text_file)
     config = QuantConfig(bits=3, salient=8, group_size=32, nsamples=8, seqlen=48)
     # expected: scores from the first block's FP inputs (block 0 sees the same inputs in both runs)
-    inputs = capture_block_inputs(model, calib, config.batch_size, "cpu")
+    inputs = capture_block_inputs(model, calib, 8, "cpu")
     block = decoder_blocks(model)[0]
     with streaming_statistics(block, ("mlp.up_proj",)) as stats:
         run_block(block, inputs)
@@ -105,9 +105,9 @@ def test_same_seed_gives_identical_output(tiny_dir, text_file, tmp_path):
 
     reports = []
     for run in ("a", "b"):
-        config = QuantConfig(model=str(tiny_dir), bits=3, salient=4, group_size=32, calib=str(text_file),
-                             nsamples=6, seqlen=40, out=str(tmp_path / run), eval_windows=0)
-        reports.append(quantize(config, progress=False))
+        scheme = QuantConfig(bits=3, salient=4, group_size=32, calib=str(text_file), nsamples=6, seqlen=40)
+        job = QuantizeJob(scheme, model=str(tiny_dir), out=str(tmp_path / run), eval_windows=0)
+        reports.append(quantize(job, progress=False))
     a = load_file(tmp_path / "a" / "model.safetensors")
     b = load_file(tmp_path / "b" / "model.safetensors")
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)

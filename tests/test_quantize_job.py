@@ -1,19 +1,21 @@
 import math
 
-from quikft.config import QuantConfig
+from quikft.config import QuantConfig, QuantizeJob
 from quikft.quantize import quantize
 
 
 def test_quick_eval_reports_fp_and_quantized_ppl_and_caches_fp(tiny_dir, text_file, tmp_path, monkeypatch,
                                                                 shared_data):
     monkeypatch.setenv("QUIKFT_CACHE", str(tmp_path / "cache"))
-    config = QuantConfig(model=str(tiny_dir), bits=2, salient=4, group_size=32, calib=str(text_file), nsamples=4,
-                         seqlen=32, eval_windows=2, eval_seqlen=64, eval_stride=8, out=str(tmp_path / "run"))
-    report = quantize(config, progress=False)
+    scheme = QuantConfig(bits=2, salient=4, group_size=32, calib=str(text_file), nsamples=4, seqlen=32)
+    job = QuantizeJob(scheme, model=str(tiny_dir), eval_windows=2, eval_seqlen=64, eval_stride=8,
+                      out=str(tmp_path / "run"))
+    report = quantize(job, progress=False)
     assert report["fp_ppl"]["windows"] == report["ppl"]["windows"] == 2
     assert report["ppl"]["seqlen"] == 64 and math.isfinite(report["ppl"]["ppl"])
     assert report["ppl"]["ppl"] != report["fp_ppl"]["ppl"]  # 2-bit weights change the model
     cached = list((tmp_path / "cache" / "ppl").glob("*.json"))
     assert len(cached) == 1
-    again = quantize(config, progress=False)
+    job.overwrite = True  # replace the previous output
+    again = quantize(job, progress=False)
     assert again["fp_ppl"] == report["fp_ppl"] and again["ppl"]["ppl"] == report["ppl"]["ppl"]

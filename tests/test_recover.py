@@ -43,11 +43,11 @@ def corpus(tmp_path_factory):
 def packed(tmp_path_factory, tiny_dir, corpus):
     """A packed 3-bit checkpoint of the tiny model (8 salient columns per linear)."""
     model, tokenizer = load_model(str(tiny_dir))
-    config = QuantConfig(model=str(tiny_dir), bits=3, salient=8, group_size=32, nsamples=4, seqlen=32,
-                         clip_search=False)
+    config = QuantConfig(bits=3, salient=8, group_size=32, nsamples=4, seqlen=32, clip_search=False)
     calib = calibration_windows(tokenizer, corpus["text"], 4, 32, 0)
     quantized = quantize_model(model, calib, config, progress=False)
-    return save_packed(model, tokenizer, quantized, tmp_path_factory.mktemp("packed") / "w3", config)
+    return save_packed(model, tokenizer, quantized, tmp_path_factory.mktemp("packed") / "w3", config,
+                       source_model=str(tiny_dir))
 
 
 def _config(model, corpus, tmp_path, **changes):
@@ -252,7 +252,7 @@ def test_cli_recover_and_one_line_errors(packed, corpus, tmp_path):
             "--out", str(out)]
     result = runner.invoke(main, args)
     assert result.exit_code == 0, result.output
-    assert "recovered (post, noise 4)" in result.output
+    assert "recovered (post, noise 4, float32)" in result.output
     assert json.loads((out / "recover_report.json").read_text())["config"]["data"] == [corpus["instructions"],
                                                                                      corpus["text"]]
     bad = runner.invoke(main, ["recover", "--model", str(packed), "--steps", "0", "--out", str(tmp_path / "x")])

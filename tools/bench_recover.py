@@ -86,12 +86,12 @@ def run_row(bits: int, method: str, root: Path, eval_before: bool) -> dict:
 
 def fp_ppl() -> float:
     """The FP model's ppl on the same subset (cached by quikft after its first computation)."""
-    from quikft.config import QuantConfig
+    from quikft.config import QuantizeJob
     from quikft.models import load_model
     from quikft.quantize import reference_ppl
 
     model, tokenizer = load_model(None)
-    return reference_ppl(model, tokenizer, QuantConfig(eval_windows=19))["ppl"]
+    return reference_ppl(model, tokenizer, QuantizeJob(eval_windows=19))["ppl"]
 
 
 def markdown(results: list[dict], fp: float) -> str:

@@ -13,8 +13,8 @@ import os
 import time
 from pathlib import Path
 
+from quikft.eval.results import TaskResult
 from quikft.eval.tasks import TASKS, TaskRef, task_records, task_source
-from quikft.eval.zeroshot import TaskResult
 
 INSTALL_HINT = 'pip install -e ".[eval]"'
 

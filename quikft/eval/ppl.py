@@ -48,6 +48,23 @@ class PplResult:
                 f"{self.seqlen} tokens, {self.seconds:.1f}s, {self.tokens_per_s:.0f} tok/s)  model={self.model}")
 
 
+class NonFiniteResultError(ValueError):
+    """A perplexity that is not a number: refused as a result (one-line message)."""
+
+
+def require_finite(result: PplResult) -> PplResult:
+    """``result`` if its mean NLL is finite; a NaN or infinite perplexity is never reported as a result."""
+    if not math.isfinite(result.nll):
+        raise NonFiniteResultError(f"{result.dataset} perplexity of {result.model} is {result.ppl} (mean NLL "
+                                   f"{result.nll}): the model produces non-finite logits; this is not a result")
+    return result
+
+
+def _exp(x: float) -> float:
+    """exp that saturates at inf instead of raising OverflowError (NaN stays NaN)."""
+    return math.inf if x > 709 else math.exp(x)
+
+
 def window_starts(total_tokens: int, seqlen: int, max_windows: int | None = None, window_stride: int = 1) -> list[int]:
     """Start offsets of the evaluated windows: every ``window_stride``-th full window, at most ``max_windows``."""
     if window_stride < 1:
@@ -89,7 +106,7 @@ def perplexity_of_ids(model, ids: torch.Tensor, seqlen: int, starts: list[int], 
         window = ids[start:start + seqlen].unsqueeze(0).to(device)
         total_nll += window_nll(model, window)
         total_tokens += seqlen - 1
-        bar.set_postfix(ppl=f"{math.exp(total_nll / total_tokens):.3f}")
+        bar.set_postfix(ppl=f"{_exp(total_nll / total_tokens):.3f}")
     return total_nll / total_tokens, total_tokens
 
 
@@ -114,4 +131,18 @@ def evaluate_ppl(model, tokenizer, dataset: str = "wikitext2", seqlen: int = 204
     return PplResult(
         model=model_name or getattr(model.config, "_name_or_path", "model"), dataset=dataset, seqlen=seqlen,
         windows=len(starts), total_windows=total_windows, window_stride=window_stride, tokens=tokens,
-        ppl=math.exp(nll), nll=nll, seconds=seconds, tokens_per_s=len(starts) * seqlen / seconds)
+        ppl=_exp(nll), nll=nll, seconds=seconds, tokens_per_s=len(starts) * seqlen / seconds)
+
+
+def quick_ppl(model, tokenizer, windows: int, stride: int, seqlen: int, label: str) -> dict | None:
+    """The jobs' quick WikiText-2 check: the first ``windows`` windows of the stride subset, in eval
+    mode (no training noise), as a dict; None when ``windows`` is 0. A non-finite ppl is an error."""
+    if windows == 0:
+        return None
+    was_training = model.training
+    model.eval()
+    try:
+        result = evaluate_ppl(model, tokenizer, "wikitext2", seqlen, windows, stride, model_name=label)
+    finally:
+        model.train(was_training)
+    return require_finite(result).to_dict()

@@ -17,38 +17,16 @@ from __future__ import annotations
 import math
 import time
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
+from quikft.eval.lm_eval_backend import evaluate_tasks_lm_eval
 from quikft.eval.ppl import _uses_plain_head
+from quikft.eval.results import TaskResult
 from quikft.eval.tasks import Example, TaskData, TaskRef, load_task
-from quikft.runinfo import library_versions
-
-
-@dataclass
-class TaskResult:
-    """Metrics of one task: ``metrics[name] = {"value": v, "stderr": s}``."""
-
-    model: str
-    task: str
-    n: int
-    metrics: dict[str, dict[str, float | None]]
-    seconds: float
-    source: str = ""
-    backend: str = "native"
-    versions: dict = field(default_factory=library_versions)
-
-    def to_dict(self) -> dict:
-        return asdict(self)
-
-    def rows(self) -> list[dict]:
-        """Flat table rows: task, metric, value, stderr, n."""
-        return [{"task": self.task, "metric": name, "value": m["value"], "stderr": m["stderr"], "n": self.n}
-                for name, m in self.metrics.items()]
-
 
 # ---------------------------------------------------------------------------- tokenization
 
@@ -205,8 +183,6 @@ def evaluate_tasks(model, tokenizer, refs: Sequence[TaskRef], limit: int | None 
     # Read every task file first, so a bad file stops the run before any scoring.
     tasks = [load_task(ref, limit) for ref in refs]
     if backend == "lm-eval":
-        from quikft.eval.lm_eval_backend import evaluate_tasks_lm_eval
-
         return evaluate_tasks_lm_eval(model, tokenizer, list(refs), limit, batch_size, model_name)
     return [evaluate_task(model, tokenizer, task, batch_size, progress, model_name) for task in tasks]
 

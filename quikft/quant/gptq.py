@@ -13,14 +13,14 @@ small dense fp16 matrix; ``QuantResult.weight`` is exactly their sum.
 
 from __future__ import annotations
 
-import math
 import warnings
 from dataclasses import dataclass
 
 import torch
 from torch import Tensor
 
-from quikft.quant.grid import check_bits, dequantize, fit_scale_zero, quantize_codes, round_to_fp16
+from quikft.config import check_bits
+from quikft.quant.grid import dequantize, fit_scale_zero, quantize_codes, round_to_fp16
 
 
 class HessianNotPositiveDefiniteError(RuntimeError):
@@ -32,7 +32,7 @@ class HessianAccumulator:
 
     Each batch's ``x^T x`` is a float32 GEMM (fast) and the running sum is kept in
     float64, so no re-normalisation is needed and millions of tokens do not lose
-    precision. Padding tokens are dropped via ``mask``.
+    precision. Calibration windows are full (no padding), so every token counts.
     """
 
     def __init__(self, in_features: int):
@@ -40,9 +40,11 @@ class HessianAccumulator:
         self.n_tokens = 0
         self._sum: Tensor | None = None
 
-    def add_batch(self, x: Tensor, mask: Tensor | None = None) -> None:
-        """Add inputs ``x`` (..., in); ``mask`` (...) bool marks the valid (non-padding) tokens."""
-        x = _valid_rows(x, mask, self.in_features)
+    def add_batch(self, x: Tensor) -> None:
+        """Add inputs ``x`` (..., in)."""
+        if x.shape[-1] != self.in_features:
+            raise ValueError(f"expected inputs with last dimension {self.in_features}, got {tuple(x.shape)}")
+        x = x.reshape(-1, self.in_features)
         if x.shape[0] == 0:
             return
         x = x.detach().float()
@@ -56,17 +58,6 @@ class HessianAccumulator:
         if self._sum is None or self.n_tokens == 0:
             raise ValueError("HessianAccumulator.hessian(): no tokens were added")
         return (self._sum * (2.0 / self.n_tokens)).float()
-
-
-def _valid_rows(x: Tensor, mask: Tensor | None, in_features: int) -> Tensor:
-    """Flatten ``x`` (..., in) to (tokens, in), keeping only tokens where ``mask`` is true."""
-    if x.shape[-1] != in_features:
-        raise ValueError(f"expected inputs with last dimension {in_features}, got {tuple(x.shape)}")
-    if mask is not None:
-        if mask.shape != x.shape[:-1]:
-            raise ValueError(f"mask shape {tuple(mask.shape)} does not match inputs {tuple(x.shape)}")
-        return x[mask.to(device=x.device, dtype=torch.bool)]
-    return x.reshape(-1, in_features)
 
 
 @dataclass
@@ -386,7 +377,3 @@ def rtn_quantize(
     )
     return result
 
-
-def n_groups(in_features: int, k: int, group_size: int) -> int:
-    """Number of quantization groups of a layer with ``k`` salient columns."""
-    return 1 if group_size <= 0 else math.ceil((in_features - k) / group_size)

@@ -39,7 +39,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-BITS = (2, 3, 4, 8)
+from quikft.config import check_bits
 
 # 1.00, 0.99, ..., 0.21: computed from integers so every value is the nearest
 # double to the intended decimal, independent of accumulation order.
@@ -49,13 +49,6 @@ SHRINK_FACTORS = tuple((100 - i) / 100 for i in range(80))
 # into this range before the fp16 rounding so they never become 0 or inf.
 _FP16_TINY = 2.0**-24
 _FP16_MAX = 65504.0
-
-
-def check_bits(bits: int) -> None:
-    """Raise ``ValueError`` unless ``bits`` is one of the supported widths."""
-    if isinstance(bits, bool) or bits not in BITS:
-        allowed = ", ".join(str(b) for b in BITS)
-        raise ValueError(f"bits must be one of {allowed}; got {bits!r}")
 
 
 def round_to_fp16(x: Tensor) -> Tensor:

@@ -207,24 +207,26 @@ def quantize_linear(linear: nn.Linear, hessian: torch.Tensor, stats: ColumnStats
 
 @torch.no_grad()
 def quantize_model(model, calib: torch.Tensor, config: QuantConfig, progress: bool = True,
-                   salient: dict[str, torch.Tensor] | None = None) -> QuantizedLayers:
+                   salient: dict[str, torch.Tensor] | None = None, device: str = "cpu",
+                   batch_size: int = 8) -> QuantizedLayers:
     """Quantize every decoder linear of ``model`` in place (fake-quantized weights) and return
     the integer codes, scales and salient columns of each. ``salient`` may fix the index sets
-    (Pre-GIFT-SW keeps the ones it trained)."""
+    (Pre-GIFT-SW keeps the ones it trained). Each block is quantized on ``device``, its
+    calibration forward runs ``batch_size`` windows at a time."""
     names = linear_names(model)
     blocks = decoder_blocks(model)
     was_training = model.training
     model.eval()
     began = time.perf_counter()
     out = QuantizedLayers()
-    inputs = capture_block_inputs(model, calib, config.batch_size, config.device)
+    inputs = capture_block_inputs(model, calib, batch_size, device)
     bar = tqdm(range(len(blocks)), desc=f"quantize w{config.bits} k{config.salient}", disable=not progress,
                unit="block")
     prefix = _block_prefix(model)
     for index in bar:
         block = blocks[index]
         block_device = next(block.parameters()).device
-        block.to(config.device)
+        block.to(device)
         with streaming_statistics(block, names) as stats:
             run_block(block, inputs)
         losses = []
@@ -250,8 +252,8 @@ def quantize_model(model, calib: torch.Tensor, config: QuantConfig, progress: bo
 
 
 @torch.no_grad()
-def select_salient_model(model, calib: torch.Tensor, config: QuantConfig,
-                         progress: bool = True) -> dict[str, torch.Tensor]:
+def select_salient_model(model, calib: torch.Tensor, config: QuantConfig, progress: bool = True,
+                         device: str = "cpu", batch_size: int = 8) -> dict[str, torch.Tensor]:
     """Salient columns of every decoder linear of the full-precision model (Pre-GIFT-SW).
 
     The same statistics and metric as :func:`quantize_model`, block by block on the
@@ -262,13 +264,13 @@ def select_salient_model(model, calib: torch.Tensor, config: QuantConfig,
     blocks = decoder_blocks(model)
     was_training = model.training
     model.eval()
-    inputs = capture_block_inputs(model, calib, config.batch_size, config.device)
+    inputs = capture_block_inputs(model, calib, batch_size, device)
     prefix = _block_prefix(model)
     salient: dict[str, torch.Tensor] = {}
     for index in tqdm(range(len(blocks)), desc=f"select k{config.salient}", disable=not progress, unit="block"):
         block = blocks[index]
         block_device = next(block.parameters()).device
-        block.to(config.device)
+        block.to(device)
         with streaming_statistics(block, names, hessian=False) as stats:
             inputs.batches = run_block(block, inputs)
         for name in names:

@@ -1,0 +1,29 @@
+"""Result records of the zero-shot scorers, shared by our scorer and the lm-eval backend."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+
+from quikft.runinfo import library_versions
+
+
+@dataclass
+class TaskResult:
+    """Metrics of one task: ``metrics[name] = {"value": v, "stderr": s}``."""
+
+    model: str
+    task: str
+    n: int
+    metrics: dict[str, dict[str, float | None]]
+    seconds: float
+    source: str = ""
+    backend: str = "native"
+    versions: dict = field(default_factory=library_versions)
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    def rows(self) -> list[dict]:
+        """Flat table rows: task, metric, value, stderr, n."""
+        return [{"task": self.task, "metric": name, "value": m["value"], "stderr": m["stderr"], "n": self.n}
+                for name, m in self.metrics.items()]
