@@ -40,6 +40,7 @@ dtype (:mod:`quikft.nn.kernels`).
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import json
 import math
@@ -56,13 +57,16 @@ from torch import Tensor, nn
 from quikft.atomic import atomic_directory
 from quikft.hardware import compute_dtype, default_device, resolve_dtype
 from quikft.nn.kernels import is_scope_reason
-from quikft.nn.quik_linear import QuikLinear, groups_are_contiguous, prepare_for_inference
+from quikft.nn.quik_linear import QuikLinear, prepare_for_inference
+from quikft.validation import CheckpointError, checksum_metadata, validate_layer_values, verify_checksums
 
 if TYPE_CHECKING:
     from quikft.config import QuantConfig
     from quikft.quant.pipeline import QuantizedLayers
 
 QUANT_METHOD = "quikft"
+# Loading recomputes the checksums only on request: see the README (a full extra read of the weights).
+VERIFY_ON_LOAD = False
 FORMAT_VERSION = 2
 READABLE_VERSIONS = (1, 2)
 CONFIG_NAME = "config.json"
@@ -83,13 +87,6 @@ SAFETENSORS_DTYPES = {
 }
 
 
-class CheckpointError(ValueError):
-    """A packed checkpoint that cannot be loaded; the message is one line naming file and tensor.
-
-    A ``ValueError`` so the CLI reports it as a one-line user error.
-    """
-
-
 @dataclass(frozen=True)
 class TensorInfo:
     """What a safetensors header says about one tensor."""
@@ -97,6 +94,7 @@ class TensorInfo:
     file: Path
     dtype: torch.dtype
     shape: tuple[int, ...]
+    offset: int = 0  # absolute byte offset of the tensor's data in ``file``
 
     @property
     def nbytes(self) -> int:
@@ -232,7 +230,7 @@ def write_shards(state: dict[str, Tensor], directory: Path, max_shard_size: int 
                                                max_shard_size=max_shard_size)
     for filename, names in split.filename_to_tensors.items():
         shard = {name: _own_storage(state[name].detach().to("cpu").contiguous()) for name in names}
-        save_file(shard, directory / filename, metadata={"format": "pt"})
+        save_file(shard, directory / filename, metadata={"format": "pt", **checksum_metadata(shard)})
     if split.is_sharded:
         index = {"metadata": dict(split.metadata), "weight_map": dict(split.tensor_to_filename)}
         (directory / INDEX_NAME).write_text(json.dumps(index, indent=2, sort_keys=True) + "\n")
@@ -319,13 +317,8 @@ def weight_files(path: str | os.PathLike) -> list[Path]:
     raise CheckpointError(f"{path}: neither {WEIGHTS_NAME} nor {INDEX_NAME} found")
 
 
-def read_header(file: str | os.PathLike) -> dict[str, TensorInfo]:
-    """Parse one safetensors header, checking that every tensor's bytes are inside the file.
-
-    Reading the header alone is cheap, and checking the data offsets here catches a truncated
-    or corrupt file before anything is loaded, with the name of the first tensor it damages.
-    """
-    file = Path(file)
+def _raw_header(file: Path) -> tuple[dict, int, int]:
+    """A safetensors file's header JSON, the offset where its data starts and the data's size."""
     if not file.is_file():
         raise CheckpointError(f"{file}: weights file not found")
     size = file.stat().st_size
@@ -341,19 +334,37 @@ def read_header(file: str | os.PathLike) -> dict[str, TensorInfo]:
             header = json.loads(handle.read(header_len))
         except (json.JSONDecodeError, UnicodeDecodeError):
             raise CheckpointError(f"{file}: corrupt safetensors header") from None
-    data_size = size - 8 - header_len
-    return {name: _tensor_info(file, name, entry, data_size)
+    if not isinstance(header, dict):
+        raise CheckpointError(f"{file}: corrupt safetensors header")
+    return header, 8 + header_len, size - 8 - header_len
+
+
+def read_header(file: str | os.PathLike) -> dict[str, TensorInfo]:
+    """Parse one safetensors header, checking that every tensor's bytes are inside the file.
+
+    Reading the header alone is cheap, and checking the data offsets here catches a truncated
+    or corrupt file before anything is loaded, with the name of the first tensor it damages.
+    """
+    file = Path(file)
+    header, data_start, data_size = _raw_header(file)
+    return {name: _tensor_info(file, name, entry, data_start, data_size)
             for name, entry in header.items() if name != "__metadata__"}
 
 
-def _tensor_info(file: Path, name: str, entry: Any, data_size: int) -> TensorInfo:
+def read_metadata(file: str | os.PathLike) -> dict[str, str] | None:
+    """The ``__metadata__`` of one safetensors file (where quikft records checksums), if any."""
+    metadata = _raw_header(Path(file))[0].get("__metadata__")
+    return metadata if isinstance(metadata, dict) else None
+
+
+def _tensor_info(file: Path, name: str, entry: Any, data_start: int, data_size: int) -> TensorInfo:
     try:
         dtype = SAFETENSORS_DTYPES[entry["dtype"]]
         shape = tuple(int(n) for n in entry["shape"])
         begin, end = (int(n) for n in entry["data_offsets"])
     except (KeyError, TypeError, ValueError):
         raise CheckpointError(f"{file}: corrupt header entry for tensor {name}") from None
-    info = TensorInfo(file, dtype, shape)
+    info = TensorInfo(file, dtype, shape, data_start + begin)
     if end > data_size:
         raise CheckpointError(f"{file}: truncated safetensors file: tensor {name} ends at data byte {end}, "
                               f"the file holds {data_size}")
@@ -456,38 +467,20 @@ def check_tensors(model: nn.Module, tensors: Mapping[str, TensorInfo], source: P
         raise CheckpointError(f"{tensors[unexpected[0]].file}: unexpected tensor {unexpected[0]}")
 
 
-def check_layer_values(model: nn.Module, tensors: Mapping[str, TensorInfo]) -> None:
-    """Index tensors must be usable: shapes cannot catch a g_idx, perm or salient_idx out of range.
-
-    Format 2 also needs ``g_idx`` non-decreasing (groups stored contiguously) and ``perm`` and
-    ``salient_idx`` to partition the input columns; a format-1 layer (no ``perm`` yet) is
-    checked before its in-memory reordering.
-    """
+def check_layer_values(model: nn.Module, tensors: Mapping[str, TensorInfo], qconfig: Mapping[str, Any]) -> None:
+    """:func:`~quikft.validation.validate_layer_values` on every QuikLinear of a just-loaded model (its
+    buffers are the stored tensors; a format-1 layer, with no ``perm`` yet, before its reordering)."""
     for name, layer in model.named_modules():
-        if not isinstance(layer, QuikLinear):
-            continue
-        file = tensors[f"{name}.g_idx"].file
-        g_idx, salient = layer.g_idx, layer.salient_idx
-        if g_idx.numel() and (int(g_idx.min()) < 0 or int(g_idx.max()) >= layer.n_groups):
-            raise CheckpointError(f"{file}: tensor {name}.g_idx has values outside [0, {layer.n_groups})")
-        if salient.numel() and (int(salient.min()) < 0 or int(salient.max()) >= layer.in_features
-                                or not bool((salient.diff() > 0).all())):
-            raise CheckpointError(f"{file}: tensor {name}.salient_idx must be sorted unique columns in "
-                                  f"[0, {layer.in_features})")
-        if layer.perm is None:
-            continue
-        if not groups_are_contiguous(g_idx):
-            raise CheckpointError(f"{file}: tensor {name}.g_idx must be non-decreasing (format 2 stores groups "
-                                  f"contiguously)")
-        seen = torch.zeros(layer.in_features, dtype=torch.int32)
-        perm = layer.perm.long().cpu()
-        if perm.numel() and (int(perm.min()) < 0 or int(perm.max()) >= layer.in_features):
-            raise CheckpointError(f"{file}: tensor {name}.perm has values outside [0, {layer.in_features})")
-        seen.index_add_(0, perm, torch.ones_like(perm, dtype=torch.int32))
-        seen.index_add_(0, salient.long().cpu(), torch.ones_like(salient, dtype=torch.int32).cpu())
-        if not bool((seen == 1).all()):
-            raise CheckpointError(f"{file}: tensors {name}.perm and {name}.salient_idx must together name every "
-                                  f"input column exactly once")
+        if isinstance(layer, QuikLinear):
+            values = {key: getattr(layer, key) for key in (*QUIK_TENSORS, "bias") if getattr(layer, key) is not None}
+            _validate_layer(name, values, tensors, qconfig, layer.in_features)
+
+
+def _validate_layer(name: str, values: Mapping[str, Tensor], tensors: Mapping[str, TensorInfo],
+                    qconfig: Mapping[str, Any], in_features: int) -> None:
+    files = {key: tensors[f"{name}.{key}"].file for key in values if f"{name}.{key}" in tensors}
+    validate_layer_values(name, values, files, in_features=in_features, bits=int(qconfig["bits"]),
+                          group_size=int(qconfig["group_size"]), sym=bool(qconfig["sym"]))
 
 
 def finish_loading(model: nn.Module, qconfig: dict, prepare: bool = True) -> dict[str, int]:
@@ -511,7 +504,7 @@ def finish_loading(model: nn.Module, qconfig: dict, prepare: bool = True) -> dic
 
 
 def load(path: str | os.PathLike, dtype: str | torch.dtype | None = None, device: str | torch.device = "cpu",
-         *, prepare: bool = True, trust_remote_code: bool = False) -> nn.Module:
+         *, prepare: bool = True, verify: bool = VERIFY_ON_LOAD, trust_remote_code: bool = False) -> nn.Module:
     """Load a packed checkpoint directory as a model with QuikLinear layers, in eval mode.
 
     ``dtype`` applies to the unquantized tensors (embeddings, norms, lm_head) and so to the
@@ -520,27 +513,65 @@ def load(path: str | os.PathLike, dtype: str | torch.dtype | None = None, device
     on the meta device, so no memory is spent on the full-precision linears it replaces. With
     ``prepare`` (the default) every QuikLinear takes its fastest kernel for that device and
     dtype at once (on a CPU with bf16, the int4 path, which then holds the codes alone);
-    ``prepare=False`` keeps the stored layout untouched until the first forward. A model class
-    defined by code in the checkpoint runs only with ``trust_remote_code``.
+    ``prepare=False`` keeps the stored layout untouched until the first forward. ``verify``
+    recomputes the recorded checksums first (see :data:`VERIFY_ON_LOAD`). A model class defined
+    by code in the checkpoint runs only with ``trust_remote_code``.
     """
-    from transformers import AutoConfig
-
     path, device = Path(path), torch.device(device)
     dtype = resolve_dtype(dtype, device).dtype
+    model, qconfig, files, tensors = _checked_skeleton(path, dtype, trust_remote_code)
+    if verify:
+        verify_checksums(tensors, {file: read_metadata(file) for file in files})
+    _load_tensors(model, tensors, dtype, device)
+    _materialize_non_persistent(model, device)
+    model.tie_weights()
+    _check_materialized(model)
+    check_layer_values(model, tensors, qconfig)
+    finish_loading(model, model.config.quantization_config, prepare)
+    return model.eval()
+
+
+def _checked_skeleton(path: Path, dtype: torch.dtype, trust_remote_code: bool
+                      ) -> tuple[nn.Module, dict, list[Path], dict[str, TensorInfo]]:
+    """The checks every loader runs before reading a tensor: config, headers against the model the
+    config describes (a meta-device skeleton with empty QuikLinears of the stored shapes)."""
+    from transformers import AutoConfig
+
     qconfig = read_quantization_config(path)
     files = weight_files(path)
     tensors = read_headers(files)
     model = _skeleton(AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code), dtype,
                       trust_remote_code)
-    swap_in_quik_layers(model, qconfig, tensors, weights_source(files))
+    # Empty layers on the meta device: the stored tensors replace their buffers (assign=True).
+    swap_in_quik_layers(model, qconfig, tensors, weights_source(files), device="meta")
     check_tensors(model, tensors, weights_source(files))
-    _load_tensors(model, tensors, dtype, device)
-    _materialize_non_persistent(model, device)
-    model.tie_weights()
-    _check_materialized(model)
-    check_layer_values(model, tensors)
-    finish_loading(model, model.config.quantization_config, prepare)
-    return model.eval()
+    return model, qconfig, files, tensors
+
+
+def check_checkpoint(path: str | os.PathLike, verify: bool = False, trust_remote_code: bool = False) -> dict:
+    """Every check :func:`load` makes, without loading the model (what ``quikft info`` runs).
+
+    The headers are checked against the model skeleton, then each quantized layer's stored values
+    (everything but the packed codes) are read and validated; ``verify`` also recomputes every
+    recorded checksum. Returns what was checked; raises :class:`CheckpointError` otherwise.
+    """
+    from safetensors import safe_open
+
+    path = Path(path)
+    model, qconfig, files, tensors = _checked_skeleton(path, torch.float32, trust_remote_code)
+    layers = {name: m for name, m in model.named_modules() if isinstance(m, QuikLinear)}
+    with contextlib.ExitStack() as stack:
+        handles = {file: stack.enter_context(safe_open(file, framework="pt")) for file in files}
+        for name, layer in layers.items():
+            # Everything but the packed codes: the values the checks read, a small part of the file.
+            keys = [f"{name}.{key}" for key in (*QUIK_TENSORS, "bias") if key != "qweight"]
+            values = {key.rpartition(".")[2]: handles[tensors[key].file].get_tensor(key)
+                      for key in keys if key in tensors}
+            _validate_layer(name, values, tensors, qconfig, layer.in_features)
+    checked = {"layers": len(layers)}
+    if verify:
+        checked["checksums"] = verify_checksums(tensors, {file: read_metadata(file) for file in files})
+    return checked
 
 
 def _skeleton(config: Any, dtype: torch.dtype, trust_remote_code: bool = False) -> nn.Module:
@@ -643,8 +674,11 @@ def _stored_tokenizer(path: Path) -> Any:
 # inspection (``quikft info``)
 
 
-def describe(path: str | os.PathLike) -> dict:
-    """Settings, sizes and per-layer salient fractions of a packed checkpoint, from headers only.
+def describe(path: str | os.PathLike, verify: bool = False) -> dict:
+    """Settings, sizes and per-layer salient fractions of a packed checkpoint.
+
+    The checkpoint first passes every check :func:`load` makes (:func:`check_checkpoint`; with
+    ``verify`` its checksums too), so ``info`` never describes a checkpoint that would not load.
 
     ``linear_limit_bytes`` is the information content of the quantized linears: per row,
     b bits for each non-salient column and 16 for each salient one, plus an fp16 scale and a
@@ -653,6 +687,7 @@ def describe(path: str | os.PathLike) -> dict:
     just the index tensors (g_idx, salient_idx) and word padding.
     """
     path = Path(path)
+    checked = check_checkpoint(path, verify)
     qconfig = read_quantization_config(path)
     files = weight_files(path)
     tensors = read_headers(files)
@@ -669,7 +704,7 @@ def describe(path: str | os.PathLike) -> dict:
     return {
         "path": str(path), "format_version": qconfig["format_version"],
         **{key: qconfig.get(key) for key in SETTING_KEYS}, "dtype_rest": qconfig.get("dtype_rest", "fp32"),
-        "kernel_device": device, "kernel_dtype": choice.to_dict(),
+        "kernel_device": device, "kernel_dtype": choice.to_dict(), "checked": checked,
         "weights_bytes": sum(file.stat().st_size for file in files),
         "directory_bytes": sum(f.stat().st_size for f in path.rglob("*") if f.is_file()),
         "linear_fp16_bytes": fp16, "linear_packed_bytes": packed, "linear_limit_bytes": limit,
@@ -746,10 +781,20 @@ def format_description(summary: Mapping[str, Any]) -> str:
         f"unquantized tensors: {summary['dtype_rest']}; kernels here ({summary['kernel_device']}, "
         f"{summary['kernel_dtype']['dtype']} activations: {summary['kernel_dtype']['reason']}): "
         f"{_kernel_counts(summary['layers'])}",
+        _checks_line(summary["checked"]),
         "",
         *_layer_table(summary["layers"]),
     ]
     return "\n".join(lines)
+
+
+def _checks_line(checked: Mapping[str, Any]) -> str:
+    line = f"checks: headers and values of {checked['layers']} quantized layers pass the loader's checks"
+    sums = checked.get("checksums")
+    if sums is None:
+        return f"{line} (checksums not verified; --verify reads the whole checkpoint)"
+    missing = f"; {len(sums['files_without_checksums'])} file(s) record none" if sums["files_without_checksums"] else ""
+    return f"{line}; sha256 of {sums['tensors']} tensors in {sums['files']} file(s) match{missing}"
 
 
 def _layer_table(layers: list[dict]) -> list[str]:

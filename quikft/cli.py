@@ -263,14 +263,18 @@ def recover(config_path, data, **flags):
 @main.command()
 @click.argument("directory", type=click.Path(exists=True, file_okay=False))
 @click.option("--json", "as_json", is_flag=True, help="Print the full summary (every layer) as JSON.")
+@click.option("--verify", is_flag=True,
+              help="Also recompute every tensor's recorded sha256 checksum (reads the whole checkpoint).")
 @_fail_cleanly
-def info(directory, as_json):
-    """Show a packed checkpoint's settings, size, compression and salient fractions."""
+def info(directory, as_json, verify):
+    """Show a packed checkpoint's settings, size, compression and salient fractions.
+
+    The checkpoint first passes every check loading makes; a checkpoint that would not load is refused."""
     import json
 
     from quikft.checkpoint import describe, format_description
 
-    summary = describe(directory)
+    summary = describe(directory, verify)
     click.echo(json.dumps(summary, indent=2) if as_json else format_description(summary))
 
 

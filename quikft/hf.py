@@ -36,6 +36,7 @@ from transformers.quantizers.base import HfQuantizer
 from transformers.utils.quantization_config import QuantizationConfigMixin
 
 from quikft.checkpoint import (
+    CONFIG_NAME,
     QUANT_METHOD,
     CheckpointError,
     check_layer_values,
@@ -58,7 +59,8 @@ class QuikftConfig(QuantizationConfigMixin):
 
     def __init__(self, **entries: Any) -> None:
         entries.setdefault("quant_method", QUANT_METHOD)
-        validate_quantization_config(entries, "quantization_config")
+        # Validated when the checkpoint files are known (the quantizer below), so the error names
+        # config.json exactly as quikft.load and quikft info do.
         self.__dict__.update(entries)
 
 
@@ -85,6 +87,7 @@ class QuikftHfQuantizer(HfQuantizer):
         files = [Path(file) for file in checkpoint_files or ()]
         if not files or any(file.suffix != ".safetensors" for file in files):
             raise CheckpointError("quikft checkpoints load from safetensors files only")
+        validate_quantization_config(self.quantization_config.to_dict(), files[0].parent / CONFIG_NAME)
         tensors = read_headers(files)
         # The skeleton is built under a meta-device context, so device=None keeps the new layers empty.
         swap_in_quik_layers(model, self.quantization_config.to_dict(), tensors, weights_source(files))
@@ -93,7 +96,7 @@ class QuikftHfQuantizer(HfQuantizer):
         return model
 
     def _process_model_after_weight_loading(self, model: Any, **kwargs: Any) -> Any:
-        check_layer_values(model, self._tensors)
+        check_layer_values(model, self._tensors, self.quantization_config.to_dict())
         qconfig = self.quantization_config.to_dict()
         finish_loading(model, qconfig)
         self.quantization_config.format_version = qconfig["format_version"]

@@ -117,6 +117,9 @@ class RecoveryMode:
     name = ""
     noise_default = True  # noise when --noise/--no-noise is not given
     packed_input = True  # a packed checkpoint in (False: a full-precision model)
+    # The trained values must fit the dtype the output stores them in (GIFT-SW columns: fp16).
+    value_limit = FP16_MAX
+    storage = "fp16 (the checkpoint's dtype)"
 
     def noise_bits(self, config: RecoverConfig) -> int | None:
         """The bit-width whose step scales the noise, or None for no noise."""
@@ -208,6 +211,8 @@ class PreMode(RecoveryMode):
 class LoraMode(RecoveryMode):
     name = "lora"
     noise_default = False
+    value_limit = math.inf  # adapters are saved in fp32: only finiteness is required
+    storage = "finite values"
 
     def noise_bits(self, config: RecoverConfig) -> int | None:
         if config.noise:
@@ -413,7 +418,7 @@ def gradient_norm(params: list[nn.Parameter], max_norm: float) -> float:
 def _diverged(step: int, run: Run, what: str) -> TrainingDivergedError:
     saved = train_state.committed_step(run.state_dir) if run.state_dir.is_dir() else None
     kept = f"; the last resumable state (step {saved}) stays in {run.state_dir}" if saved else ""
-    return TrainingDivergedError(f"step {step} of {run.config.steps}: {what}; stopped before the update, no output "
+    return TrainingDivergedError(f"step {step} of {run.config.steps}: {what}; training stopped, no output "
                                  f"written. The learning rate (--lr {run.config.lr:g}) is the likely cause: "
                                  f"lower it{kept}")
 
@@ -461,6 +466,9 @@ def train(run: Run, job: Job, trainable: dict[str, nn.Parameter], data: Training
         optimizer.step()
         scheduler.step()
         optimizer.zero_grad(set_to_none=True)
+        peak = float(torch.stack([p.detach().abs().amax() for p in params]).amax())
+        if not peak <= run.mode.value_limit:  # also NaN; checked before anything is saved
+            raise _diverged(step + 1, run, f"the trained columns reach {peak:g}, beyond {run.mode.storage}")
         seconds = time.perf_counter() - t0
         curve["step_seconds"].append(seconds)
         curve["loss_curve"].append({"step": step + 1, "loss": loss_value, "lr": lr, "grad_norm": norm,
@@ -540,20 +548,9 @@ def _resume(run: Run, settings: dict, world: int, rank: int, trainable: dict[str
 
 # ------------------------------------------------------------------------------------ output
 
-def check_trained_values(trainable: dict[str, nn.Parameter], config: RecoverConfig) -> None:
-    """Trained columns must be finite and fit fp16, the dtype they are stored in."""
-    for name, param in trainable.items():
-        peak = float(param.detach().abs().max()) if param.numel() else 0.0
-        if not peak <= FP16_MAX:  # also catches NaN
-            raise TrainingDivergedError(f"{name}: trained values reach {peak:g}, beyond fp16 (the checkpoint's "
-                                        f"dtype); no output written. The learning rate (--lr {config.lr:g}) is "
-                                        f"the likely cause: lower it")
-
-
 def finish(run: Run, job: Job, trainable: dict[str, nn.Parameter], curve: dict, began: float) -> dict:
     """Put the trained columns back, quantize (pre), evaluate, and write the output atomically."""
     config = run.config
-    check_trained_values(trainable, config)
     trainable_params = sum(p.numel() for p in trainable.values())
     with atomic_directory(run.out_dir, overwrite=config.overwrite, marker=REPORT_NAME) as staging:
         ppl_after = run.mode.finish(job, config, staging, str(run.out_dir))

@@ -80,6 +80,48 @@ def tiny(tiny_dir):
     return load_model(str(tiny_dir))
 
 
+@pytest.fixture(scope="session")
+def corpus(tmp_path_factory) -> dict[str, str]:
+    """Training data for recovery: a plain-text file and an alpaca-style instruction file."""
+    import json
+
+    root = tmp_path_factory.mktemp("recover-data")
+    text = root / "corpus.txt"
+    text.write_text("\n".join(TOKENIZER_CORPUS * 4) + "\n")
+    records = [{"instruction": f"Name colour number {i}.", "input": "", "output": "Blue is a colour."}
+               for i in range(40)]
+    instructions = root / "instructions.jsonl"
+    instructions.write_text("\n".join(json.dumps(r) for r in records) + "\n")
+    return {"text": str(text), "instructions": str(instructions)}
+
+
+@pytest.fixture(scope="session")
+def packed(tmp_path_factory, tiny_dir, corpus) -> Path:
+    """A packed 3-bit checkpoint of the tiny model (8 salient columns per linear); do not modify it."""
+    from quikft.checkpoint import save_packed
+    from quikft.config import QuantConfig
+    from quikft.data import calibration_windows
+    from quikft.models import load_model
+    from quikft.quant.pipeline import quantize_model
+
+    model, tokenizer = load_model(str(tiny_dir))
+    config = QuantConfig(bits=3, salient=8, group_size=32, nsamples=4, seqlen=32, clip_search=False)
+    calib = calibration_windows(tokenizer, corpus["text"], 4, 32, 0)
+    quantized = quantize_model(model, calib, config, progress=False)
+    return save_packed(model, tokenizer, quantized, tmp_path_factory.mktemp("packed") / "w3", config,
+                       source_model=str(tiny_dir))
+
+
+def recover_config(model, corpus: dict[str, str], out: Path, **changes):
+    """A few-second recovery of the tiny model (fp32, no evaluation)."""
+    from quikft.config import RecoverConfig
+
+    settings = dict(model=str(model), data=(corpus["instructions"], corpus["text"]), steps=4, batch_size=2,
+                    seqlen=32, lr=1e-3, eval_windows=0, bf16=False, out=str(out))
+    settings.update(changes)
+    return RecoverConfig(**settings)
+
+
 @pytest.fixture()
 def text_file(tmp_path) -> Path:
     """A small plain-text corpus of a few thousand tokens for the tiny model."""

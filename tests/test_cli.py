@@ -27,6 +27,7 @@ def test_eval_prints_ppl_and_writes_json(tiny_dir, text_file, tmp_path):
     report = json.loads(out.read_text())
     entry = report["ppl"][0]
     assert entry["windows"] == 3 and entry["seqlen"] == 32 and entry["ppl"] > 1
+    assert report["compute_dtype"]["dtype"] == report["dtype"] and "cpu capability" in report["compute_dtype"]["reason"]
     assert "torch" in entry["versions"]
     assert f"ppl {entry['ppl']:.4f}" in result.output
     again = CliRunner().invoke(main, args)
@@ -58,3 +59,15 @@ def test_atomic_outputs_get_normal_permissions(tmp_path):
     os.umask(mask)
     assert (tmp_path / "out").stat().st_mode & 0o777 == 0o777 & ~mask
     assert (tmp_path / "out" / "r.json").stat().st_mode & 0o777 == 0o666 & ~mask
+
+
+def test_eval_auto_dtype_follows_the_cpu(tiny_dir, text_file, tmp_path, monkeypatch):
+    import torch
+
+    monkeypatch.setattr(torch.backends.cpu, "get_cpu_capability", lambda: "AVX2")
+    out = tmp_path / "res.json"
+    args = ["eval", "--model", str(tiny_dir), "--ppl", str(text_file), "--seqlen", "32", "--max-windows", "1",
+            "--json", str(out)]
+    assert CliRunner().invoke(main, args).exit_code == 0
+    report = json.loads(out.read_text())
+    assert report["dtype"] == "float32" and "AVX2" in report["compute_dtype"]["reason"] and report["device"] == "cpu"

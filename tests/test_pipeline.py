@@ -161,6 +161,7 @@ def test_cli_quantize_writes_run_and_refuses_bad_input(tiny_dir, text_file, tmp_
     report = json.loads((out / "quantize_report.json").read_text())
     assert report["config"]["bits"] == 3 and report["peak_rss_mb"] > 0 and len(report["layers"]) == 14
     assert report["format"] == "packed"
+    assert report["compute_dtype"]["dtype"] == "float32" and "cpu capability" in report["compute_dtype"]["reason"]
     assert json.loads((out / "config.json").read_text())["quantization_config"]["quant_method"] == "quikft"
     indices = load_file(out / "salient_indices.safetensors")
     assert len(indices) == 14 and all(t.dtype == torch.int32 and t.numel() == 4 for t in indices.values())

@@ -9,52 +9,24 @@ from pathlib import Path
 import pytest
 import torch
 from click.testing import CliRunner
+from conftest import recover_config
 from safetensors.torch import load_file
 
 import quikft.recover as recover_module
-from quikft.checkpoint import load, save_packed
+from quikft.checkpoint import load
 from quikft.cli import main
-from quikft.config import QuantConfig, RecoverConfig
-from quikft.data import DataError, calibration_windows
+from quikft.config import RecoverConfig
+from quikft.data import DataError
 from quikft.models import load_model, load_tokenizer
 from quikft.nn import QuikLinear
-from quikft.quant.pipeline import quantize_model
 from quikft.recover import recover
 from quikft.train_data import IGNORE, TrainingMixture, encode_instruction
 
 QUIK_KEYS = ("qweight", "qzeros", "scales", "g_idx", "salient_idx")
 
 
-@pytest.fixture(scope="module")
-def corpus(tmp_path_factory):
-    from conftest import TOKENIZER_CORPUS
-
-    root = tmp_path_factory.mktemp("recover-data")
-    text = root / "corpus.txt"
-    text.write_text("\n".join(TOKENIZER_CORPUS * 4) + "\n")
-    records = [{"instruction": f"Name colour number {i}.", "input": "", "output": "Blue is a colour."}
-               for i in range(40)]
-    instructions = root / "instructions.jsonl"
-    instructions.write_text("\n".join(json.dumps(r) for r in records) + "\n")
-    return {"text": str(text), "instructions": str(instructions)}
-
-
-@pytest.fixture(scope="module")
-def packed(tmp_path_factory, tiny_dir, corpus):
-    """A packed 3-bit checkpoint of the tiny model (8 salient columns per linear)."""
-    model, tokenizer = load_model(str(tiny_dir))
-    config = QuantConfig(bits=3, salient=8, group_size=32, nsamples=4, seqlen=32, clip_search=False)
-    calib = calibration_windows(tokenizer, corpus["text"], 4, 32, 0)
-    quantized = quantize_model(model, calib, config, progress=False)
-    return save_packed(model, tokenizer, quantized, tmp_path_factory.mktemp("packed") / "w3", config,
-                       source_model=str(tiny_dir))
-
-
 def _config(model, corpus, tmp_path, **changes):
-    settings = dict(model=str(model), data=(corpus["instructions"], corpus["text"]), steps=4, batch_size=2,
-                    seqlen=32, lr=1e-3, eval_windows=0, bf16=False, out=str(tmp_path / "out"))
-    settings.update(changes)
-    return RecoverConfig(**settings)
+    return recover_config(model, corpus, tmp_path / "out", **changes)
 
 
 # ----------------------------------------------------------------------------- data
@@ -253,10 +225,40 @@ def test_cli_recover_and_one_line_errors(packed, corpus, tmp_path):
     result = runner.invoke(main, args)
     assert result.exit_code == 0, result.output
     assert "recovered (post, noise 4, float32)" in result.output
+    assert "tok/s=" in result.output  # the progress bar shows the speed, so a slow setting shows at once
     assert json.loads((out / "recover_report.json").read_text())["config"]["data"] == [corpus["instructions"],
                                                                                      corpus["text"]]
     bad = runner.invoke(main, ["recover", "--model", str(packed), "--steps", "0", "--out", str(tmp_path / "x")])
     assert bad.exit_code != 0 and "steps must be positive" in bad.output and "Traceback" not in bad.output
+
+
+def _cpu_capability(monkeypatch, capability: str, avx512_bf16: bool) -> None:
+    monkeypatch.setattr(torch.backends.cpu, "get_cpu_capability", lambda: capability)
+    monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: avx512_bf16)
+    monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: False)
+
+
+def test_recover_picks_its_compute_dtype_from_the_hardware_and_reports_why(packed, corpus, tmp_path, monkeypatch):
+    runs = {}
+    for name, capability, native in (("avx2", "AVX2", False), ("avx512_bf16", "AVX512", True)):
+        with monkeypatch.context() as patch:
+            _cpu_capability(patch, capability, native)
+            runs[name] = recover(_config(packed, corpus, tmp_path / name, bf16=None, dtype="auto", steps=2),
+                                 progress=False)
+    fp32 = recover(_config(packed, corpus, tmp_path / "fp32", bf16=False, steps=2), progress=False)
+    avx2, native = runs["avx2"]["compute_dtype"], runs["avx512_bf16"]["compute_dtype"]
+    assert avx2["dtype"] == "float32" and "cpu capability AVX2" in avx2["reason"] and "no native bf16" in avx2["reason"]
+    assert native["dtype"] == "bfloat16" and "AVX512 with avx512_bf16" in native["reason"]
+    assert runs["avx2"]["config"]["compute_dtype"] == "float32"
+    # the choice drives the computation: AVX2's auto is exactly the --fp32 run, the native one differs
+    losses = {name: [p["loss"] for p in report["loss_curve"]] for name, report in (*runs.items(), ("fp32", fp32))}
+    assert losses["avx2"] == losses["fp32"] != losses["avx512_bf16"]
+    with monkeypatch.context() as patch:
+        _cpu_capability(patch, "AVX2", False)
+        forced = recover(_config(packed, corpus, tmp_path / "forced", bf16=True, dtype="auto", steps=1),
+                         progress=False)
+    assert forced["compute_dtype"]["dtype"] == "bfloat16"
+    assert forced["compute_dtype"]["reason"].startswith("--bf16 requested; cpu capability AVX2")
 
 
 @pytest.mark.slow
