@@ -21,7 +21,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from benchlib import append_result, load_results, parser
+from benchlib import load_results, parser, run_missing
 
 REPO = Path(__file__).resolve().parents[1]
 AVX2 = {"ATEN_CPU_CAPABILITY": "avx2", "ONEDNN_MAX_CPU_ISA": "AVX2"}
@@ -43,7 +43,8 @@ def run_row(row_id: str, env: dict, flags: list[str], model: str, steps: int, co
         cmd = [sys.executable, "-m", "quikft.cli", "recover", "--model", model, *README_EXAMPLE, "--steps", str(steps),
                *flags, "--out", str(out)]
         began = time.perf_counter()
-        done = subprocess.run(cmd, env={**os.environ, **env, "PYTHONPATH": str(code)}, capture_output=True,
+        # cwd elsewhere: `python -m` puts the working directory first on sys.path, before PYTHONPATH.
+        done = subprocess.run(cmd, env={**os.environ, **env, "PYTHONPATH": str(code)}, cwd=tmp, capture_output=True,
                               text=True, timeout=timeout)
         wall = time.perf_counter() - began
         if done.returncode != 0:
@@ -74,18 +75,16 @@ def main() -> None:
     args.add_argument("--baseline", default=None, help="another quikft checkout to time with its own defaults")
     args.add_argument("--timeout", type=float, default=3600, help="seconds per row")
     options = args.parse_args()
+    options.model = str(Path(options.model).resolve()) if Path(options.model).exists() else options.model
     rows = [(row_id, env, flags, REPO) for row_id, env, flags in ROWS]
     if options.baseline:
         rows.insert(0, ("native-before", {}, [], Path(options.baseline).resolve()))
     done = load_results(options.results)
     if not options.table_only:
-        for row_id, env, flags, code in rows:
-            if any(r["row"] == row_id for r in done) or (options.only and options.only not in row_id):
-                continue
-            result = run_row(row_id, env, flags, options.model, options.steps, code, options.timeout)
-            print(f"{row_id}: {result['dtype']}, {result['step_s']:.1f} s/step", flush=True)
-            append_result(options.results, result)
-            done.append(result)
+        runners = [(row_id, lambda row_id=row_id, env=env, flags=flags, code=code: run_row(
+            row_id, env, flags, options.model, options.steps, code, options.timeout)) for row_id, env, flags, code in rows]
+        run_missing(runners, done, options.results, options.only,
+                    lambda r: f"{r['dtype']}, {r['step_s']:.1f} s/step")
     print(markdown(done))
 
 

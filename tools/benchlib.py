@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import json
+from collections.abc import Callable, Iterable
 from pathlib import Path
 
 
@@ -29,3 +30,15 @@ def load_results(path: str | Path) -> list[dict]:
 def append_result(path: str | Path, result: dict) -> None:
     with open(path, "a") as f:
         f.write(json.dumps(result) + "\n")
+
+
+def run_missing(rows: Iterable[tuple[str, Callable[[], dict]]], done: list[dict], results: str | Path,
+                only: str | None, summary: Callable[[dict], str]) -> None:
+    """Run the rows not yet in ``done`` (and matching ``only``), appending each result as it finishes."""
+    for row_id, run in rows:
+        if any(r["row"] == row_id for r in done) or (only and only not in row_id):
+            continue
+        result = run()
+        print(f"{row_id}: {summary(result)}", flush=True)
+        append_result(results, result)
+        done.append(result)
