@@ -299,10 +299,13 @@ def plan(config: RecoverConfig) -> Run:
 
 def recover_dtype(config: RecoverConfig, device: str) -> DtypeChoice:
     """The autocast dtype: --bf16/--fp32 when given, else --dtype (auto: what the device runs fast)."""
-    if config.bf16 is None:
+    if config.bf16 is None and config.dtype == "auto":
         return resolve_dtype(config.dtype, device)
-    flag = "--bf16" if config.bf16 else "--fp32"
-    return DtypeChoice(torch.bfloat16 if config.bf16 else torch.float32, f"{flag} requested; {native_bf16(device)[1]}")
+    if config.bf16 is None:
+        flag, dtype = f"--dtype {config.dtype}", resolve_dtype(config.dtype, device).dtype
+    else:
+        flag, dtype = ("--bf16", torch.bfloat16) if config.bf16 else ("--fp32", torch.float32)
+    return DtypeChoice(dtype, f"{flag} requested; {native_bf16(device)[1]}")
 
 
 def _accelerator(cpu: bool):

@@ -156,10 +156,6 @@ class TrainingMixture:
             if not bool((stream.labels != IGNORE).any()):
                 raise DataError(f"training data {stream.name!r} has no tokens to learn from (no responses)")
 
-    def rows_per_epoch(self) -> int:
-        """Rows before any source repeats (the smallest source sets the pace of round-robin)."""
-        return min(s.ids.numel() // self.seqlen for s in self.streams) * len(self.streams)
-
     def row(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
         stream = self.streams[index % len(self.streams)]
         per_source = index // len(self.streams)

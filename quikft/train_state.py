@@ -59,8 +59,12 @@ class TrainState:
 
 def committed_step(state_dir: Path) -> int | None:
     """The step of the committed state in ``state_dir``, or None when there is none."""
-    manifest = _read_json(state_dir / MANIFEST) if (state_dir / MANIFEST).is_file() else None
-    return int(manifest["step"]) if manifest else None
+    if not (state_dir / MANIFEST).is_file():
+        return None
+    manifest = _read_json(state_dir / MANIFEST, state_dir)
+    if not isinstance(manifest, dict) or not isinstance(manifest.get("step"), int):
+        raise _unreadable(state_dir / MANIFEST, state_dir, "no step")
+    return manifest["step"]
 
 
 # ------------------------------------------------------------------------------------ writing
@@ -116,7 +120,7 @@ def save_state(directory: Path, step: int, settings: dict, world: int, trainable
 
 def remove_uncommitted(state_dir: Path) -> None:
     """Remove step directories the manifest does not name (older states, interrupted saves)."""
-    manifest = _read_json(state_dir / MANIFEST) if (state_dir / MANIFEST).is_file() else {}
+    manifest = _read_json(state_dir / MANIFEST, state_dir) if (state_dir / MANIFEST).is_file() else {}
     for path in sorted(state_dir.glob("step-*")):
         if path.name != manifest.get("dir"):
             _remove_dir(path)
@@ -160,39 +164,53 @@ def rewrite_log(state_dir: Path, entries: list[dict]) -> None:
 
 # ------------------------------------------------------------------------------------ reading
 
-def _read_json(path: Path) -> Any:
+def _unreadable(path: Path, state_dir: Path, reason: str) -> StateError:
+    return StateError(f"{path}: unreadable training state ({reason}); delete {state_dir} to start over")
+
+
+def _read_json(path: Path, state_dir: Path) -> Any:
     try:
         return json.loads(path.read_text())
     except (OSError, json.JSONDecodeError, UnicodeDecodeError) as err:
-        raise StateError(f"{path}: unreadable training state ({err.__class__.__name__}); delete "
-                         f"{path.parent} to start over") from None
+        raise _unreadable(path, state_dir, err.__class__.__name__) from None
 
 
-def _load_tensors(path: Path) -> dict[str, torch.Tensor]:
+def _load_tensors(path: Path, state_dir: Path) -> dict[str, torch.Tensor]:
     try:
         return load_file(path)
     except (OSError, SafetensorError) as err:
-        raise StateError(f"{path}: unreadable training state ({str(err).splitlines()[0]}); delete "
-                         f"{path.parent.parent} to start over") from None
+        raise _unreadable(path, state_dir, (str(err).splitlines() or ["not safetensors"])[0]) from None
 
 
 def load_state(state_dir: Path) -> TrainState:
     """The committed state of ``state_dir`` (tensors on CPU)."""
-    manifest = _read_json(state_dir / MANIFEST)
-    directory = state_dir / str(manifest.get("dir"))
-    meta = _read_json(directory / STATE_JSON)
+    directory = _committed_dir(state_dir)
+    meta = _read_json(directory / STATE_JSON, state_dir)
     remove_uncommitted(state_dir)
-    return TrainState(step=int(meta["step"]), settings=meta["settings"], world=int(meta["world"]),
-                      trainable=_load_tensors(directory / TRAINABLE),
-                      optimizer=_join_optimizer(_load_tensors(directory / OPTIMIZER), meta["optimizer"]),
-                      scheduler=meta["scheduler"], curve=meta["curve"])
+    try:
+        return TrainState(step=int(meta["step"]), settings=meta["settings"], world=int(meta["world"]),
+                          trainable=_load_tensors(directory / TRAINABLE, state_dir),
+                          optimizer=_join_optimizer(_load_tensors(directory / OPTIMIZER, state_dir), meta["optimizer"]),
+                          scheduler=meta["scheduler"], curve=meta["curve"])
+    except StateError:
+        raise
+    except (KeyError, TypeError, ValueError) as err:  # JSON of the wrong shape
+        raise _unreadable(directory / STATE_JSON, state_dir, f"{err.__class__.__name__}: {err}") from None
+
+
+def _committed_dir(state_dir: Path) -> Path:
+    manifest = _read_json(state_dir / MANIFEST, state_dir)
+    name = manifest.get("dir") if isinstance(manifest, dict) else None
+    if not isinstance(name, str) or "/" in name or not name.startswith("step-"):
+        raise _unreadable(state_dir / MANIFEST, state_dir, "no step directory")
+    return state_dir / name
 
 
 def load_rng(state_dir: Path, rank: int) -> None:
     """Restore this process's random generators from the committed state."""
-    directory = state_dir / str(_read_json(state_dir / MANIFEST).get("dir"))
-    tensors = _load_tensors(directory / f"rng-{rank}.safetensors")
-    version, internal, gauss = _read_json(directory / f"rng-{rank}.json")["python"]
+    directory = _committed_dir(state_dir)
+    tensors = _load_tensors(directory / f"rng-{rank}.safetensors", state_dir)
+    version, internal, gauss = _read_json(directory / f"rng-{rank}.json", state_dir)["python"]
     torch.set_rng_state(tensors["torch"])
     cuda = [tensors[f"cuda.{i}"] for i in range(len([k for k in tensors if k.startswith("cuda.")]))]
     if cuda:

@@ -259,6 +259,8 @@ def test_recover_picks_its_compute_dtype_from_the_hardware_and_reports_why(packe
                          progress=False)
     assert forced["compute_dtype"]["dtype"] == "bfloat16"
     assert forced["compute_dtype"]["reason"].startswith("--bf16 requested; cpu capability AVX2")
+    named = recover(_config(packed, corpus, tmp_path / "named", bf16=None, dtype="fp32", steps=1), progress=False)
+    assert named["compute_dtype"]["dtype"] == "float32" and named["compute_dtype"]["reason"].startswith("--dtype fp32")
 
 
 @pytest.mark.slow
