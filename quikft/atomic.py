@@ -103,7 +103,8 @@ def _check_writable(target: Path) -> None:
     try:
         Path(tempfile.mkdtemp(prefix=".quikft-write-probe.", dir=ancestor)).rmdir()
     except OSError as err:
-        raise OutputError(f"{target} is not writable ({err.strerror}: {ancestor}); choose another location") from None
+        raise OutputError(f"{target} is not writable: cannot create a directory in {ancestor} ({err.strerror}); "
+                          f"choose another location") from None
 
 
 def check_file_output(path: str | os.PathLike, setting: str) -> None:
