@@ -132,8 +132,9 @@ def eval_command(model_name, ppl_datasets, tasks, limit, batch_size, backend, sp
 @click.option("--chat/--raw", default=True, show_default=True,
               help="Wrap the prompt in the tokenizer's chat template when it has one.")
 @click.option("--seed", default=0, show_default=True)
-@click.option("--dtype", default="float32", show_default=True, help="float32, bfloat16, float16 or auto.")
-@click.option("--device", default="cpu", show_default=True)
+@click.option("--dtype", default="auto", show_default=True,
+              help="auto (bf16 where the device runs it natively, else float32), float32, bfloat16 or float16.")
+@click.option("--device", default="auto", show_default=True, help="auto (cuda when present), cpu or cuda.")
 @trust_remote_code_option
 @_fail_cleanly
 def generate(prompt, model_name, max_new_tokens, temperature, chat, seed, dtype, device, trust_remote_code):

@@ -24,7 +24,7 @@ from pathlib import Path
 
 import torch
 
-from quikft.hardware import resolve_dtype
+from quikft.hardware import resolve_device, resolve_dtype
 
 DEFAULT_MODEL = "smollm2-135m"
 
@@ -245,7 +245,8 @@ def load_model(name: str | None = None, dtype: str | torch.dtype = torch.float32
                trust_remote_code: bool = False):
     """Load ``(model, tokenizer)`` in eval mode from an alias, a hub id or a local directory.
 
-    ``dtype`` may be ``auto`` (what ``device`` runs fast, see :mod:`quikft.hardware`). A quikft
+    ``dtype`` may be ``auto`` (what ``device`` runs fast, see :mod:`quikft.hardware`), ``device``
+    ``auto`` (cuda when present). A quikft
     packed checkpoint directory is loaded by :func:`quikft.checkpoint.load`, which checks every
     stored tensor strictly before reading it. A model's own Python code runs only with
     ``trust_remote_code``.
@@ -255,6 +256,7 @@ def load_model(name: str | None = None, dtype: str | torch.dtype = torch.float32
     from quikft.checkpoint import is_packed_checkpoint, load
 
     path = resolve_model(name)
+    device = resolve_device(device)
     torch_dtype = parse_dtype(dtype, device)
     if is_packed_checkpoint(path):
         with refusing_remote_code(name):
