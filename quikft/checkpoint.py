@@ -54,6 +54,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import Tensor, nn
 
+from quikft import arch
 from quikft.atomic import atomic_directory
 from quikft.hardware import compute_dtype, default_device, resolve_dtype
 from quikft.nn.kernels import is_scope_reason
@@ -78,6 +79,7 @@ DTYPE_REST = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float
 # Keys of quantization_config that loading relies on.
 REQUIRED_KEYS = ("bits", "group_size", "sym", "salient", "modules")
 SETTING_KEYS = ("bits", "group_size", "sym", "salient", "metric", "act_order", "method")
+EXPERTS_KEY = "unfused_experts"
 
 # safetensors dtype codes -> torch dtypes (those a checkpoint of ours can hold).
 SAFETENSORS_DTYPES = {
@@ -191,9 +193,13 @@ def build_quantization_config(quantized: QuantizedLayers, quant_config: QuantCon
     dtype_rest = settings.get("dtype_rest", "fp32")
     if dtype_rest not in DTYPE_REST:
         raise ValueError(f"dtype_rest {dtype_rest!r} is not one of {', '.join(DTYPE_REST)}")
-    return {"quant_method": QUANT_METHOD, "format_version": FORMAT_VERSION,
-            **{key: settings[key] for key in SETTING_KEYS}, "dtype_rest": dtype_rest,
-            "modules": list(quantized.results), "settings": settings, "source_model": source_model}
+    qconfig = {"quant_method": QUANT_METHOD, "format_version": FORMAT_VERSION,
+               **{key: settings[key] for key in SETTING_KEYS}, "dtype_rest": dtype_rest,
+               "modules": list(quantized.results), "settings": settings, "source_model": source_model}
+    if quantized.experts:
+        # MoE layers whose 3-D expert weights are stored as one packed linear per expert.
+        qconfig[EXPERTS_KEY] = list(quantized.experts)
+    return qconfig
 
 
 def packed_state_dict(model: nn.Module, quantized: QuantizedLayers) -> dict[str, Tensor]:
@@ -399,26 +405,31 @@ def swap_in_quik_layers(model: nn.Module, qconfig: Mapping[str, Any], tensors: M
     imply (``qweight`` rows ceil((in - k)*bits/32), ``g_idx`` length in - k), which
     :func:`check_tensors` then compares with every stored shape. ``source`` is
     :func:`weights_source`; ``device=None`` follows the current default device, so inside a
-    meta-device context the new layers allocate nothing.
+    meta-device context the new layers allocate nothing. Experts modules the config lists under
+    ``unfused_experts`` are first given one linear per expert (see :mod:`quikft.arch.experts`).
     """
+    try:
+        arch.unfuse_listed_experts(model, qconfig.get(EXPERTS_KEY, []))
+    except arch.UnsupportedArchitectureError as err:
+        raise CheckpointError(f"{source.parent / CONFIG_NAME}: {err}") from None
     for name in qconfig["modules"]:
-        linear = _linear(model, name, source)
-        k = _stored_k(tensors, name, linear.in_features, source)
+        in_features, out_features = arch.dims_of(_linear(model, name, source))
+        k = _stored_k(tensors, name, in_features, source)
         n_groups = _stored_dim(tensors, f"{name}.scales", 2, source)
-        layer = QuikLinear(linear.in_features, linear.out_features, int(qconfig["bits"]),
-                           int(qconfig["group_size"]), k, n_groups, f"{name}.bias" in tensors, device=device)
+        layer = QuikLinear(in_features, out_features, int(qconfig["bits"]), int(qconfig["group_size"]), k,
+                           n_groups, f"{name}.bias" in tensors, device=device)
         if qconfig["format_version"] == 1:
             layer.perm = None  # format 1 stores no perm; finish_loading derives it
         parent, _, child = name.rpartition(".")
         setattr(model.get_submodule(parent), child, layer)
 
 
-def _linear(model: nn.Module, name: str, source: Path) -> nn.Linear:
+def _linear(model: nn.Module, name: str, source: Path) -> nn.Module:
     try:
         module = model.get_submodule(name)
     except AttributeError:
         module = None
-    if not isinstance(module, nn.Linear):
+    if module is None or not arch.is_projection(module):
         raise CheckpointError(f"{source.parent / CONFIG_NAME}: quantized module {name} is not a linear layer "
                               f"of {type(model).__name__}")
     return module
@@ -524,6 +535,7 @@ def load(path: str | os.PathLike, dtype: str | torch.dtype | None = None, device
         verify_checksums(tensors, {file: read_metadata(file) for file in files})
     _load_tensors(model, tensors, dtype, device)
     _materialize_non_persistent(model, device)
+    arch.mark_quantized(model)  # as transformers' own quantized loading does
     model.tie_weights()
     _check_materialized(model)
     check_layer_values(model, tensors, qconfig)
@@ -625,8 +637,15 @@ def _materialize_non_persistent(model: nn.Module, device: torch.device) -> None:
     """
     for module in model.modules():
         if any(b is not None and b.is_meta for b in module.buffers(recurse=False)):
+            # The module may also own loaded tensors (a scaled embedding: its weight beside a computed
+            # scale), which to_empty and _init_weights would overwrite: keep them.
+            loaded = {name: t.detach() for name, t in [*module._parameters.items(), *module._buffers.items()]
+                      if t is not None and not t.is_meta}
             module.to_empty(device=device, recurse=False)
             model._init_weights(module)
+            with torch.no_grad():
+                for name, tensor in loaded.items():
+                    getattr(module, name).copy_(tensor)
 
 
 def _check_materialized(model: nn.Module) -> None:
@@ -840,6 +859,7 @@ def _span(low: str, high: str) -> str:
 
 
 def _layer_kind(name: str) -> str:
+    """The name after the block index, later indices (experts) as ``*``: ``mlp.experts.down_proj.*``."""
     parts = name.split(".")
     digits = [i for i, part in enumerate(parts) if part.isdigit()]
-    return ".".join(parts[digits[0] + 1:]) if digits else name
+    return ".".join("*" if part.isdigit() else part for part in parts[digits[0] + 1:]) if digits else name

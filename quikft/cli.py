@@ -165,7 +165,17 @@ def generate(prompt, model_name, max_new_tokens, temperature, chat, seed, dtype,
 @click.option("--seqlen", type=int, default=None, help="Tokens per calibration window [512].")
 @click.option("--seed", type=int, default=None, help="[0]")
 @click.option("--batch-size", type=int, default=None, help="Calibration windows per block forward [8].")
-@click.option("--device", default=None, help="Where each block is quantized: cpu or cuda [cpu].")
+@click.option("--device", default=None,
+              help="Where each block is quantized: auto (cuda when present), cpu, cuda or cuda:N [auto].")
+@click.option("--targets", multiple=True, default=None,
+              help="Quantize only modules whose full name matches this glob (e.g. '*.mlp.*'); repeatable [all].")
+@click.option("--ignore", multiple=True, default=None,
+              help="Keep modules whose full name matches this glob in full precision; repeatable.")
+@click.option("--quantize-lm-head/--no-quantize-lm-head", default=None,
+              help="Also quantize the output layer (a tied one is untied; the embedding stays FP) [off].")
+@click.option("--expert-min-tokens", type=int, default=None,
+              help="MoE: an expert routed fewer calibration tokens takes statistics from all tokens of its "
+                   "layer [128].")
 @click.option("--out", default=None, help="Output directory [runs/<model>-w<bits>-k<salient>-<method>].")
 @click.option("--overwrite", is_flag=True, default=None, help="Replace a previous quantize output at --out.")
 @click.option("--fake-quant/--packed", default=None,
@@ -176,12 +186,13 @@ def generate(prompt, model_name, max_new_tokens, temperature, chat, seed, dtype,
               help="Dtype of the unquantized tensors (embeddings, norms, an untied head) in the checkpoint [bf16].")
 @trust_remote_code_option
 @_fail_cleanly
-def quantize(config_path, **flags):
+def quantize(config_path, targets, ignore, **flags):
     """Quantize a model: salient columns in FP16, the rest with GPTQ (or RTN)."""
     from quikft.config import QuantizeJob, build_config
     from quikft.quantize import quantize as run_quantize
 
-    job = build_config(QuantizeJob, config_path, **flags)
+    job = build_config(QuantizeJob, config_path, targets=tuple(targets) or None, ignore=tuple(ignore) or None,
+                       **flags)
     config = job.quant
     report = run_quantize(job)
     click.echo(f"quantized {report['config']['model'] or 'smollm2-135m'} to {config.bits} bits with "

@@ -145,9 +145,15 @@ class QuantConfig:
     nsamples: int = 128
     seqlen: int = 512
     seed: int = 0
+    targets: tuple[str, ...] = ()  # glob patterns of module names to quantize (empty: every projection)
+    ignore: tuple[str, ...] = ()  # glob patterns of module names to leave in full precision
+    quantize_lm_head: bool = False  # also quantize the output layer (untied from the embedding if tied)
+    expert_min_tokens: int = 128  # an MoE expert routed fewer calibration tokens uses all of its layer's tokens
     dtype_rest: str = "bf16"  # dtype of the unquantized tensors (embeddings, norms, an untied head) when saved
 
     def __post_init__(self) -> None:
+        self.targets = _patterns(self.targets)
+        self.ignore = _patterns(self.ignore)
         self.validate()
 
     def validate(self) -> None:
@@ -163,12 +169,21 @@ class QuantConfig:
         if self.group_size == 0 or self.group_size < -1:
             raise ConfigError(f"group size {self.group_size} is invalid; use a positive size such as 128, "
                               f"or -1 for one scale per row", "group_size")
-        _non_negative(self, ("salient", "percdamp"))
+        _non_negative(self, ("salient", "percdamp", "expert_min_tokens"))
         _positive(self, ("nsamples", "seqlen", "block_size"))
         _one_of("dtype_rest", self.dtype_rest, REST_DTYPES)
 
     def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
+        out = asdict(self)
+        out["targets"], out["ignore"] = list(self.targets), list(self.ignore)
+        return out
+
+
+def _patterns(value: Any) -> Any:
+    """Module-name glob patterns from one comma-separated string; lists pass on to the type check."""
+    if isinstance(value, str):
+        return tuple(item.strip() for item in value.split(",") if item.strip())
+    return value or ()
 
 
 @dataclass
@@ -177,7 +192,7 @@ class QuantizeJob:
 
     quant: QuantConfig = field(default_factory=QuantConfig)
     model: str | None = None  # alias, hub id or directory; None = the embedded default model
-    device: str = "cpu"  # where each block is quantized
+    device: str = "auto"  # where each block is quantized: auto (cuda when present), cpu, cuda, cuda:1, ...
     batch_size: int = 8  # calibration sequences per block forward
     out: str | None = None
     overwrite: bool = False  # replace a previous quantize output at --out

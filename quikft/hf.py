@@ -48,6 +48,7 @@ from quikft.checkpoint import (
     weights_source,
 )
 from quikft.hardware import compute_dtype, default_device
+from quikft.nn.quik_linear import QuikLinear
 
 
 class QuikftConfig(QuantizationConfigMixin):
@@ -93,6 +94,7 @@ class QuikftHfQuantizer(HfQuantizer):
         swap_in_quik_layers(model, self.quantization_config.to_dict(), tensors, weights_source(files))
         check_tensors(model, tensors, weights_source(files))
         self._tensors = tensors
+        _skip_reinitialization(model)
         return model
 
     def _process_model_after_weight_loading(self, model: Any, **kwargs: Any) -> Any:
@@ -115,6 +117,29 @@ class QuikftHfQuantizer(HfQuantizer):
     def is_qat_trainable(self) -> bool:
         # transformers' Trainer refuses a quantized model without PEFT adapters unless this holds.
         return True
+
+
+def _skip_reinitialization(model: Any) -> None:
+    """Keep transformers' weight initialization away from the modules we rebuilt.
+
+    After loading, transformers calls the family's ``_init_weights`` on every module not marked
+    initialized, and some families reach into children there (e.g. a block's output projection
+    ``.weight``, or the 3-D parameters of an experts module), which a QuikLinear or an unfused
+    experts module no longer has. Every tensor of such a module comes from the checkpoint, so
+    its initialization would be overwritten anyway; modules with computed (non-persistent)
+    buffers of their own keep theirs.
+    """
+    from quikft.arch import RoutedExperts
+
+    for module in model.modules():
+        rebuilt = isinstance(module, RoutedExperts) or any(isinstance(c, QuikLinear) for c in module.children())
+        if rebuilt and not _has_computed_buffers(module):
+            module._is_hf_initialized = True
+
+
+def _has_computed_buffers(module: Any) -> bool:
+    return any(name in module._non_persistent_buffers_set and buffer is not None
+               for name, buffer in module._buffers.items())
 
 
 def register() -> None:

@@ -19,14 +19,15 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_file
 
+from quikft import arch
 from quikft.atomic import atomic_directory, prepare_output, write_json
 from quikft.checkpoint import DTYPE_REST, write_packed
 from quikft.config import QuantizeJob
 from quikft.data import calibration_windows, check_source
 from quikft.eval.ppl import quick_ppl
-from quikft.hardware import DtypeChoice, native_bf16
+from quikft.hardware import DtypeChoice, native_bf16, resolve_device
 from quikft.models import cache_root, check_seqlen, load_model, model_label, model_reference, resolve_model
-from quikft.quant.pipeline import QuantizedLayers, linear_names, quantize_model
+from quikft.quant.pipeline import QuantizedLayers, quantize_model
 from quikft.runinfo import library_versions, peak_rss_mb
 
 REPORT_NAME = "quantize_report.json"
@@ -40,7 +41,7 @@ def default_out_dir(job: QuantizeJob) -> Path:
 def compute_dtype(job: QuantizeJob) -> DtypeChoice:
     """Quantization always computes in float32 (GPTQ's Hessian inverse needs it); the capability is recorded
     so reports of every job say what the machine could run fast."""
-    return DtypeChoice(torch.float32, f"quantize computes in float32; {native_bf16(job.device)[1]}")
+    return DtypeChoice(torch.float32, f"quantize computes in float32; {native_bf16(resolve_device(job.device))[1]}")
 
 
 def _quick_ppl(model, tokenizer, job: QuantizeJob, label: str) -> dict | None:
@@ -88,7 +89,8 @@ def saved_model_ppl(model, tokenizer, quantized: QuantizedLayers, job: QuantizeJ
 
 
 def save_fake_quantized(model, tokenizer, out_dir: Path) -> None:
-    """A dequantized HF checkpoint (the debugging format)."""
+    """A dequantized HF checkpoint (the debugging format), in the model's own layout (experts fused)."""
+    arch.fuse_all_experts(model)
     model.save_pretrained(out_dir)
     tokenizer.save_pretrained(out_dir)
 
@@ -122,7 +124,8 @@ def quantize(job: QuantizeJob, progress: bool = True) -> dict:
     torch.manual_seed(job.quant.seed)
     model, tokenizer = load_model(job.model, dtype=torch.float32, device="cpu",
                                   trust_remote_code=job.trust_remote_code)
-    linear_names(model)  # refuse unsupported architectures before any work
+    # Refuse unsupported architectures (and patterns that select nothing) before any work.
+    arch.check_supported(model, job.quant.targets, job.quant.ignore, job.quant.quantize_lm_head)
     with atomic_directory(out_dir, overwrite=job.overwrite, marker=REPORT_NAME) as staging:
         eval_began = time.perf_counter()
         fp_ppl = reference_ppl(model, tokenizer, job)
@@ -157,6 +160,11 @@ def build_report(job: QuantizeJob, quantized: QuantizedLayers, wall_seconds: flo
         "eval_seconds": eval_seconds,
         "peak_rss_mb": peak_rss_mb(),
         "salient_fraction": sum(layer["salient"] for layer in layers) / total_in,
+        "input_groups": quantized.input_groups,  # projections found to share one input, per block
+        "experts": quantized.experts,  # MoE experts modules quantized expert by expert
+        "starved_layers": quantized.starved(),  # layers whose statistics did not come from their own tokens
+        "head": quantized.head,
+        "untied_head": quantized.untied_head,
         "fp_ppl": fp_ppl,
         "ppl": ppl,
         "layers": layers,

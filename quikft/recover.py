@@ -39,7 +39,7 @@ from safetensors.torch import save_file
 from torch import nn
 from tqdm.auto import tqdm
 
-from quikft import train_state
+from quikft import arch, train_state
 from quikft.atomic import atomic_directory, prepare_output, write_json
 from quikft.checkpoint import is_packed_checkpoint, write_packed, write_quik_model
 from quikft.config import ConfigError, QuantConfig, RecoverConfig, build_config
@@ -56,7 +56,7 @@ from quikft.models import (
 )
 from quikft.nn.gift_linear import unwrap_after_training, wrap_for_training
 from quikft.nn.quik_linear import QuikLinear
-from quikft.quant.pipeline import linear_names, quantize_model, select_salient_model
+from quikft.quant.pipeline import quantize_model, select_salient_model
 from quikft.runinfo import library_versions, peak_rss_mb
 from quikft.train_data import IGNORE, TrainingMixture
 
@@ -191,7 +191,8 @@ class PreMode(RecoveryMode):
     def prepare(self, config: RecoverConfig, device: str, evaluate: bool, progress: bool) -> Job:
         scheme = self.quant_config(config)
         model, tokenizer = load_model(config.model, device=device, trust_remote_code=config.trust_remote_code)
-        linear_names(model)  # refuse unsupported architectures before any work
+        # Refuse unsupported architectures before any work.
+        arch.check_supported(model, scheme.targets, scheme.ignore, scheme.quantize_lm_head)
         ppl = _quick_ppl(model, tokenizer, config, model_label(config.model)) if evaluate else None
         calib = calibration_windows(tokenizer, scheme.calib, scheme.nsamples, scheme.seqlen, scheme.seed)
         salient = select_salient_model(model, calib, scheme, progress=progress, device=device)
@@ -247,7 +248,7 @@ def lora_model(model: nn.Module, config: RecoverConfig) -> nn.Module:
             if module.bias is not None:
                 linear.bias = nn.Parameter(module.bias.clone(), requires_grad=False)
             model.set_submodule(name, linear)
-            targets.add(name.rsplit(".", 1)[-1])
+            targets.add(name)  # full names: per-expert layers are named by index, which a suffix would not tell apart
     lora = LoraConfig(r=config.lora_rank, lora_alpha=2 * config.lora_rank, lora_dropout=0.0,
                       target_modules=sorted(targets), bias="none")
     return get_peft_model(model, lora)

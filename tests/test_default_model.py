@@ -5,11 +5,12 @@ import math
 import pytest
 import torch
 
+from quikft import arch
 from quikft.data import calibration_windows
 from quikft.eval import evaluate_ppl
 from quikft.models import load_model
 from quikft.quant.gptq import gptq_quantize, rtn_quantize
-from quikft.quant.pipeline import capture_block_inputs, decoder_blocks, run_block, streaming_statistics
+from quikft.quant.pipeline import capture_block_inputs, find_input_groups, run_block, streaming_statistics
 from quikft.saliency import column_scores, resolve_metric, select_salient
 
 pytestmark = pytest.mark.slow
@@ -31,8 +32,9 @@ def test_default_model_ppl_on_first_window(default_model):
 def test_gptq_beats_rtn_on_default_model_layers(default_model, bits):
     model, tokenizer = default_model
     calib = calibration_windows(tokenizer, "c4", nsamples=8, seqlen=256, seed=0)
-    inputs = capture_block_inputs(model, calib, batch_size=8, device="cpu")
-    block = decoder_blocks(model)[0]
+    layout = arch.layout(model)
+    inputs = capture_block_inputs(model, layout, calib, batch_size=8, device="cpu")
+    block = layout.blocks[0]
     captured = {}
 
     def keep_input(name):
@@ -41,16 +43,17 @@ def test_gptq_beats_rtn_on_default_model_layers(default_model, bits):
         return hook
 
     hooks = [block.get_submodule(n).register_forward_hook(keep_input(n)) for n in ("self_attn.q_proj", "mlp.down_proj")]
-    with streaming_statistics(block, ("self_attn.q_proj", "mlp.down_proj")) as stats:
-        run_block(block, inputs)
+    layers = {name: block.get_submodule(name) for name in ("self_attn.q_proj", "mlp.down_proj")}
+    with streaming_statistics(block, layers, find_input_groups(block, layers, inputs, 0)) as stats:
+        run_block(block, inputs, 0)
     for hook in hooks:
         hook.remove()
     for name, x in captured.items():
         w = block.get_submodule(name).weight.data.float()
-        salient = select_salient(column_scores(w, stats[name][1], resolve_metric("gift"), bits), 128)
-        gptq = gptq_quantize(w, stats[name][0].hessian(), salient, bits, group_size=128)
+        salient = select_salient(column_scores(w, stats[name].columns, resolve_metric("gift"), bits), 128)
+        gptq = gptq_quantize(w, stats[name].hessian.hessian(), salient, bits, group_size=128)
         rtn = rtn_quantize(w, salient, bits, group_size=128)
-        no_salient = gptq_quantize(w, stats[name][0].hessian(), torch.empty(0, dtype=torch.long), bits)
+        no_salient = gptq_quantize(w, stats[name].hessian.hessian(), torch.empty(0, dtype=torch.long), bits)
         error = {key: torch.linalg.norm(x @ w.T - x @ r.weight.T).item()
                  for key, r in (("gptq", gptq), ("rtn", rtn), ("gptq_k0", no_salient))}
         assert error["gptq"] < error["rtn"], (name, error)

@@ -6,6 +6,7 @@ import torch
 from click.testing import CliRunner
 from safetensors.torch import load_file
 
+from quikft import arch
 from quikft.cli import main
 from quikft.config import QuantConfig, QuantizeJob, build_config
 from quikft.data import calibration_windows
@@ -14,13 +15,18 @@ from quikft.quant.grid import round_to_fp16
 from quikft.quant.pipeline import (
     UnsupportedArchitectureError,
     capture_block_inputs,
-    decoder_blocks,
-    linear_names,
+    find_input_groups,
     quantize_model,
-    run_block,
     streaming_statistics,
 )
 from quikft.saliency import column_scores, resolve_metric, select_salient
+
+LLAMA_LAYERS = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj",
+                "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj")
+
+
+def decoder_blocks(model):
+    return arch.layout(model).blocks
 
 
 def _calib(tokenizer, text_file, n=8, seqlen=48):
@@ -60,7 +66,7 @@ def test_pipeline_quantizes_every_linear_and_keeps_salient_fp16(tiny, text_file)
     original = {n: m.weight.data.clone() for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)}
     config = QuantConfig(bits=3, salient=8, group_size=32, nsamples=8, seqlen=48)
     out = quantize_model(model, _calib(tokenizer, text_file), config, progress=False)
-    names = [f"model.layers.{i}.{n}" for i in range(2) for n in linear_names(model)]
+    names = [f"model.layers.{i}.{n}" for i in range(2) for n in LLAMA_LAYERS]
     assert sorted(out.results) == sorted(names)
     for name in names:
         result = out.results[name]
@@ -82,12 +88,14 @@ def test_salient_columns_come_from_the_metric_on_block_inputs(tiny, text_file):
     calib = _calib(tokenizer, text_file)
     config = QuantConfig(bits=3, salient=8, group_size=32, nsamples=8, seqlen=48)
     # expected: scores from the first block's FP inputs (block 0 sees the same inputs in both runs)
-    inputs = capture_block_inputs(model, calib, 8, "cpu")
-    block = decoder_blocks(model)[0]
-    with streaming_statistics(block, ("mlp.up_proj",)) as stats:
-        run_block(block, inputs)
+    layout = arch.layout(model)
+    inputs = capture_block_inputs(model, layout, calib, 8, "cpu")
+    block = layout.blocks[0]
+    layers = {"mlp.up_proj": block.mlp.up_proj}
+    with streaming_statistics(block, layers, find_input_groups(block, layers, inputs, 0)) as stats:
+        block(inputs.batches[0], *inputs.calls[0][8].args, **inputs.calls[0][8].kwargs)
     w = block.mlp.up_proj.weight.data.float().clone()
-    expected = select_salient(column_scores(w, stats["mlp.up_proj"][1], resolve_metric("gift"), 3), 8)
+    expected = select_salient(column_scores(w, stats["mlp.up_proj"].columns, resolve_metric("gift"), 3), 8)
     out = quantize_model(model, calib, config, progress=False)
     assert torch.equal(out.results["model.layers.0.mlp.up_proj"].salient, expected)
 
@@ -122,12 +130,16 @@ def test_salient_count_is_capped_with_a_warning(tiny, text_file):
     assert out.results["model.layers.0.self_attn.q_proj"].salient.numel() == 63
 
 
-def test_unsupported_architecture_names_the_supported_ones():
-    from transformers import GPT2Config, GPT2LMHeadModel
+def test_a_model_without_decoder_blocks_is_refused_in_one_line():
+    from torch import nn
 
-    model = GPT2LMHeadModel(GPT2Config(n_layer=1, n_embd=32, n_head=2, vocab_size=50))
-    with pytest.raises(UnsupportedArchitectureError, match="'gpt2' is not supported; supported: llama"):
-        linear_names(model)
+    class NoBlocks(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.proj = nn.Linear(8, 8)
+
+    with pytest.raises(UnsupportedArchitectureError, match="cannot find the decoder blocks of NoBlocks"):
+        arch.check_supported(NoBlocks())
 
 
 @pytest.mark.parametrize("field,value,message", [

@@ -57,7 +57,7 @@ def test_batched_equals_unbatched_and_generic_head_path(tiny, single_thread, mon
     one = loglikelihoods(model, tokenizer, requests, batch_size=1, progress=False)
     many = loglikelihoods(model, tokenizer, requests, batch_size=16, progress=False)
     assert many == pytest.approx(one, abs=1e-4)
-    monkeypatch.setattr(zeroshot, "_uses_plain_head", lambda m: False)  # the model(...).logits path
+    monkeypatch.setattr(zeroshot.arch, "head_path_matches", lambda m, ids: False)  # the model(...).logits path
     assert loglikelihoods(model, tokenizer, requests, batch_size=4, progress=False) == pytest.approx(one, abs=1e-4)
 
 

@@ -16,12 +16,12 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
+from quikft import arch
 from quikft.data import eval_text, tokenize_stream
 from quikft.runinfo import library_versions
 
-# Architectures whose logits are exactly lm_head(final hidden state), so we can run the
-# head in chunks instead of materialising a (seqlen x vocab) float tensor per window.
-PLAIN_HEAD_MODEL_TYPES = {"llama", "mistral", "qwen2", "qwen3"}
+# Positions per head call: the head runs in chunks instead of materialising a (seqlen x vocab)
+# float tensor per window, wherever the architecture adapter can reproduce the model's logits.
 HEAD_CHUNK = 512
 
 
@@ -74,20 +74,15 @@ def window_starts(total_tokens: int, seqlen: int, max_windows: int | None = None
     return starts[:max_windows] if max_windows is not None else starts
 
 
-def _uses_plain_head(model) -> bool:
-    return (getattr(model.config, "model_type", None) in PLAIN_HEAD_MODEL_TYPES
-            and hasattr(model, "get_decoder") and model.get_output_embeddings() is not None)
-
-
 @torch.inference_mode()
 def window_nll(model, ids: torch.Tensor) -> float:
     """Sum of next-token NLL over one ``(1, seqlen)`` window (``seqlen - 1`` predictions)."""
     targets = ids[:, 1:]
-    if not _uses_plain_head(model):
+    if not arch.head_path_matches(model, ids):
         logits = model(input_ids=ids, use_cache=False).logits[:, :-1].float()
         return F.cross_entropy(logits.flatten(0, 1), targets.flatten(), reduction="sum").item()
-    hidden = model.get_decoder()(input_ids=ids, use_cache=False).last_hidden_state[:, :-1]
-    head = model.get_output_embeddings()
+    hidden = arch.decoder_hidden(model, ids)[:, :-1]
+    head = arch.logits_from_hidden(model)
     total = 0.0
     for start in range(0, hidden.shape[1], HEAD_CHUNK):
         logits = head(hidden[:, start:start + HEAD_CHUNK]).float()

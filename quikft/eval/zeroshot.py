@@ -23,8 +23,8 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
+from quikft import arch
 from quikft.eval.lm_eval_backend import evaluate_tasks_lm_eval
-from quikft.eval.ppl import _uses_plain_head
 from quikft.eval.results import TaskResult
 from quikft.eval.tasks import Example, TaskData, TaskRef, load_task
 
@@ -73,9 +73,10 @@ def _group_inputs(pairs: list[tuple[list[int], list[int]]], max_length: int) -> 
 
 def _hidden_and_head(model, ids: torch.Tensor, mask: torch.Tensor):
     """Final hidden states and the head that maps them to logits (or logits and identity)."""
-    if _uses_plain_head(model):  # run the vocab head only where a continuation token is predicted
-        hidden = model.get_decoder()(input_ids=ids, attention_mask=mask, use_cache=False).last_hidden_state
-        return hidden, model.get_output_embeddings()
+    if arch.head_path_matches(model, ids[:1, : int(mask[0].sum())]):
+        # run the vocab head only where a continuation token is predicted
+        hidden = arch.decoder_hidden(model, ids, attention_mask=mask)
+        return hidden, arch.logits_from_hidden(model)
     return model(input_ids=ids, attention_mask=mask).logits, None
 
 

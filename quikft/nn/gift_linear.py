@@ -28,6 +28,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from quikft import arch
 from quikft.nn.quik_linear import QuikLinear, nonsalient_columns
 from quikft.quant.grid import paper_step
 
@@ -158,7 +159,8 @@ def wrap_for_training(model: nn.Module, noise_bits: int | None, salient: dict[st
     """Freeze ``model`` and replace its linears by :class:`GiftLinear`.
 
     Every :class:`QuikLinear` is wrapped (Post mode); with ``salient`` (Pre mode) the named
-    ``nn.Linear`` layers are, with those column sets. Returns the wrapped layers by name.
+    projections are (``nn.Linear`` or ``Conv1D``, see :mod:`quikft.arch`), with those column sets.
+    Returns the wrapped layers by name.
     """
     model.requires_grad_(False)
     targets: dict[str, nn.Module] = {}
@@ -170,8 +172,8 @@ def wrap_for_training(model: nn.Module, noise_bits: int | None, salient: dict[st
     for name, module in targets.items():
         if isinstance(module, QuikLinear):
             layer = GiftLinear.from_quik(module, noise_bits, cache_base)
-        elif isinstance(module, nn.Linear):
-            layer = GiftLinear.from_linear(module, salient[name], noise_bits)
+        elif arch.is_projection(module):
+            layer = GiftLinear.from_linear(arch.as_linear(module), salient[name], noise_bits)
         else:
             raise TypeError(f"{name} is a {type(module).__name__}, not a linear layer")
         model.set_submodule(name, layer)

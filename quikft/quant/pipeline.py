@@ -1,11 +1,25 @@
 """Block-sequential quantization of a decoder (SPEC §1, §10.8).
 
 For each decoder block in order: run the calibration activations through the full-precision
-block while hooks stream every linear layer's input statistics (the Hessian for GPTQ and the
+block while hooks stream every projection's input statistics (the Hessian for GPTQ and the
 per-column norms for the saliency metric); pick each layer's salient columns; quantize each
 layer; then recompute the block's outputs *with the quantized weights*, which become the inputs
 of the next block (as GPTQ does). Only the current block needs to be on the compute device, so
 peak memory is about one block plus the calibration activations.
+
+Nothing here knows a model family: the blocks, their projections, the experts of MoE layers and
+the head come from :mod:`quikft.arch`. Which projections read the same input (and so share one
+statistics accumulator) is found at run time, by tensor identity on a probe batch
+(:func:`find_input_groups`). What each block is called with (masks, rotary embeddings, positions)
+is captured from the model's own forward for every block, since families pass different
+arguments to different layers (sliding-window and global attention alternate in Gemma).
+
+Experts of an MoE layer are quantized one by one, each with statistics from the tokens its
+router sends it. An expert that receives fewer than ``expert_min_tokens`` calibration tokens
+takes its statistics from *every* token entering its MoE layer instead (a second pass in which
+that expert also runs on all tokens, its output discarded); the report lists it. A projection
+outside routed experts that no token reaches at all is quantized by RTN with salient columns from
+the weight term alone, and is listed too.
 """
 
 from __future__ import annotations
@@ -13,33 +27,27 @@ from __future__ import annotations
 import contextlib
 import time
 import warnings
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from quikft import arch
+from quikft.arch import RoutedExperts, UnsupportedArchitectureError
 from quikft.config import QuantConfig
+from quikft.hardware import resolve_device
 from quikft.quant.gptq import HessianAccumulator, QuantResult, gptq_quantize, rtn_quantize
 from quikft.saliency import ColumnStats, column_scores, resolve_metric, select_salient
 
-# Decoder architectures whose blocks live at ``model.model.layers`` and whose linear layers
-# have these names; adding an architecture means adding its linear names here.
-SUPPORTED_ARCHITECTURES: dict[str, tuple[str, ...]] = {
-    "llama": ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj",
-              "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj"),
-}
-# Linears of one block that read the same input tensor, keyed to a common label.
-SHARED_INPUT = {"self_attn.q_proj": "attn_in", "self_attn.k_proj": "attn_in", "self_attn.v_proj": "attn_in",
-                "mlp.gate_proj": "mlp_in", "mlp.up_proj": "mlp_in"}
-SUPPORTED_ARCHITECTURES["mistral"] = SUPPORTED_ARCHITECTURES["llama"]
-SUPPORTED_ARCHITECTURES["qwen2"] = SUPPORTED_ARCHITECTURES["llama"]
-SUPPORTED_ARCHITECTURES["qwen3"] = SUPPORTED_ARCHITECTURES["llama"]
+__all__ = ["UnsupportedArchitectureError", "QuantizedLayers", "quantize_model", "select_salient_model"]
 
-
-class UnsupportedArchitectureError(ValueError):
-    pass
+# How a layer's statistics were gathered (LayerReport.statistics).
+ROUTED = "routed"  # the tokens that reached it (for an expert: the tokens its router sent)
+ALL_TOKENS = "all-tokens"  # a starved expert: every token entering its MoE layer
+NO_TOKENS = "none"  # nothing reached it: RTN, salient columns by the weight term
 
 
 @dataclass
@@ -51,114 +59,276 @@ class LayerReport:
     salient_fraction: float
     loss: float
     seconds: float
+    tokens: int = 0  # calibration tokens that reached the layer
+    statistics: str = ROUTED
 
 
 @dataclass
 class QuantizedLayers:
-    """What quantization produced: per-linear results (codes, scales, salient columns) and a report."""
+    """What quantization produced: per-layer results (codes, scales, salient columns) and a report."""
 
     results: dict[str, QuantResult] = field(default_factory=dict)
     layers: list[LayerReport] = field(default_factory=list)
     seconds: float = 0.0
+    # Block name -> groups of (relative) projection names found to read one input tensor.
+    input_groups: dict[str, list[list[str]]] = field(default_factory=dict)
+    experts: list[str] = field(default_factory=list)  # full names of the unfused experts modules
+    head: str | None = None  # the quantized output layer, if any
+    untied_head: bool = False  # the head was tied to the embedding and now has its own weights
 
     def salient_indices(self) -> dict[str, torch.Tensor]:
         return {name: r.salient.to(torch.int32) for name, r in self.results.items()}
 
-
-def linear_names(model) -> tuple[str, ...]:
-    """Names (relative to a block) of the linear layers we quantize; refuses unknown models."""
-    model_type = getattr(model.config, "model_type", None)
-    if model_type not in SUPPORTED_ARCHITECTURES:
-        raise UnsupportedArchitectureError(
-            f"architecture {model_type!r} is not supported; supported: {', '.join(SUPPORTED_ARCHITECTURES)}")
-    return SUPPORTED_ARCHITECTURES[model_type]
+    def starved(self) -> list[dict]:
+        """Layers whose statistics did not come from their own routed tokens (see the module docstring)."""
+        return [{"name": layer.name, "tokens": layer.tokens, "statistics": layer.statistics}
+                for layer in self.layers if layer.statistics != ROUTED]
 
 
-def decoder_blocks(model) -> nn.ModuleList:
-    return model.get_decoder().layers
-
+# ------------------------------------------------------------------------------------ block inputs
 
 class _StopForward(Exception):
-    """Raised by the input catcher once block 0's inputs are recorded."""
+    """Raised by a patched module once what was needed is recorded."""
+
+
+@dataclass
+class BlockCall:
+    """The arguments a block receives besides its hidden states (positional and keyword)."""
+
+    args: tuple
+    kwargs: dict
 
 
 @dataclass
 class BlockInputs:
-    """Hidden states entering a block, in batches, plus the keyword arguments the block needs
-    (rotary embeddings, masks, positions), captured once from the model's own forward."""
+    """Hidden states entering the current block, in batches, plus every block's call arguments
+    (captured once per batch size from the model's own forward) and one real block output, whose
+    structure stubs imitate."""
 
     batches: list[torch.Tensor]
-    kwargs: dict
+    calls: list[dict[int, BlockCall]]
+    template: Any = None
+
+    def call(self, index: int, hidden: torch.Tensor) -> BlockCall:
+        return self.calls[index][hidden.shape[0]]
 
 
-def capture_block_inputs(model, calib: torch.Tensor, batch_size: int, device: str) -> BlockInputs:
-    """Run the model's embedding stage on ``calib`` and catch what enters block 0."""
-    block0 = decoder_blocks(model)[0]
+@contextlib.contextmanager
+def _patched_forwards(modules: list[nn.Module], make: Callable[[int], Callable]) -> Iterator[None]:
+    """Replace each module's forward by ``make(i)`` (an instance attribute) for the duration."""
+    for i, module in enumerate(modules):
+        module.forward = make(i)
+    try:
+        yield
+    finally:
+        for module in modules:
+            del module.forward
+
+
+def _split_call(args: tuple, kwargs: dict) -> tuple[torch.Tensor, BlockCall]:
+    kwargs = dict(kwargs)
+    hidden = args[0] if args else kwargs.pop("hidden_states")
+    for key in ("past_key_values", "past_key_value"):
+        kwargs.pop(key, None)
+    return hidden, BlockCall(tuple(args[1:]), kwargs)
+
+
+def _block_output(out) -> torch.Tensor:
+    return out[0] if isinstance(out, (tuple, list)) else out
+
+
+def _like_output(template, hidden: torch.Tensor):
+    """``hidden`` in the structure of a real block output (a tensor, or a tuple led by it)."""
+    return (hidden, *template[1:]) if isinstance(template, tuple) else hidden
+
+
+@torch.no_grad()
+def capture_block_inputs(model, layout: arch.ModelLayout, calib: torch.Tensor, batch_size: int,
+                         device: str) -> BlockInputs:
+    """Run the model's embedding stage on ``calib`` and catch what enters every block.
+
+    Block 0's hidden states are caught for every batch. Every block's other arguments come from
+    one forward per distinct batch size in which each block is a stub that records its call and
+    returns a real block-0 output (so code between blocks sees the right structure).
+    """
+    blocks = list(layout.blocks)
     caught: dict = {}
 
-    def catcher(module, args, kwargs):
-        caught["hidden"] = args[0] if args else kwargs.pop("hidden_states")
-        caught["kwargs"] = {k: v for k, v in kwargs.items() if k != "hidden_states"}
-        raise _StopForward
+    def catch_first(index):
+        def forward(*args, **kwargs):
+            caught["hidden"], caught["call"] = _split_call(args, kwargs)
+            raise _StopForward
+        return forward
 
-    handle = block0.register_forward_pre_hook(catcher, with_kwargs=True)
-    batches, kwargs = [], None
-    try:
+    batches, first_calls, first_ids = [], {}, {}
+    with _onloaded(model, layout, device), _patched_forwards(blocks[:1], catch_first):
         for start in range(0, calib.shape[0], batch_size):
             ids = calib[start:start + batch_size].to(device)
             with contextlib.suppress(_StopForward):
                 model(input_ids=ids, use_cache=False)
             batches.append(caught["hidden"].detach())
-            kwargs = kwargs or caught["kwargs"]
-    finally:
-        handle.remove()
-    kwargs["use_cache"] = False
-    kwargs.pop("past_key_values", None)
-    kwargs.pop("past_key_value", None)
-    return BlockInputs(batches, kwargs)
+            first_calls.setdefault(ids.shape[0], caught["call"])
+            first_ids.setdefault(ids.shape[0], (ids, len(batches) - 1))
+    inputs = BlockInputs(batches, [{} for _ in blocks])
+    for size, (ids, batch) in first_ids.items():
+        inputs.calls[0][size] = first_calls[size]
+        with _on_device(blocks[0], device):
+            inputs.template = blocks[0](batches[batch], *first_calls[size].args, **first_calls[size].kwargs)
+        _record_calls(model, layout, ids, inputs, device)
+    return inputs
 
 
-def _batch_kwargs(kwargs: dict, batch: int) -> dict:
-    """Slice batch-shaped tensors (e.g. an explicit attention mask) for a shorter last batch."""
-    out = {}
-    for key, value in kwargs.items():
-        if isinstance(value, torch.Tensor) and value.dim() > 0 and value.shape[0] > batch:
-            value = value[:batch]
-        out[key] = value
-    return out
+def _record_calls(model, layout: arch.ModelLayout, ids: torch.Tensor, inputs: BlockInputs, device: str) -> None:
+    blocks = list(layout.blocks)
 
+    def stub(index):
+        def forward(*args, **kwargs):
+            hidden, call = _split_call(args, kwargs)
+            inputs.calls[index][ids.shape[0]] = call
+            if index == len(blocks) - 1:
+                raise _StopForward
+            return inputs.template
+        return forward
 
-def _block_output(out) -> torch.Tensor:
-    return out[0] if isinstance(out, tuple) else out
+    with _onloaded(model, layout, device), _patched_forwards(blocks, stub), contextlib.suppress(_StopForward):
+        model(input_ids=ids, use_cache=False)
 
 
 @torch.no_grad()
-def run_block(block: nn.Module, inputs: BlockInputs) -> list[torch.Tensor]:
-    return [_block_output(block(h, **_batch_kwargs(inputs.kwargs, h.shape[0]))) for h in inputs.batches]
+def run_block(block: nn.Module, inputs: BlockInputs, index: int) -> list[torch.Tensor]:
+    outputs = []
+    for hidden in inputs.batches:
+        call = inputs.call(index, hidden)
+        outputs.append(_block_output(block(hidden, *call.args, **call.kwargs)))
+    return outputs
 
 
 @contextlib.contextmanager
-def streaming_statistics(block: nn.Module, names: tuple[str, ...], hessian: bool = True) -> Iterator[dict]:
-    """Hooks that stream each named linear's inputs into a Hessian and column statistics.
+def _on_device(module: nn.Module, device: str) -> Iterator[nn.Module]:
+    """``module`` on ``device`` for the duration, back where it was afterwards."""
+    home = next(module.parameters()).device
+    module.to(device)
+    try:
+        yield module
+    finally:
+        module.to(home)
 
-    Linears that read the same tensor (q/k/v, gate/up) share one accumulator: the input is
-    identical, and the X^T X product is the dominant cost of the statistics pass. Without
-    ``hessian`` (salient selection only) the accumulator is None and X^T X is skipped.
+
+@contextlib.contextmanager
+def _onloaded(model, layout: arch.ModelLayout, device: str) -> Iterator[None]:
+    """Everything outside the decoder blocks (embeddings, rotary tables, final norm, head) on ``device``."""
+    inside = {id(m) for block in layout.blocks for m in block.modules()} | {id(layout.blocks)}
+    outside = [m for m in model.modules() if id(m) not in inside]
+    homes = [{name: t.device for name, t in [*m._parameters.items(), *m._buffers.items()] if t is not None}
+             for m in outside]
+    target = torch.device(device)
+    if all(d == target for home in homes for d in home.values()):
+        yield
+        return
+    for module in outside:
+        module._apply(lambda t: t.to(target), recurse=False)
+    try:
+        yield
+    finally:
+        for module, home in zip(outside, homes, strict=True):
+            first = next(iter(home.values()), None)
+            if first is not None:
+                module._apply(lambda t, d=first: t.to(d), recurse=False)
+
+
+# ------------------------------------------------------------------------------------ statistics
+
+@dataclass
+class LayerStats:
+    """Streamed statistics of one projection's inputs (shared by projections reading one tensor)."""
+
+    hessian: HessianAccumulator | None
+    columns: ColumnStats
+
+    @property
+    def tokens(self) -> int:
+        return self.columns.n_tokens
+
+
+def _first_input(args: tuple) -> torch.Tensor:
+    return args[0]
+
+
+@torch.no_grad()
+def find_input_groups(block: nn.Module, layers: dict[str, nn.Module], inputs: BlockInputs,
+                      index: int) -> list[tuple[str, ...]]:
+    """Projections that read the very same input tensor, found on the first calibration batch.
+
+    A hook keeps every input each projection receives; projections with the same sequence of
+    tensor objects share one accumulator (the input is identical, and X^T X is the dominant cost
+    of the statistics pass). Projections the probe never reaches stay on their own.
     """
-    stats: dict[str, tuple[HessianAccumulator, ColumnStats]] = {}
+    seen: dict[str, list[torch.Tensor]] = {name: [] for name in layers}
+    handles = [module.register_forward_hook(lambda m, args, out, n=name: seen[n].append(_first_input(args)))
+               for name, module in layers.items()]
+    try:
+        hidden = inputs.batches[0]
+        call = inputs.call(index, hidden)
+        block(hidden, *call.args, **call.kwargs)
+    finally:
+        for handle in handles:
+            handle.remove()
+    groups: dict[tuple, list[str]] = {}
+    for name, tensors in seen.items():
+        key = tuple(id(t) for t in tensors) if tensors else (name,)
+        groups.setdefault(key, []).append(name)
+    return [tuple(group) for group in groups.values()]
+
+
+class _SharedInputHook:
+    """Feeds one group's accumulator: within a block forward, the first member to see a tensor adds
+    it and the others skip that same object; every member's tensors are kept until the block's
+    forward ends, when :meth:`end_round` checks that all members saw the same ones."""
+
+    def __init__(self, stats: LayerStats, members: tuple[str, ...]):
+        self.stats = stats
+        self.seen: dict[str, list[torch.Tensor]] = {name: [] for name in members}
+
+    def hook(self, name: str) -> Callable:
+        def record(_module, args, _out):
+            x = _first_input(args)  # the object itself: identity is what groups members
+            if not any(x is t for tensors in self.seen.values() for t in tensors):
+                if self.stats.hessian is not None:
+                    self.stats.hessian.add_batch(x)
+                self.stats.columns.update(x)
+            self.seen[name].append(x)
+        return record
+
+    def end_round(self) -> None:
+        if len({tuple(id(t) for t in tensors) for tensors in self.seen.values()}) > 1:
+            raise RuntimeError(f"projections {', '.join(self.seen)} read one input tensor in the probe batch but "
+                               f"different ones later; their statistics cannot be shared")
+        for tensors in self.seen.values():
+            tensors.clear()
+
+
+@contextlib.contextmanager
+def streaming_statistics(block: nn.Module, layers: dict[str, nn.Module], groups: list[tuple[str, ...]],
+                         hessian: bool = True) -> Iterator[dict[str, LayerStats]]:
+    """Hooks that stream each projection's inputs into a Hessian and column statistics, one shared
+    accumulator per group of :func:`find_input_groups`. Without ``hessian`` (salient selection
+    only) X^T X is skipped."""
+    stats: dict[str, LayerStats] = {}
+    feeders = []
     handles = []
-    for group in input_groups(names):
-        linear = block.get_submodule(group[0])
-        shared = (HessianAccumulator(linear.in_features) if hessian else None, ColumnStats(linear.in_features))
+    for group in groups:
+        in_features = arch.dims_of(layers[group[0]])[0]
+        shared = LayerStats(HessianAccumulator(in_features) if hessian else None, ColumnStats(in_features))
         stats.update(dict.fromkeys(group, shared))
+        feeder = _SharedInputHook(shared, group)
+        feeders.append(feeder)
+        handles += [layers[name].register_forward_hook(feeder.hook(name)) for name in group]
 
-        def hook(module, args, _out, acc=shared):
-            x = args[0].detach()
-            if acc[0] is not None:
-                acc[0].add_batch(x)
-            acc[1].update(x)
+    def end_of_block_forward(_module, _args, _out):
+        for feeder in feeders:
+            feeder.end_round()
 
-        handles.append(linear.register_forward_hook(hook))
+    handles.append(block.register_forward_hook(end_of_block_forward))
     try:
         yield stats
     finally:
@@ -166,13 +336,71 @@ def streaming_statistics(block: nn.Module, names: tuple[str, ...], hessian: bool
             handle.remove()
 
 
-def input_groups(names: tuple[str, ...]) -> list[tuple[str, ...]]:
-    """Group linear names that consume the same input tensor (same parent, same input role)."""
-    groups: dict[str, list[str]] = {}
-    for name in names:
-        groups.setdefault(SHARED_INPUT.get(name, name), []).append(name)
-    return [tuple(group) for group in groups.values()]
+@dataclass
+class BlockStatistics:
+    """One block's statistics: per layer, how they were gathered and the tokens routed to it."""
 
+    stats: dict[str, LayerStats]
+    how: dict[str, str]
+    tokens: dict[str, int]
+    groups: list[tuple[str, ...]]
+
+
+def _starved_experts(experts: dict[str, RoutedExperts], layers: dict[str, nn.Module],
+                     stats: dict[str, LayerStats], min_tokens: int) -> dict[str, set[int]]:
+    """Experts (by module name) whose input projection received fewer than ``min_tokens`` tokens."""
+    starved: dict[str, set[int]] = {}
+    for module_name, module in experts.items():
+        for e in range(module.n_experts):
+            first = f"{module_name}.{module.projections[0]}.{e}"
+            if first in layers and stats[first].tokens < min_tokens:
+                starved.setdefault(module_name, set()).add(e)
+    return starved
+
+
+@torch.no_grad()
+def collect_statistics(block: nn.Module, layers: dict[str, nn.Module], experts: dict[str, RoutedExperts],
+                       inputs: BlockInputs, index: int, config: QuantConfig, hessian: bool = True
+                       ) -> tuple[BlockStatistics, list[torch.Tensor]]:
+    """Statistics of every layer of one block, and the block's outputs of that pass (its outputs
+    with the current weights)."""
+    groups = find_input_groups(block, layers, inputs, index)
+    with streaming_statistics(block, layers, groups, hessian) as stats:
+        outputs = run_block(block, inputs, index)
+    found = BlockStatistics(stats, {name: ROUTED if stats[name].tokens else NO_TOKENS for name in layers},
+                            {name: stats[name].tokens for name in layers}, groups)
+    starved = _starved_experts(experts, layers, stats, config.expert_min_tokens)
+    if starved:
+        _all_token_statistics(block, layers, experts, starved, inputs, index, hessian, found)
+    return found, outputs
+
+
+def _all_token_statistics(block: nn.Module, layers: dict[str, nn.Module], experts: dict[str, RoutedExperts],
+                          starved: dict[str, set[int]], inputs: BlockInputs, index: int, hessian: bool,
+                          found: BlockStatistics) -> None:
+    """The documented rule for starved experts: statistics from every token of their MoE layer."""
+    names = [f"{m}.{proj}.{e}" for m, chosen in starved.items() for e in sorted(chosen)
+             for proj in experts[m].projections]
+    names = [name for name in names if name in layers]
+    with contextlib.ExitStack() as stack:
+        for module_name, chosen in starved.items():
+            stack.enter_context(arch.route_all_tokens(experts[module_name], chosen))
+        extra = stack.enter_context(streaming_statistics(block, {n: layers[n] for n in names},
+                                                         [(n,) for n in names], hessian))
+        run_block(block, inputs, index)
+    for name in names:
+        found.stats[name] = extra[name]
+        found.how[name] = ALL_TOKENS
+
+
+def _uniform_stats(in_features: int) -> ColumnStats:
+    """Column statistics that weigh every column alike (the metric then uses the weight term alone)."""
+    stats = ColumnStats(in_features)
+    stats.update(torch.ones(1, in_features))
+    return stats
+
+
+# ------------------------------------------------------------------------------------ quantization
 
 def effective_salient(k: int, in_features: int, name: str) -> int:
     """Cap k below in_features (at least one quantized column), warning once per layer width."""
@@ -181,7 +409,7 @@ def effective_salient(k: int, in_features: int, name: str) -> int:
     capped = in_features - 1
     # No layer name in the message: the warnings registry then shows it once per width.
     warnings.warn(f"--salient {k} >= in_features {in_features}; capped at {capped} for such layers "
-                  f"(first: {name.rsplit('.', 2)[-2]}.{name.rsplit('.', 1)[-1]})", stacklevel=3)
+                  f"(first: {'.'.join(name.rsplit('.', 2)[-2:])})", stacklevel=3)
     return capped
 
 
@@ -189,105 +417,175 @@ def choose_salient(weight: torch.Tensor, stats: ColumnStats, config: QuantConfig
     """The layer's k salient input columns by the configured metric (sorted, int64)."""
     k = effective_salient(config.salient, weight.shape[1], name)
     metric = resolve_metric(config.metric if config.metric != "custom" else None, config.tau, config.rho, config.gamma)
+    if stats.n_tokens == 0:
+        stats = _uniform_stats(weight.shape[1])
     return select_salient(column_scores(weight, stats, metric, config.bits), k)
 
 
-def quantize_linear(linear: nn.Linear, hessian: torch.Tensor, stats: ColumnStats, config: QuantConfig,
+def quantize_linear(linear: nn.Module, hessian: torch.Tensor | None, stats: ColumnStats, config: QuantConfig,
                     name: str, salient: torch.Tensor | None = None) -> QuantResult:
-    """Select salient columns (unless given) and quantize one linear layer's weight."""
-    weight = linear.weight.data.float()
+    """Select salient columns (unless given) and quantize one projection's weight.
+
+    Without a Hessian (no calibration token reached the layer) the method is RTN.
+    """
+    weight = arch.weight_of(linear).float()
     if salient is None:
         salient = choose_salient(weight, stats, config, name)
-    if config.method == "rtn":
+    if config.method == "rtn" or hessian is None:
         return rtn_quantize(weight, salient, config.bits, config.group_size, config.sym, config.clip_search,
                             hessian=hessian)
     return gptq_quantize(weight, hessian, salient, config.bits, config.group_size, config.sym,
                          config.act_order, config.block_size, config.percdamp, config.clip_search)
 
 
+def _quantize_layer(module: nn.Module, full_name: str, stats: LayerStats, how: str, tokens: int,
+                    config: QuantConfig, out: QuantizedLayers, fixed: torch.Tensor | None) -> float:
+    """Quantize one layer in place (fake-quantized weight), record its result; returns its loss."""
+    t0 = time.perf_counter()
+    hessian = stats.hessian.hessian() if stats.hessian is not None and stats.tokens else None
+    result = quantize_linear(module, hessian, stats.columns, config, full_name, fixed)
+    weight = arch.weight_of(module)
+    weight.copy_(result.weight.to(weight.dtype))
+    out.results[full_name] = _to_cpu(result)
+    k = int(result.salient.numel())
+    in_features, out_features = arch.dims_of(module)
+    out.layers.append(LayerReport(full_name, in_features, out_features, k, k / in_features, result.loss,
+                                  time.perf_counter() - t0, tokens, how))
+    return result.loss
+
+
 @torch.no_grad()
 def quantize_model(model, calib: torch.Tensor, config: QuantConfig, progress: bool = True,
                    salient: dict[str, torch.Tensor] | None = None, device: str = "cpu",
                    batch_size: int = 8) -> QuantizedLayers:
-    """Quantize every decoder linear of ``model`` in place (fake-quantized weights) and return
+    """Quantize every decoder projection of ``model`` in place (fake-quantized weights) and return
     the integer codes, scales and salient columns of each. ``salient`` may fix the index sets
-    (Pre-GIFT-SW keeps the ones it trained). Each block is quantized on ``device``, its
-    calibration forward runs ``batch_size`` windows at a time."""
-    names = linear_names(model)
-    blocks = decoder_blocks(model)
+    (Pre-GIFT-SW keeps the ones it trained). Each block is quantized on ``device`` (``auto``: cuda
+    when present), its calibration forward runs ``batch_size`` windows at a time.
+
+    Experts stored as 3-D parameters are unfused into per-expert linears first (see
+    :mod:`quikft.arch.experts`); the model keeps that layout afterwards, and results are named
+    after it. With ``config.quantize_lm_head`` the output layer is quantized last (untied from
+    the embedding first if needed).
+    """
+    layout = arch.prepare(model, config.targets, config.ignore, config.quantize_lm_head)
+    device = resolve_device(device)
     was_training = model.training
     model.eval()
     began = time.perf_counter()
-    out = QuantizedLayers()
-    inputs = capture_block_inputs(model, calib, batch_size, device)
-    bar = tqdm(range(len(blocks)), desc=f"quantize w{config.bits} k{config.salient}", disable=not progress,
+    out = QuantizedLayers(experts=arch.experts_names(model))
+    inputs = capture_block_inputs(model, layout, calib, batch_size, device)
+    bar = tqdm(range(len(layout)), desc=f"quantize w{config.bits} k{config.salient}", disable=not progress,
                unit="block")
-    prefix = _block_prefix(model)
     for index in bar:
-        block = blocks[index]
-        block_device = next(block.parameters()).device
-        block.to(device)
-        with streaming_statistics(block, names) as stats:
-            run_block(block, inputs)
-        losses = []
-        for name in names:
-            full_name = f"{prefix}.{index}.{name}"
-            linear = block.get_submodule(name)
-            t0 = time.perf_counter()
-            fixed = salient.get(full_name) if salient else None
-            result = quantize_linear(linear, stats[name][0].hessian(), stats[name][1], config, full_name, fixed)
-            linear.weight.data.copy_(result.weight.to(linear.weight.dtype))
-            out.results[full_name] = _to_cpu(result)
-            k = int(result.salient.numel())
-            out.layers.append(LayerReport(full_name, linear.in_features, linear.out_features, k,
-                                          k / linear.in_features, result.loss, time.perf_counter() - t0))
-            losses.append(result.loss)
-        del stats
-        inputs.batches = run_block(block, inputs)
-        block.to(block_device)
-        bar.set_postfix(loss=f"{sum(losses) / len(losses):.3g}")
+        block, prefix = layout.blocks[index], layout.block_name(index)
+        layers = layout.layers(index)
+        with _on_device(block, device):
+            found, _ = collect_statistics(block, layers, layout.experts(index), inputs, index, config)
+            out.input_groups[prefix] = [list(group) for group in found.groups if len(group) > 1]
+            losses = [_quantize_layer(module, f"{prefix}.{name}", found.stats[name], found.how[name],
+                                      found.tokens[name], config, out,
+                                      salient.get(f"{prefix}.{name}") if salient else None)
+                      for name, module in layers.items()]
+            del found
+            inputs.batches = run_block(block, inputs, index)
+        if losses:
+            bar.set_postfix(loss=f"{sum(losses) / len(losses):.3g}")
+    if config.quantize_lm_head:
+        _quantize_head(model, layout, inputs, config, out, device, salient)
     out.seconds = time.perf_counter() - began
     model.train(was_training)
     return out
 
 
 @torch.no_grad()
+def head_statistics(model, layout: arch.ModelLayout, inputs: BlockInputs, device: str,
+                    hessian: bool = True) -> LayerStats:
+    """Statistics of the output layer's inputs: the final norm (and whatever else the model applies
+    after its blocks) of the calibration activations leaving the last block.
+
+    The model's own forward computes them: every block is a stub and the last one returns the
+    stored activations, so no family's final stage has to be known here.
+    """
+    head = model.get_submodule(arch.head_name(model))
+    in_features = arch.dims_of(head)[0]
+    stats = LayerStats(HessianAccumulator(in_features) if hessian else None, ColumnStats(in_features))
+    blocks = list(layout.blocks)
+    current: dict = {}
+
+    def stub(index):
+        def forward(*args, **kwargs):
+            if index < len(blocks) - 1:
+                return inputs.template
+            return _like_output(inputs.template, current["hidden"])
+        return forward
+
+    def catch(module, args):
+        x = _first_input(args)
+        if stats.hessian is not None:
+            stats.hessian.add_batch(x)
+        stats.columns.update(x)
+        raise _StopForward
+
+    ids = torch.zeros(1, inputs.batches[0].shape[1], dtype=torch.long, device=device)
+    handle = head.register_forward_pre_hook(catch)
+    try:
+        with _onloaded(model, layout, device), _patched_forwards(blocks, stub):
+            for hidden in inputs.batches:
+                current["hidden"] = hidden
+                with contextlib.suppress(_StopForward):
+                    model(input_ids=ids.expand(hidden.shape[0], -1), use_cache=False)
+    finally:
+        handle.remove()
+    return stats
+
+
+def _quantize_head(model, layout: arch.ModelLayout, inputs: BlockInputs, config: QuantConfig,
+                   out: QuantizedLayers, device: str, salient: dict[str, torch.Tensor] | None) -> None:
+    name = arch.head_name(model)
+    if name is None:
+        raise UnsupportedArchitectureError(f"--quantize-lm-head: {type(model).__name__} has no output layer")
+    out.untied_head = arch.head_is_tied(model)
+    arch.untie_head(model)
+    stats = head_statistics(model, layout, inputs, device)
+    head = model.get_submodule(name)
+    with _on_device(head, device):
+        _quantize_layer(head, name, stats, ROUTED, stats.tokens, config, out, salient.get(name) if salient else None)
+    out.head = name
+
+
+@torch.no_grad()
 def select_salient_model(model, calib: torch.Tensor, config: QuantConfig, progress: bool = True,
                          device: str = "cpu", batch_size: int = 8) -> dict[str, torch.Tensor]:
-    """Salient columns of every decoder linear of the full-precision model (Pre-GIFT-SW).
+    """Salient columns of every decoder projection of the full-precision model (Pre-GIFT-SW).
 
     The same statistics and metric as :func:`quantize_model`, block by block on the
     calibration windows, without quantizing anything (so each block's outputs are simply
     its full-precision outputs).
     """
-    names = linear_names(model)
-    blocks = decoder_blocks(model)
+    layout = arch.prepare(model, config.targets, config.ignore, config.quantize_lm_head)
+    device = resolve_device(device)
     was_training = model.training
     model.eval()
-    inputs = capture_block_inputs(model, calib, batch_size, device)
-    prefix = _block_prefix(model)
+    inputs = capture_block_inputs(model, layout, calib, batch_size, device)
     salient: dict[str, torch.Tensor] = {}
-    for index in tqdm(range(len(blocks)), desc=f"select k{config.salient}", disable=not progress, unit="block"):
-        block = blocks[index]
-        block_device = next(block.parameters()).device
-        block.to(device)
-        with streaming_statistics(block, names, hessian=False) as stats:
-            inputs.batches = run_block(block, inputs)
-        for name in names:
-            weight = block.get_submodule(name).weight.data.float()
-            salient[f"{prefix}.{index}.{name}"] = choose_salient(weight, stats[name][1], config, name).cpu()
-        block.to(block_device)
+    for index in tqdm(range(len(layout)), desc=f"select k{config.salient}", disable=not progress, unit="block"):
+        block, prefix = layout.blocks[index], layout.block_name(index)
+        layers = layout.layers(index)
+        with _on_device(block, device):
+            found, inputs.batches = collect_statistics(block, layers, layout.experts(index), inputs, index,
+                                                       config, hessian=False)
+            for name, module in layers.items():
+                weight = arch.weight_of(module).float()
+                salient[f"{prefix}.{name}"] = choose_salient(weight, found.stats[name].columns, config, name).cpu()
+    if config.quantize_lm_head:
+        arch.untie_head(model)  # the head trains and quantizes on its own weights; the embedding stays FP
+        name = arch.head_name(model)
+        stats = head_statistics(model, layout, inputs, device, hessian=False)
+        weight = arch.weight_of(model.get_submodule(name)).float()
+        salient[name] = choose_salient(weight, stats.columns, config, name).cpu()
     model.train(was_training)
     return salient
-
-
-def _block_prefix(model) -> str:
-    """Module-path prefix of the decoder blocks, e.g. ``model.layers``."""
-    blocks = decoder_blocks(model)
-    for name, module in model.named_modules():
-        if module is blocks:
-            return name
-    raise UnsupportedArchitectureError("cannot locate the decoder blocks in the model")
 
 
 def _to_cpu(result: QuantResult) -> QuantResult:
