@@ -38,7 +38,8 @@ def corpus(tmp_path_factory):
 
 
 def _config(**changes):
-    settings = dict(bits=3, salient=8, group_size=32, nsamples=8, seqlen=32, clip_search=False, expert_min_tokens=4)
+    settings = dict(bits=3, salient=8, group_size=32, nsamples=8, seqlen=32, clip_search=False, expert_min_tokens=4,
+                    dtype_rest="fp32")
     return QuantConfig(**{**settings, **changes})
 
 
@@ -80,7 +81,7 @@ def test_family_goes_through_quantize_load_eval_and_recovery(family, tokenizer, 
     # packed save -> quikft.load and from_pretrained give equal logits, close to the fake-quant model
     out = save_packed(model, tokenizer, quantized, tmp_path / "packed", config)
     ids = calib[:2]
-    ours, theirs = load(out), AutoModelForCausalLM.from_pretrained(out)
+    ours, theirs = load(out, dtype=torch.float32), AutoModelForCausalLM.from_pretrained(out)
     assert torch.equal(_logits(ours, ids), _logits(theirs, ids))
     fake = copy.deepcopy(model)
     arch.fuse_all_experts(fake)  # the family's own experts forward on the fake-quantized weights
@@ -100,7 +101,7 @@ def test_family_goes_through_quantize_load_eval_and_recovery(family, tokenizer, 
     assert before.keys() == after.keys()
     assert all(torch.equal(before[k], after[k]) for k in before if k.endswith(".qweight"))
     assert any(not torch.equal(before[k], after[k]) for k in before if k.endswith(".salient_weight"))
-    assert torch.equal(_logits(load(report["out"]), ids),
+    assert torch.equal(_logits(load(report["out"], dtype=torch.float32), ids),
                        _logits(AutoModelForCausalLM.from_pretrained(report["out"]), ids))
 
 
@@ -150,6 +151,51 @@ def test_starved_experts_take_statistics_from_all_tokens_and_are_listed(tokenize
     assert quantized.results[never].codes.shape == (2 * 96, 64)
 
 
+class _ListExpertsMoe(torch.nn.Module):
+    """The older layout: an ``nn.Linear`` router and an ``nn.ModuleList`` of expert MLPs (top-2)."""
+
+    def __init__(self, hidden: int, intermediate: int, n_experts: int, never: int | None = None):
+        super().__init__()
+        self.gate = torch.nn.Linear(hidden, n_experts, bias=False)
+        self.experts = torch.nn.ModuleList(torch.nn.ModuleDict(
+            {"w1": torch.nn.Linear(hidden, intermediate, bias=False), "w3": torch.nn.Linear(hidden, intermediate, bias=False),
+             "w2": torch.nn.Linear(intermediate, hidden, bias=False)}) for _ in range(n_experts))
+        self.never = never
+
+    def forward(self, hidden):
+        x = hidden.reshape(-1, hidden.shape[-1])
+        logits = self.gate(x)
+        if self.never is not None:
+            logits[:, self.never] = -torch.inf
+        weights, index = torch.topk(logits.softmax(-1), 2, dim=-1)
+        out = torch.zeros_like(x)
+        for e, expert in enumerate(self.experts):
+            token, slot = torch.where(index == e)
+            if token.numel():
+                h = x[token]
+                y = expert["w2"](torch.nn.functional.silu(expert["w1"](h)) * expert["w3"](h))
+                out.index_add_(0, token, y * weights[token, slot, None])
+        return out.reshape(hidden.shape)
+
+
+def test_list_of_expert_mlps_works_through_generic_discovery(tokenizer, corpus):
+    model = build_family("llama", tokenizer)
+    for block in model.model.layers:
+        block.mlp = _ListExpertsMoe(64, 48, 4, never=2)
+    calib = calibration_windows(tokenizer, str(corpus), 8, 32, 0)
+    quantized = _quantize(model, calib, _config())
+    names = set(quantized.results)
+    assert "model.layers.0.mlp.gate" not in names  # the router stays in full precision
+    assert {f"model.layers.0.mlp.experts.{e}.{w}" for e in range(4) for w in ("w1", "w2", "w3")} <= names
+    groups = {frozenset(group) for group in quantized.input_groups["model.layers.0"]}
+    assert frozenset({"mlp.experts.0.w1", "mlp.experts.0.w3"}) in groups  # one expert's w1/w3 read one tensor
+    never = {entry["name"]: entry for entry in quantized.starved()}
+    assert never["model.layers.0.mlp.experts.2.w1"] == {"name": "model.layers.0.mlp.experts.2.w1", "tokens": 0,
+                                                        "statistics": "none"}
+    layers = {layer.name: layer for layer in quantized.layers}
+    assert math.isfinite(layers["model.layers.0.mlp.experts.2.w2"].loss)
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("model_type", sorted(EXTRA_FAMILIES))
 def test_more_families_quantize_and_load(model_type, tokenizer, corpus, tmp_path, single_thread):
@@ -162,7 +208,7 @@ def test_more_families_quantize_and_load(model_type, tokenizer, corpus, tmp_path
     quantized = _quantize(model, calib, config)
     assert len(quantized.results) == sum(len(arch.layout(model).layers(i)) for i in range(len(arch.layout(model))))
     out = save_packed(model, tokenizer, quantized, tmp_path / "packed", config)
-    ours, theirs = load(out), AutoModelForCausalLM.from_pretrained(out)
+    ours, theirs = load(out, dtype=torch.float32), AutoModelForCausalLM.from_pretrained(out)
     ids = calib[:2]
     assert torch.equal(_logits(ours, ids), _logits(theirs, ids))
     fake = copy.deepcopy(model)
@@ -214,7 +260,7 @@ def test_quantized_lm_head_is_untied_and_uses_final_norm_statistics(family, toke
     out = save_packed(model, tokenizer, quantized, tmp_path / "packed", config)
     saved = json.loads((out / "config.json").read_text())
     assert saved["tie_word_embeddings"] is False and "lm_head" in saved["quantization_config"]["modules"]
-    ours, theirs = load(out), AutoModelForCausalLM.from_pretrained(out)
+    ours, theirs = load(out, dtype=torch.float32), AutoModelForCausalLM.from_pretrained(out)
     assert isinstance(ours.lm_head, QuikLinear) and isinstance(theirs.lm_head, QuikLinear)
     assert torch.equal(ours.get_input_embeddings().weight, embedding)
     ids = calib[:2]
