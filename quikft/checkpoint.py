@@ -63,6 +63,7 @@ from quikft.validation import CheckpointError, checksum_metadata, validate_layer
 
 if TYPE_CHECKING:
     from quikft.config import QuantConfig
+    from quikft.quant.gptq import QuantResult
     from quikft.quant.pipeline import QuantizedLayers
 
 QUANT_METHOD = "quikft"
@@ -159,9 +160,7 @@ def write_quik_model(model: nn.Module, tokenizer: Any, directory: str | os.PathL
 def _write(model: nn.Module, tokenizer: Any, state: dict[str, Tensor], qconfig: dict, directory: Path,
            max_shard_size: int | str) -> None:
     """Shards (unquantized tensors in the checkpoint's ``dtype_rest``), config files and tokenizer."""
-    rest = rest_dtype(qconfig)
-    quik = {f"{name}.{key}" for name in qconfig["modules"] for key in (*QUIK_TENSORS, "bias")}
-    state = {name: t.to(rest) if t.is_floating_point() and name not in quik else t for name, t in state.items()}
+    state = cast_unquantized(state, qconfig["modules"], rest_dtype(qconfig))
     write_shards(state, directory, max_shard_size)
     write_model_config(model, qconfig, directory)
     if tokenizer is not None:
@@ -183,23 +182,30 @@ def build_quantization_config(quantized: QuantizedLayers, quant_config: QuantCon
     missing = [key for key in SETTING_KEYS if key not in settings]
     if missing:
         raise ValueError(f"quantize settings lack {', '.join(missing)}")
-    if not quantized.results:
+    # Streamed jobs keep no results in memory (each block was packed and written when done): the
+    # layer reports name the modules then, and the writer checked every layer's bits and grid.
+    modules = list(quantized.results) or [layer.name for layer in quantized.layers]
+    if not modules:
         raise ValueError("nothing to save: the model has no quantized layers")
     for name, result in quantized.results.items():
-        # The config is the loader's only source for bits; a layer that disagrees would unpack wrongly.
-        if result.bits != settings["bits"] or result.sym != settings["sym"]:
-            raise ValueError(f"layer {name} was quantized with bits={result.bits}, sym={result.sym}, but the "
-                             f"settings say bits={settings['bits']}, sym={settings['sym']}")
+        check_layer_grid(name, result, settings)
     dtype_rest = settings.get("dtype_rest", "fp32")
     if dtype_rest not in DTYPE_REST:
         raise ValueError(f"dtype_rest {dtype_rest!r} is not one of {', '.join(DTYPE_REST)}")
     qconfig = {"quant_method": QUANT_METHOD, "format_version": FORMAT_VERSION,
                **{key: settings[key] for key in SETTING_KEYS}, "dtype_rest": dtype_rest,
-               "modules": list(quantized.results), "settings": settings, "source_model": source_model}
+               "modules": modules, "settings": settings, "source_model": source_model}
     if quantized.experts:
         # MoE layers whose 3-D expert weights are stored as one packed linear per expert.
         qconfig[EXPERTS_KEY] = list(quantized.experts)
     return qconfig
+
+
+def check_layer_grid(name: str, result: QuantResult, settings: Mapping[str, Any]) -> None:
+    """The config is the loader's only source for bits; a layer that disagrees would unpack wrongly."""
+    if result.bits != settings["bits"] or result.sym != settings["sym"]:
+        raise ValueError(f"layer {name} was quantized with bits={result.bits}, sym={result.sym}, but the "
+                         f"settings say bits={settings['bits']}, sym={settings['sym']}")
 
 
 def packed_state_dict(model: nn.Module, quantized: QuantizedLayers) -> dict[str, Tensor]:
@@ -211,7 +217,12 @@ def packed_state_dict(model: nn.Module, quantized: QuantizedLayers) -> dict[str,
     state = model.state_dict()
     for key in tied_weight_keys(model):
         state.pop(key, None)
-    for name, result in quantized.results.items():
+    return pack_into(state, quantized.results)
+
+
+def pack_into(state: dict[str, Tensor], results: Mapping[str, QuantResult]) -> dict[str, Tensor]:
+    """Replace each quantized layer's ``weight`` (and ``bias``) in ``state`` by its packed tensors."""
+    for name, result in results.items():
         if f"{name}.weight" not in state:
             raise ValueError(f"quantized layer {name} is not a linear layer of this model")
         del state[f"{name}.weight"]
@@ -220,6 +231,12 @@ def packed_state_dict(model: nn.Module, quantized: QuantizedLayers) -> dict[str,
                                           result.salient_weight, bias, result.bits, result.group_size)
         state.update({f"{name}.{key}": tensor for key, tensor in layer.state_dict().items()})
     return state
+
+
+def cast_unquantized(state: dict[str, Tensor], modules: Iterable[str], dtype: torch.dtype) -> dict[str, Tensor]:
+    """Floating tensors other than the packed layers' own, in ``dtype`` (the checkpoint's dtype_rest)."""
+    quik = {f"{name}.{key}" for name in modules for key in (*QUIK_TENSORS, "bias")}
+    return {name: t.to(dtype) if t.is_floating_point() and name not in quik else t for name, t in state.items()}
 
 
 def tied_weight_keys(model: nn.Module) -> set[str]:
@@ -534,7 +551,7 @@ def load(path: str | os.PathLike, dtype: str | torch.dtype | None = None, device
     if verify:
         verify_checksums(tensors, {file: read_metadata(file) for file in files})
     _load_tensors(model, tensors, dtype, device)
-    _materialize_non_persistent(model, device)
+    materialize_non_persistent(model, device)
     arch.mark_quantized(model)  # as transformers' own quantized loading does
     model.tie_weights()
     _check_materialized(model)
@@ -629,13 +646,16 @@ def _as_loaded(tensor: Tensor, name: str, quik: set[str], dtype: torch.dtype) ->
     return tensor
 
 
-def _materialize_non_persistent(model: nn.Module, device: torch.device) -> None:
+def materialize_non_persistent(model: nn.Module, device: torch.device | str, root: nn.Module | None = None,
+                               recurse: bool = True) -> None:
     """Compute the buffers that are not saved (e.g. rotary ``inv_freq``), still on meta after loading.
 
     transformers' own meta-device loading recomputes them through ``_init_weights``; we do the
-    same for exactly the modules that own such buffers.
+    same for exactly the modules that own such buffers (``root`` and, with ``recurse``, the modules
+    below it; by default the whole model).
     """
-    for module in model.modules():
+    root = root or model
+    for module in root.modules() if recurse else [root]:
         if any(b is not None and b.is_meta for b in module.buffers(recurse=False)):
             # The module may also own loaded tensors (a scaled embedding: its weight beside a computed
             # scale), which to_empty and _init_weights would overwrite: keep them.

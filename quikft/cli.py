@@ -176,6 +176,11 @@ def generate(prompt, model_name, max_new_tokens, temperature, chat, seed, dtype,
 @click.option("--expert-min-tokens", type=int, default=None,
               help="MoE: an expert routed fewer calibration tokens takes statistics from all tokens of its "
                    "layer [128].")
+@click.option("--offload-activations", type=click.Choice(["none", "cpu", "disk"]), default=None,
+              help="Where calibration activations wait between blocks: on the compute device, in host memory, "
+                   "or in files beside --out [none].")
+@click.option("--resume", is_flag=True, default=None,
+              help="Continue an interrupted quantize from its state (<out>.quantize-state) with the same settings.")
 @click.option("--out", default=None, help="Output directory [runs/<model>-w<bits>-k<salient>-<method>].")
 @click.option("--overwrite", is_flag=True, default=None, help="Replace a previous quantize output at --out.")
 @click.option("--fake-quant/--packed", default=None,
@@ -197,7 +202,8 @@ def quantize(config_path, targets, ignore, **flags):
     report = run_quantize(job)
     click.echo(f"quantized {report['config']['model'] or 'smollm2-135m'} to {config.bits} bits with "
                f"{config.salient} salient columns ({report['salient_fraction']:.1%} of inputs) in "
-               f"{report['quantize_seconds']:.0f}s, peak RSS {report['peak_rss_mb']:.0f} MiB -> {report['out']}")
+               f"{report['quantize_seconds']:.0f}s, peak RSS {report['peak_rss_mb']:.0f} MiB, resumable state up to "
+               f"{report['state_peak_bytes'] / 2**20:.0f} MiB on disk -> {report['out']}")
     if report["ppl"]:
         saved = report.get("ppl_saved")
         note = f" ({config.dtype_rest} unquantized tensors, as saved: {saved['ppl']:.3f})" if saved else ""

@@ -37,6 +37,7 @@ REST_DTYPES = ("bf16", "fp16", "fp32")  # storage dtypes of a checkpoint's unqua
 METRICS = ("gift", "quik", "owq", "wanda", "custom")  # custom: free tau/rho/gamma (quikft.saliency)
 SUPPORTED_RHO = (1.0, 2.0, math.inf)  # the input norms the streamed column statistics can give
 RECOVER_MODES = ("post", "pre", "salient-ft", "lora")
+OFFLOAD_MODES = ("none", "cpu", "disk")
 LOSSES = ("ce", "kd")
 RECOVER_DTYPES = ("auto", "bf16", "fp32")
 
@@ -196,6 +197,8 @@ class QuantizeJob:
     batch_size: int = 8  # calibration sequences per block forward
     out: str | None = None
     overwrite: bool = False  # replace a previous quantize output at --out
+    resume: bool = False  # continue an interrupted quantize from its state beside --out
+    offload_activations: str = "none"  # where calibration activations wait between blocks: none | cpu | disk
     fake_quant: bool = False  # save dequantized float weights (debugging) instead of the packed checkpoint
     eval_windows: int = 4  # quick ppl on the first N windows of the stride-8 WikiText-2 subset (0: none)
     eval_stride: int = 8
@@ -210,6 +213,7 @@ class QuantizeJob:
         self.quant.validate()
         _positive(self, ("batch_size", "eval_stride", "eval_seqlen"))
         _non_negative(self, ("eval_windows",))
+        _one_of("offload_activations", self.offload_activations, OFFLOAD_MODES, "--offload-activations mode")
 
     def to_dict(self) -> dict[str, Any]:
         """Flat, with the names of the CLI flags (as reports record it)."""

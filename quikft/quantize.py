@@ -1,17 +1,23 @@
-"""The ``quikft quantize`` job: check → load → calibrate → quantize block by block → save → report.
+"""The ``quikft quantize`` job: check → calibrate → quantize block by block → save → report, for any model size.
 
-``quantize(job)`` is what the CLI calls; it is equally usable from Python. The output is a
+``quantize(job)`` is what the CLI calls; it is equally usable from Python. The model is never
+loaded whole: its skeleton is built on the meta device and each decoder block is read from the
+checkpoint's safetensors shards when its turn comes (:mod:`quikft.quant.streaming`; a checkpoint
+whose tensor names transformers must convert is loaded whole instead, and the report says so).
+Each finished block is written at once into the job's resumable state beside the output
+(``<out>.quantize-state/``); ``--resume`` continues a killed run bit-identically. The output is a
 packed checkpoint (:mod:`quikft.checkpoint`), or with ``fake_quant`` the dequantized float
-weights, a debugging format any transformers install can read. Either way the directory also
-holds every layer's salient indices and the report, and is written under a temporary name and
-renamed at the end, so a crash or a bad setting never leaves a half-written run. Every setting,
-the output location and the calibration data are checked before the model is loaded.
+weights, a debugging format any transformers install can read; either way the directory also
+holds every layer's salient indices and the report, and appears only when complete (one
+rename), so a crash or a bad setting never leaves a half-written run. Every setting, the output
+location and the calibration data are checked before the model is loaded.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import math
 import time
 from dataclasses import asdict
 from pathlib import Path
@@ -21,17 +27,51 @@ from safetensors.torch import save_file
 
 from quikft import arch
 from quikft.atomic import atomic_directory, prepare_output, write_json
-from quikft.checkpoint import DTYPE_REST, write_packed
+from quikft.checkpoint import (
+    DTYPE_REST,
+    build_quantization_config,
+    cast_unquantized,
+    pack_into,
+    write_model_config,
+)
 from quikft.config import QuantizeJob
-from quikft.data import calibration_windows, check_source
-from quikft.eval.ppl import quick_ppl
+from quikft.data import calibration_windows, check_source, eval_text, tokenize_stream
+from quikft.eval.ppl import PplResult, max_context, quick_ppl, window_starts
 from quikft.hardware import DtypeChoice, native_bf16, resolve_device
-from quikft.models import cache_root, check_seqlen, load_model, model_label, model_reference, resolve_model
-from quikft.quant.pipeline import QuantizedLayers, quantize_model
+from quikft.models import (
+    cache_root,
+    check_seqlen,
+    load_model,
+    load_tokenizer,
+    model_label,
+    model_reference,
+    resolve_model,
+)
+from quikft.quant.activations import store_batches
+from quikft.quant.pipeline import QuantizedLayers, capture_block_inputs, quantize_blocks, quantize_head
+from quikft.quant.state import QuantizeState, directory_bytes
+from quikft.quant.streaming import (
+    CALIBRATION,
+    FP,
+    QUANTIZED,
+    SAVED,
+    BlockShards,
+    EvalStreams,
+    StreamingHooks,
+    capture_streams,
+    record_of,
+    rest_of,
+    restore_record,
+    round_floating,
+)
 from quikft.runinfo import library_versions, peak_rss_mb
+from quikft.weights import CheckpointWeights, load_outside_blocks, local_checkpoint, release
 
 REPORT_NAME = "quantize_report.json"
 SALIENT_NAME = "salient_indices.safetensors"
+EVAL_DATASET = "wikitext2"
+# Job settings that do not change the output tensors (a resumed run may differ in them).
+NOT_FINGERPRINTED = ("out", "overwrite", "resume", "offload_activations", "device")
 
 
 def default_out_dir(job: QuantizeJob) -> Path:
@@ -39,8 +79,8 @@ def default_out_dir(job: QuantizeJob) -> Path:
 
 
 def compute_dtype(job: QuantizeJob) -> DtypeChoice:
-    """Quantization always computes in float32 (GPTQ's Hessian inverse needs it); the capability is recorded
-    so reports of every job say what the machine could run fast."""
+    """Quantization computes in float32 (GPTQ's Hessian inverse needs it; blocks run in the checkpoint's
+    dtype); the capability is recorded so reports of every job say what the machine could run fast."""
     return DtypeChoice(torch.float32, f"quantize computes in float32; {native_bf16(resolve_device(job.device))[1]}")
 
 
@@ -48,15 +88,19 @@ def _quick_ppl(model, tokenizer, job: QuantizeJob, label: str) -> dict | None:
     return quick_ppl(model, tokenizer, job.eval_windows, job.eval_stride, job.eval_seqlen, label)
 
 
-def reference_ppl(model, tokenizer, job: QuantizeJob) -> dict | None:
-    """The full-precision model's quick ppl, cached per model and eval setting (it never changes)."""
-    if job.eval_windows == 0:
-        return None
+def _reference_cache(job: QuantizeJob) -> Path:
     path = resolve_model(job.model)
     config_file = Path(path) / "config.json"
     stamp = config_file.stat().st_mtime_ns if config_file.exists() else 0
     key = json.dumps([path, stamp, job.eval_seqlen, job.eval_windows, job.eval_stride])
-    cache = cache_root() / "ppl" / f"{hashlib.sha256(key.encode()).hexdigest()[:16]}.json"
+    return cache_root() / "ppl" / f"{hashlib.sha256(key.encode()).hexdigest()[:16]}.json"
+
+
+def reference_ppl(model, tokenizer, job: QuantizeJob) -> dict | None:
+    """The full-precision model's quick ppl, cached per model and eval setting (it never changes)."""
+    if job.eval_windows == 0:
+        return None
+    cache = _reference_cache(job)
     if cache.exists():
         return json.loads(cache.read_text())
     result = _quick_ppl(model, tokenizer, job, model_label(job.model))
@@ -64,48 +108,56 @@ def reference_ppl(model, tokenizer, job: QuantizeJob) -> dict | None:
     return result
 
 
-def round_unquantized(model, quantized: QuantizedLayers, dtype: torch.dtype) -> int:
-    """Round every stored unquantized floating tensor to ``dtype`` in place (kept in its own dtype):
-    the values the packed checkpoint will hold. Returns how many tensors were rounded."""
-    quantized_keys = {f"{name}.{part}" for name in quantized.results for part in ("weight", "bias")}
-    tensors = {t.data_ptr(): t for key, t in model.state_dict().items()
-               if t.is_floating_point() and key not in quantized_keys}  # tied tensors once
-    for tensor in tensors.values():
-        tensor.copy_(tensor.to(dtype))
-    return len(tensors)
+# ------------------------------------------------------------------------------------ the model source
+
+def open_model(job: QuantizeJob) -> tuple:
+    """``(model, tokenizer, weights, loading)``: a meta skeleton plus the checkpoint to stream blocks
+    from, or (when the checkpoint cannot stream) the whole model in float32 and ``weights`` None."""
+    path = resolve_model(job.model)
+    local = local_checkpoint(path)
+    weights, reason = None, "no local safetensors checkpoint"
+    if local is not None:
+        try:
+            weights = CheckpointWeights(local)
+        except ValueError as err:  # no safetensors files (e.g. .bin only)
+            reason = str(err)
+    if weights is not None:
+        model = weights.skeleton(job.trust_remote_code)
+        unmatched = weights.plan(model)
+        if not unmatched:
+            return model, load_tokenizer(job.model, job.trust_remote_code), weights, "streamed block by block"
+        reason = f"no stored tensor (under any name transformers maps) provides {unmatched[0]}"
+    model, tokenizer = load_model(job.model, dtype=torch.float32, device="cpu", trust_remote_code=job.trust_remote_code)
+    return model, tokenizer, None, f"whole model in memory: {reason}"
 
 
-def saved_model_ppl(model, tokenizer, quantized: QuantizedLayers, job: QuantizeJob, label: str) -> dict | None:
-    """Quick ppl of the checkpoint as saved: unquantized tensors rounded to ``dtype_rest``.
-
-    The packed output stores them in that dtype; the quantized ``ppl`` beside it keeps them in
-    float32, so the two numbers give the change the storage dtype causes. None when there is
-    nothing to measure (no evaluation, float32 storage or the fake-quant format).
-    """
-    if job.eval_windows == 0 or job.quant.dtype_rest == "fp32" or job.fake_quant:
-        return None
-    round_unquantized(model, quantized, DTYPE_REST[job.quant.dtype_rest])
-    return _quick_ppl(model, tokenizer, job, label)
-
-
-def save_fake_quantized(model, tokenizer, out_dir: Path) -> None:
-    """A dequantized HF checkpoint (the debugging format), in the model's own layout (experts fused)."""
-    arch.fuse_all_experts(model)
-    model.save_pretrained(out_dir)
-    tokenizer.save_pretrained(out_dir)
+def fingerprint(job: QuantizeJob, weights: CheckpointWeights | None) -> dict:
+    """Everything that changes the output tensors: settings, the model's identity, the libraries."""
+    settings = {key: value for key, value in job.to_dict().items() if key not in NOT_FINGERPRINTED}
+    path = Path(resolve_model(job.model))
+    config_file = path / "config.json"
+    identity = hashlib.sha256(config_file.read_bytes()).hexdigest() if config_file.is_file() else str(path)
+    versions = library_versions()
+    return {**json.loads(json.dumps(settings, default=str)), "model_path": str(path),
+            "model_config_sha256": identity, "model_bytes": weights.nbytes if weights else None,
+            "device_type": torch.device(resolve_device(job.device)).type,
+            "torch": versions["torch"], "transformers": versions["transformers"]}
 
 
-def save_outputs(model, tokenizer, quantized: QuantizedLayers, job: QuantizeJob, out_dir: Path) -> None:
-    """The checkpoint in the configured format, plus every layer's salient indices.
+# ------------------------------------------------------------------------------------ the job
 
-    The indices are also inside a packed checkpoint; the separate file gives later jobs
-    (e.g. Pre-GIFT-SW re-quantization with fixed sets) one place to read them in both formats.
-    """
-    if job.fake_quant:
-        save_fake_quantized(model, tokenizer, out_dir)
-    else:
-        write_packed(model, tokenizer, quantized, out_dir, job.quant, source_model=model_reference(job.model))
-    save_file({name: t.contiguous() for name, t in quantized.salient_indices().items()}, out_dir / SALIENT_NAME)
+def eval_windows(model, tokenizer, job: QuantizeJob) -> tuple[list[torch.Tensor], int, int]:
+    """The quick evaluation's ``(1, seqlen)`` windows as :func:`quikft.eval.ppl.evaluate_ppl` picks them,
+    the window length and the number of full windows in the split."""
+    if job.eval_windows == 0:
+        return [], 0, 0
+    seqlen = max_context(model, job.eval_seqlen)
+    ids = tokenize_stream(tokenizer, eval_text(EVAL_DATASET, "test"), add_special_tokens=True)
+    starts = window_starts(ids.numel(), seqlen, job.eval_windows, job.eval_stride)
+    if not starts:
+        raise ValueError(f"{EVAL_DATASET}: {ids.numel()} tokens give no window of {seqlen}; use a smaller "
+                         f"--eval-seqlen")
+    return [ids[s:s + seqlen].unsqueeze(0) for s in starts], seqlen, ids.numel() // seqlen
 
 
 def check(job: QuantizeJob) -> Path:
@@ -122,33 +174,150 @@ def quantize(job: QuantizeJob, progress: bool = True) -> dict:
     out_dir = check(job)
     began = time.perf_counter()
     torch.manual_seed(job.quant.seed)
-    model, tokenizer = load_model(job.model, dtype=torch.float32, device="cpu",
-                                  trust_remote_code=job.trust_remote_code)
+    model, tokenizer, weights, loading = open_model(job)
     # Refuse unsupported architectures (and patterns that select nothing) before any work.
-    arch.check_supported(model, job.quant.targets, job.quant.ignore, job.quant.quantize_lm_head)
-    with atomic_directory(out_dir, overwrite=job.overwrite, marker=REPORT_NAME) as staging:
-        eval_began = time.perf_counter()
-        fp_ppl = reference_ppl(model, tokenizer, job)
-        eval_seconds = time.perf_counter() - eval_began
-        calib = calibration_windows(tokenizer, job.quant.calib, job.quant.nsamples, job.quant.seqlen, job.quant.seed)
-        quantized = quantize_model(model, calib, job.quant, progress=progress, device=job.device,
-                                   batch_size=job.batch_size)
-        eval_began = time.perf_counter()
-        ppl = _quick_ppl(model, tokenizer, job, str(out_dir))
-        saved_ppl = saved_model_ppl(model, tokenizer, quantized, job, str(out_dir))
-        eval_seconds += time.perf_counter() - eval_began
-        save_outputs(model, tokenizer, quantized, job, staging)
-        report = build_report(job, quantized, time.perf_counter() - began, eval_seconds, fp_ppl, ppl)
-        report["ppl_saved"] = saved_ppl
-        write_json(staging / REPORT_NAME, report)
+    layout = arch.prepare(model, job.quant.targets, job.quant.ignore, job.quant.quantize_lm_head)
+    state = QuantizeState.begin(out_dir, fingerprint(job, weights), job.resume)
+    run = _Run(job, model, tokenizer, weights, layout, state, out_dir, progress)
+    report = run.run(began, loading)
     report["out"] = str(out_dir)
     return report
+
+
+class _Run:
+    """One quantize run's moving parts (see the module docstring)."""
+
+    def __init__(self, job, model, tokenizer, weights, layout, state, out_dir, progress):
+        self.job, self.model, self.tokenizer, self.weights = job, model, tokenizer, weights
+        self.layout, self.state, self.out_dir, self.progress = layout, state, out_dir, progress
+        self.device = resolve_device(job.device)
+        self.head = arch.head_name(model)
+        self.head_loaded = weights is None or self.head is None or arch.head_is_tied(model)
+        self.rest_dtype = None if job.fake_quant else DTYPE_REST[job.quant.dtype_rest]
+        self.scratch = state.directory / "scratch"
+        self.head_results: dict = {}
+
+    def run(self, began: float, loading: str) -> dict:
+        job, scheme = self.job, self.job.quant
+        if self.weights is not None:
+            load_outside_blocks(self.weights, self.model, self.layout.blocks,
+                                skip=[] if self.head_loaded else [self.head])
+        first = self.state.next_block
+        calib = calibration_windows(self.tokenizer, scheme.calib, scheme.nsamples, scheme.seqlen, scheme.seed)
+        windows, eval_seqlen, total_windows = eval_windows(self.model, self.tokenizer, job)
+        cache = _reference_cache(job)
+        fp_cached = json.loads(cache.read_text()) if job.eval_windows and cache.exists() else None
+        out = QuantizedLayers()
+        calibration, evals = self._capture(calib, windows, fp_cached is None, out)
+        shards = BlockShards(self.state.blocks_dir, scheme.to_dict(), not job.fake_quant, self.rest_dtype)
+        hooks = StreamingHooks(self.model, self.layout, self.weights, calibration, evals, shards, self.state,
+                               self.rest_dtype, lambda o: record_of(o, len(self.layout), evals))
+        quantize_blocks(self.model, self.layout, calibration, scheme, out, hooks, self.device, first=first,
+                        progress=self.progress)
+        self._load_head()
+        ppl = self._evaluate(evals, windows, eval_seqlen, total_windows, fp_cached, calibration, out, cache)
+        report = self._write(shards, out, ppl, loading, began, hooks.block_state_bytes, first)
+        self.state.discard()
+        return report
+
+    def _capture(self, calib, windows, need_fp: bool, out: QuantizedLayers):
+        """Block-0 inputs (and every block's call arguments) of the calibration and evaluation streams;
+        on a resumed run the activations come from the state instead."""
+        job, layout = self.job, self.layout
+        names = [] if not windows else [*([FP] if need_fp else []), QUANTIZED,
+                                        *([SAVED] if self.rest_dtype not in (None, torch.float32) else [])]
+        if self.state.progress:
+            names = self.state.progress["eval_streams"]
+        block0 = layout.blocks[0]
+        if self.weights is not None:
+            self.weights.load(self.model, layout.block_name(0))
+        rounded = self._rounded_outside() if SAVED in names else None
+        calibration = capture_block_inputs(self.model, layout, calib, job.batch_size, self.device)
+        evals = capture_streams(self.model, layout, windows, names, job.offload_activations, self.device,
+                                self.scratch, rounded)
+        if self.weights is not None:
+            release(block0)
+        calibration.batches = store_batches(calibration.batches, job.offload_activations, self.device, self.scratch)
+        if self.state.progress:
+            restore_record(self.state.progress, out, evals)
+            calibration.advance(self.state.restore(CALIBRATION, job.offload_activations, self.device, self.scratch))
+            for name, stream in evals.inputs.items():
+                stream.advance(self.state.restore(f"eval-{name}", job.offload_activations, self.device,
+                                                  self.scratch))
+        return calibration, evals
+
+    def _rounded_outside(self) -> dict[str, torch.Tensor]:
+        """The loaded tensors outside the blocks, rounded to ``dtype_rest`` (the saved stream's start)."""
+        return {name: t.to(self.rest_dtype).to(t.dtype) for name, t in rest_of(self.model, self.layout).items()
+                if t.is_floating_point() and not t.is_meta}
+
+    def _load_head(self) -> None:
+        if not self.head_loaded:
+            self.weights.load(self.model, self.head)
+            self.head_loaded = True
+
+    def _evaluate(self, evals: EvalStreams, windows, seqlen, total_windows, fp_cached, calibration, out, cache):
+        """FP, quantized and as-saved ppl of the streams; quantizes the head in between if asked."""
+        label = str(self.out_dir)
+
+        def result(name: str, model_name: str) -> dict | None:
+            if name not in evals.inputs:
+                return None
+            nll, tokens = evals.nll(name, self.model, self.layout, self.device)
+            seconds = evals.seconds.get(name, 0.0)
+            return PplResult(model=model_name, dataset=EVAL_DATASET, seqlen=seqlen, windows=len(windows),
+                             total_windows=total_windows, window_stride=self.job.eval_stride, tokens=tokens,
+                             ppl=math.exp(nll / tokens), nll=nll / tokens, seconds=seconds,
+                             tokens_per_s=len(windows) * seqlen / seconds if seconds else 0.0).to_dict()
+
+        fp_ppl = fp_cached or result(FP, model_label(self.job.model))
+        if fp_ppl is not None and fp_cached is None:
+            write_json(cache, fp_ppl)
+        if self.job.quant.quantize_lm_head:
+            self.head_results = quantize_head(self.model, self.layout, calibration, self.job.quant, out,
+                                              self.device)
+        ppl = result(QUANTIZED, label)
+        saved = None
+        if SAVED in evals.inputs:
+            round_floating(self.model, self.rest_dtype, skip={f"{name}.{part}" for name in self.head_results
+                                                              for part in ("weight", "bias")})
+            saved = result(SAVED, label)
+        return {"fp_ppl": fp_ppl, "ppl": ppl, "ppl_saved": saved, "eval_seconds": sum(evals.seconds.values())}
+
+    def _write(self, shards: BlockShards, out: QuantizedLayers, ppl: dict, loading: str, began: float,
+               block_state_bytes: list[int], first: int) -> dict:
+        job = self.job
+        rest = rest_of(self.model, self.layout)
+        if not job.fake_quant:
+            rest = cast_unquantized(pack_into(rest, self.head_results), self.head_results, self.rest_dtype)
+        with atomic_directory(self.out_dir, overwrite=job.overwrite, marker=REPORT_NAME) as staging:
+            salient = shards.assemble(staging, len(self.layout), rest)
+            salient.update({name: r.salient.to(torch.int32) for name, r in self.head_results.items()})
+            if job.fake_quant:
+                self.model.config.save_pretrained(staging)
+                generation = getattr(self.model, "generation_config", None)
+                if generation is not None and self.model.can_generate():
+                    generation.save_pretrained(staging)
+            else:
+                qconfig = build_quantization_config(out, job.quant, source_model=model_reference(job.model))
+                write_model_config(self.model, qconfig, staging)
+            self.tokenizer.save_pretrained(staging)
+            save_file({name: t.contiguous() for name, t in salient.items()}, staging / SALIENT_NAME)
+            report = build_report(job, out, time.perf_counter() - began, ppl["eval_seconds"], ppl["fp_ppl"],
+                                  ppl["ppl"])
+            report.update(ppl_saved=ppl["ppl_saved"], loading=loading, resumed_from_block=first,
+                          state_peak_bytes=self.state.peak_bytes,
+                          state_bytes_per_block=max(block_state_bytes, default=0),
+                          output_bytes=directory_bytes(staging))
+            write_json(staging / REPORT_NAME, report)
+        return report
 
 
 def build_report(job: QuantizeJob, quantized: QuantizedLayers, wall_seconds: float, eval_seconds: float,
                  fp_ppl: dict | None, ppl: dict | None) -> dict:
     layers = [asdict(layer) for layer in quantized.layers]
     total_in = sum(layer["in_features"] for layer in layers) or 1
+    blocks = len(quantized.input_groups) or 1
     return {
         "job": "quantize",
         "config": job.to_dict(),
@@ -156,6 +325,7 @@ def build_report(job: QuantizeJob, quantized: QuantizedLayers, wall_seconds: flo
         "compute_dtype": compute_dtype(job).to_dict(),
         "format": "fake-quant" if job.fake_quant else "packed",
         "quantize_seconds": quantized.seconds,  # the block-by-block loop alone
+        "seconds_per_block": quantized.seconds / blocks,
         "wall_seconds": wall_seconds,  # the whole job, including loading, evaluation and saving
         "eval_seconds": eval_seconds,
         "peak_rss_mb": peak_rss_mb(),

@@ -61,6 +61,16 @@ def build_tiny_llama(vocab_size: int, seed: int = 0, hidden: int = 64, layers: i
     return model
 
 
+def read_weights(directory) -> dict[str, torch.Tensor]:
+    """Every tensor of a checkpoint directory, from one file or all of its shards."""
+    from safetensors.torch import load_file
+
+    tensors = {}
+    for file in sorted(Path(directory).glob("model*.safetensors")):
+        tensors.update(load_file(file))
+    return tensors
+
+
 @pytest.fixture(scope="session")
 def tiny_dir(tmp_path_factory) -> Path:
     """A saved tiny random LLaMA + tokenizer directory, loadable with from_pretrained."""
@@ -120,6 +130,20 @@ def recover_config(model, corpus: dict[str, str], out: Path, **changes):
                     seqlen=32, lr=1e-3, eval_windows=0, bf16=False, out=str(out))
     settings.update(changes)
     return RecoverConfig(**settings)
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    """The in-memory BPE tokenizer alone (model-family tests build their own models)."""
+    return build_tokenizer()
+
+
+@pytest.fixture(scope="module")
+def text_corpus(tmp_path_factory) -> Path:
+    """A text file for calibration, training and evaluation of the family tests."""
+    path = tmp_path_factory.mktemp("corpus") / "corpus.txt"
+    path.write_text("\n".join(TOKENIZER_CORPUS * 4) + "\n")
+    return path
 
 
 @pytest.fixture()

@@ -21,22 +21,6 @@ from quikft.quant.pipeline import quantize_model
 from quikft.recover import recover
 
 
-@pytest.fixture(scope="module")
-def tokenizer():
-    from conftest import build_tokenizer
-
-    return build_tokenizer()
-
-
-@pytest.fixture(scope="module")
-def corpus(tmp_path_factory):
-    from conftest import TOKENIZER_CORPUS
-
-    path = tmp_path_factory.mktemp("families") / "corpus.txt"
-    path.write_text("\n".join(TOKENIZER_CORPUS * 4) + "\n")
-    return path
-
-
 def _config(**changes):
     settings = dict(bits=3, salient=8, group_size=32, nsamples=8, seqlen=32, clip_search=False, expert_min_tokens=4,
                     dtype_rest="fp32")
@@ -53,13 +37,13 @@ def _logits(model, ids):
 
 
 @pytest.mark.parametrize("family", FAMILIES, ids=lambda f: f.name)
-def test_family_goes_through_quantize_load_eval_and_recovery(family, tokenizer, corpus, tmp_path, single_thread):
+def test_family_goes_through_quantize_load_eval_and_recovery(family, tokenizer, text_corpus, tmp_path, single_thread):
     from transformers import AutoModelForCausalLM
 
     model = build_family(family, tokenizer)
     fp = copy.deepcopy(model)
     config = _config()
-    calib = calibration_windows(tokenizer, str(corpus), config.nsamples, config.seqlen, 0)
+    calib = calibration_windows(tokenizer, str(text_corpus), config.nsamples, config.seqlen, 0)
     quantized = _quantize(model, calib, config)
     layout = arch.layout(fp)
 
@@ -90,11 +74,11 @@ def test_family_goes_through_quantize_load_eval_and_recovery(family, tokenizer, 
 
     # eval: the chunked head path reproduces the family's logits (soft-capping included)
     assert arch.head_path_matches(ours, ids)
-    ppl = evaluate_ppl(ours, tokenizer, str(corpus), seqlen=32, max_windows=2, progress=False)
+    ppl = evaluate_ppl(ours, tokenizer, str(text_corpus), seqlen=32, max_windows=2, progress=False)
     assert math.isfinite(ppl.ppl)
 
     # 2-step post recovery: salient columns change, codes stay bit-identical, output loads
-    report = recover(RecoverConfig(model=str(out), mode="post", data=(str(corpus),), steps=2, batch_size=2,
+    report = recover(RecoverConfig(model=str(out), mode="post", data=(str(text_corpus),), steps=2, batch_size=2,
                                    seqlen=32, lr=1e-3, eval_windows=0, bf16=False, device="cpu",
                                    out=str(tmp_path / "recovered")), progress=False)
     before, after = load_file(out / "model.safetensors"), load_file(tmp_path / "recovered" / "model.safetensors")
@@ -106,10 +90,10 @@ def test_family_goes_through_quantize_load_eval_and_recovery(family, tokenizer, 
 
 
 @pytest.mark.parametrize("family", FAMILIES, ids=lambda f: f.name)
-def test_gptq_beats_rtn_on_the_family_layers(family, tokenizer, corpus, single_thread):
+def test_gptq_beats_rtn_on_the_family_layers(family, tokenizer, text_corpus, single_thread):
     """Block 0 sees the same full-precision inputs under both methods, so its layer losses compare."""
     model = build_family(family, tokenizer)
-    calib = calibration_windows(tokenizer, str(corpus), 8, 32, 0)
+    calib = calibration_windows(tokenizer, str(text_corpus), 8, 32, 0)
     losses = {}
     for method in ("gptq", "rtn"):
         config = _config(method=method, targets=(f"{arch.layout(model).block_name(0)}.*",))
@@ -134,10 +118,10 @@ def _never_route_to(expert: int):
     return hook
 
 
-def test_starved_experts_take_statistics_from_all_tokens_and_are_listed(tokenizer, corpus):
+def test_starved_experts_take_statistics_from_all_tokens_and_are_listed(tokenizer, text_corpus):
     model = build_family("mixtral", tokenizer)
     model.model.layers[0].mlp.gate.register_forward_hook(_never_route_to(3))
-    calib = calibration_windows(tokenizer, str(corpus), 8, 32, 0)
+    calib = calibration_windows(tokenizer, str(text_corpus), 8, 32, 0)
     quantized = _quantize(model, calib, _config(expert_min_tokens=20))
     starved = {entry["name"]: entry for entry in quantized.starved()}
     never = "model.layers.0.mlp.experts.gate_up_proj.3"
@@ -178,11 +162,11 @@ class _ListExpertsMoe(torch.nn.Module):
         return out.reshape(hidden.shape)
 
 
-def test_list_of_expert_mlps_works_through_generic_discovery(tokenizer, corpus):
+def test_list_of_expert_mlps_works_through_generic_discovery(tokenizer, text_corpus):
     model = build_family("llama", tokenizer)
     for block in model.model.layers:
         block.mlp = _ListExpertsMoe(64, 48, 4, never=2)
-    calib = calibration_windows(tokenizer, str(corpus), 8, 32, 0)
+    calib = calibration_windows(tokenizer, str(text_corpus), 8, 32, 0)
     quantized = _quantize(model, calib, _config())
     names = set(quantized.results)
     assert "model.layers.0.mlp.gate" not in names  # the router stays in full precision
@@ -198,13 +182,13 @@ def test_list_of_expert_mlps_works_through_generic_discovery(tokenizer, corpus):
 
 @pytest.mark.slow
 @pytest.mark.parametrize("model_type", sorted(EXTRA_FAMILIES))
-def test_more_families_quantize_and_load(model_type, tokenizer, corpus, tmp_path, single_thread):
+def test_more_families_quantize_and_load(model_type, tokenizer, text_corpus, tmp_path, single_thread):
     """Families no module of quikft names: discovery, experts and loading must be generic."""
     from transformers import AutoModelForCausalLM
 
     model = build_extra(model_type, tokenizer)
     config = _config()
-    calib = calibration_windows(tokenizer, str(corpus), config.nsamples, config.seqlen, 0)
+    calib = calibration_windows(tokenizer, str(text_corpus), config.nsamples, config.seqlen, 0)
     quantized = _quantize(model, calib, config)
     assert len(quantized.results) == sum(len(arch.layout(model).layers(i)) for i in range(len(arch.layout(model))))
     out = save_packed(model, tokenizer, quantized, tmp_path / "packed", config)
@@ -230,7 +214,7 @@ def test_refused_family_gets_one_line_before_any_work(tokenizer):
 
 
 @pytest.mark.parametrize("family", ["llama", "gemma2"])
-def test_quantized_lm_head_is_untied_and_uses_final_norm_statistics(family, tokenizer, corpus, tmp_path):
+def test_quantized_lm_head_is_untied_and_uses_final_norm_statistics(family, tokenizer, text_corpus, tmp_path):
     from transformers import AutoModelForCausalLM
 
     from quikft.quant.gptq import hessian_objective
@@ -239,7 +223,7 @@ def test_quantized_lm_head_is_untied_and_uses_final_norm_statistics(family, toke
     assert arch.head_is_tied(model)
     embedding = model.get_input_embeddings().weight.detach().clone()
     config = _config(quantize_lm_head=True)
-    calib = calibration_windows(tokenizer, str(corpus), config.nsamples, config.seqlen, 0)
+    calib = calibration_windows(tokenizer, str(text_corpus), config.nsamples, config.seqlen, 0)
     original_head = model.get_output_embeddings().weight.detach().clone()
     quantized = _quantize(model, calib, config)
     assert quantized.head == "lm_head" and quantized.untied_head and not arch.head_is_tied(model)

@@ -116,8 +116,9 @@ def test_same_seed_gives_identical_output(tiny_dir, text_file, tmp_path):
         scheme = QuantConfig(bits=3, salient=4, group_size=32, calib=str(text_file), nsamples=6, seqlen=40)
         job = QuantizeJob(scheme, model=str(tiny_dir), out=str(tmp_path / run), eval_windows=0)
         reports.append(quantize(job, progress=False))
-    a = load_file(tmp_path / "a" / "model.safetensors")
-    b = load_file(tmp_path / "b" / "model.safetensors")
+    from conftest import read_weights
+
+    a, b = read_weights(tmp_path / "a"), read_weights(tmp_path / "b")
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     assert [x["loss"] for x in reports[0]["layers"]] == [x["loss"] for x in reports[1]["layers"]]
 

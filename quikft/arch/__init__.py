@@ -24,6 +24,7 @@ from quikft.arch.adapter import (
     mark_quantized,
     prepare,
     selected,
+    unfuse_all_experts,
     unfuse_listed_experts,
     untie_head,
     weight_of,
@@ -34,5 +35,5 @@ __all__ = [
     "FAMILY_OVERRIDES", "FamilyOverride", "ModelLayout", "RoutedExperts", "UnsupportedArchitectureError", "as_linear",
     "check_supported", "decoder_hidden", "dims_of", "experts_names", "fuse_all_experts", "head_is_tied", "head_name",
     "head_path_matches", "is_projection", "layout", "logits_from_hidden", "mark_quantized", "prepare", "route_all_tokens", "selected",
-    "unfuse_listed_experts", "untie_head", "weight_of",
+    "unfuse_all_experts", "unfuse_listed_experts", "untie_head", "weight_of",
 ]

@@ -189,10 +189,12 @@ def check_supported(model: nn.Module, targets: Iterable[str] = (), ignore: Itera
 
 def prepare(model: nn.Module, targets: Iterable[str] = (), ignore: Iterable[str] = (),
             with_head: bool = False) -> ModelLayout:
-    """:func:`check_supported`, then unfuse every experts module in the blocks (in place, no copy)
-    and mark the model quantized (see :func:`mark_quantized`)."""
+    """:func:`check_supported`, then mark the model quantized (see :func:`mark_quantized`).
+
+    Experts are unfused block by block (:func:`unfuse_all_experts`), when each block's weights are
+    present: a block streamed from a checkpoint is loaded in its stored (fused) layout first.
+    """
     found = check_supported(model, targets, ignore, with_head)
-    unfuse_all_experts(found.blocks)
     mark_quantized(model)
     return found
 

@@ -39,6 +39,7 @@ from quikft import arch
 from quikft.arch import RoutedExperts, UnsupportedArchitectureError
 from quikft.config import QuantConfig
 from quikft.hardware import resolve_device
+from quikft.quant.activations import ActivationStore
 from quikft.quant.gptq import HessianAccumulator, QuantResult, gptq_quantize, rtn_quantize
 from quikft.saliency import ColumnStats, column_scores, resolve_metric, select_salient
 
@@ -105,16 +106,22 @@ class BlockInputs:
     (captured once per batch size from the model's own forward) and one real block output, whose
     structure stubs imitate."""
 
-    batches: list[torch.Tensor]
+    batches: list[torch.Tensor] | ActivationStore
     calls: list[dict[int, BlockCall]]
     template: Any = None
 
     def call(self, index: int, hidden: torch.Tensor) -> BlockCall:
         return self.calls[index][hidden.shape[0]]
 
+    def advance(self, outputs: list[torch.Tensor] | ActivationStore) -> None:
+        """The block's outputs become the next block's inputs (a disk store's old files are removed)."""
+        if isinstance(self.batches, ActivationStore):
+            self.batches.close()
+        self.batches = outputs
+
 
 @contextlib.contextmanager
-def _patched_forwards(modules: list[nn.Module], make: Callable[[int], Callable]) -> Iterator[None]:
+def patched_forwards(modules: list[nn.Module], make: Callable[[int], Callable]) -> Iterator[None]:
     """Replace each module's forward by ``make(i)`` (an instance attribute) for the duration."""
     for i, module in enumerate(modules):
         module.forward = make(i)
@@ -137,7 +144,7 @@ def _block_output(out) -> torch.Tensor:
     return out[0] if isinstance(out, (tuple, list)) else out
 
 
-def _like_output(template, hidden: torch.Tensor):
+def like_output(template, hidden: torch.Tensor):
     """``hidden`` in the structure of a real block output (a tensor, or a tuple led by it)."""
     return (hidden, *template[1:]) if isinstance(template, tuple) else hidden
 
@@ -161,7 +168,7 @@ def capture_block_inputs(model, layout: arch.ModelLayout, calib: torch.Tensor, b
         return forward
 
     batches, first_calls, first_ids = [], {}, {}
-    with _onloaded(model, layout, device), _patched_forwards(blocks[:1], catch_first):
+    with onloaded(model, layout, device), patched_forwards(blocks[:1], catch_first):
         for start in range(0, calib.shape[0], batch_size):
             ids = calib[start:start + batch_size].to(device)
             with contextlib.suppress(_StopForward):
@@ -190,13 +197,14 @@ def _record_calls(model, layout: arch.ModelLayout, ids: torch.Tensor, inputs: Bl
             return inputs.template
         return forward
 
-    with _onloaded(model, layout, device), _patched_forwards(blocks, stub), contextlib.suppress(_StopForward):
+    with onloaded(model, layout, device), patched_forwards(blocks, stub), contextlib.suppress(_StopForward):
         model(input_ids=ids, use_cache=False)
 
 
 @torch.no_grad()
-def run_block(block: nn.Module, inputs: BlockInputs, index: int) -> list[torch.Tensor]:
-    outputs = []
+def run_block(block: nn.Module, inputs: BlockInputs, index: int) -> list[torch.Tensor] | ActivationStore:
+    """Block ``index`` on every batch; the outputs are kept like the inputs (a list or a store)."""
+    outputs = inputs.batches.like() if isinstance(inputs.batches, ActivationStore) else []
     for hidden in inputs.batches:
         call = inputs.call(index, hidden)
         outputs.append(_block_output(block(hidden, *call.args, **call.kwargs)))
@@ -215,25 +223,26 @@ def _on_device(module: nn.Module, device: str) -> Iterator[nn.Module]:
 
 
 @contextlib.contextmanager
-def _onloaded(model, layout: arch.ModelLayout, device: str) -> Iterator[None]:
+def onloaded(model, layout: arch.ModelLayout, device: str) -> Iterator[None]:
     """Everything outside the decoder blocks (embeddings, rotary tables, final norm, head) on ``device``."""
     inside = {id(m) for block in layout.blocks for m in block.modules()} | {id(layout.blocks)}
     outside = [m for m in model.modules() if id(m) not in inside]
-    homes = [{name: t.device for name, t in [*m._parameters.items(), *m._buffers.items()] if t is not None}
-             for m in outside]
+    # Tensors still on the meta device (a head not read yet) stay there.
+    homes = [{name: t.device for name, t in [*m._parameters.items(), *m._buffers.items()]
+              if t is not None and not t.is_meta} for m in outside]
     target = torch.device(device)
     if all(d == target for home in homes for d in home.values()):
         yield
         return
     for module in outside:
-        module._apply(lambda t: t.to(target), recurse=False)
+        module._apply(lambda t: t if t.is_meta else t.to(target), recurse=False)
     try:
         yield
     finally:
         for module, home in zip(outside, homes, strict=True):
             first = next(iter(home.values()), None)
             if first is not None:
-                module._apply(lambda t, d=first: t.to(d), recurse=False)
+                module._apply(lambda t, d=first: t if t.is_meta else t.to(d), recurse=False)
 
 
 # ------------------------------------------------------------------------------------ statistics
@@ -439,19 +448,74 @@ def quantize_linear(linear: nn.Module, hessian: torch.Tensor | None, stats: Colu
 
 
 def _quantize_layer(module: nn.Module, full_name: str, stats: LayerStats, how: str, tokens: int,
-                    config: QuantConfig, out: QuantizedLayers, fixed: torch.Tensor | None) -> float:
-    """Quantize one layer in place (fake-quantized weight), record its result; returns its loss."""
+                    config: QuantConfig, out: QuantizedLayers, results: dict[str, QuantResult],
+                    fixed: torch.Tensor | None) -> float:
+    """Quantize one layer in place (fake-quantized weight), put its result in ``results`` and its
+    report in ``out``; returns its loss."""
     t0 = time.perf_counter()
     hessian = stats.hessian.hessian() if stats.hessian is not None and stats.tokens else None
     result = quantize_linear(module, hessian, stats.columns, config, full_name, fixed)
     weight = arch.weight_of(module)
     weight.copy_(result.weight.to(weight.dtype))
-    out.results[full_name] = _to_cpu(result)
+    results[full_name] = _to_cpu(result)
     k = int(result.salient.numel())
     in_features, out_features = arch.dims_of(module)
     out.layers.append(LayerReport(full_name, in_features, out_features, k, k / in_features, result.loss,
                                   time.perf_counter() - t0, tokens, how))
     return result.loss
+
+
+class BlockHooks:
+    """What happens around each block of :func:`quantize_blocks`.
+
+    This default is the in-memory model: every block's weights are already present and every
+    layer's result is kept in ``QuantizedLayers.results``. The quantize job's streaming hooks
+    (:mod:`quikft.quant.streaming`) instead read each block from the checkpoint, write its packed
+    layers at once and drop them, and save a resumable state.
+    """
+
+    def load(self, index: int, block: nn.Module) -> None:
+        """Make block ``index``'s weights present (on the CPU or where they live)."""
+
+    def before_quantize(self, index: int, block: nn.Module) -> None:
+        """Called on the compute device before the block's statistics pass (full-precision weights)."""
+
+    def finished(self, index: int, block: nn.Module, results: dict[str, QuantResult], out: QuantizedLayers) -> None:
+        """Called once the block is quantized and its outputs computed."""
+        out.results.update(results)
+
+    def release(self, index: int, block: nn.Module) -> None:
+        """The block is done and back where it lives."""
+
+
+@torch.no_grad()
+def quantize_blocks(model, layout: arch.ModelLayout, inputs: BlockInputs, config: QuantConfig,
+                    out: QuantizedLayers, hooks: BlockHooks, device: str, first: int = 0, progress: bool = True,
+                    salient: dict[str, torch.Tensor] | None = None) -> None:
+    """Blocks ``first`` onward on ``device``: statistics, salient columns, quantization, recomputed outputs."""
+    bar = tqdm(range(first, len(layout)), desc=f"quantize w{config.bits} k{config.salient}", disable=not progress,
+               unit="block", initial=first, total=len(layout))
+    for index in bar:
+        block, prefix = layout.blocks[index], layout.block_name(index)
+        hooks.load(index, block)
+        out.experts += [f"{prefix}.{name}" if name else prefix for name in arch.unfuse_all_experts(block)]
+        layers = layout.layers(index)
+        with _on_device(block, device):
+            hooks.before_quantize(index, block)
+            found, _ = collect_statistics(block, layers, layout.experts(index), inputs, index, config)
+            out.input_groups[prefix] = [list(group) for group in found.groups if len(group) > 1]
+            results: dict[str, QuantResult] = {}
+            losses = [_quantize_layer(module, f"{prefix}.{name}", found.stats[name], found.how[name],
+                                      found.tokens[name], config, out, results,
+                                      salient.get(f"{prefix}.{name}") if salient else None)
+                      for name, module in layers.items()]
+            del found
+            inputs.advance(run_block(block, inputs, index))
+            hooks.finished(index, block, results, out)
+            del results
+        hooks.release(index, block)
+        if losses:
+            bar.set_postfix(loss=f"{sum(losses) / len(losses):.3g}")
 
 
 @torch.no_grad()
@@ -473,26 +537,11 @@ def quantize_model(model, calib: torch.Tensor, config: QuantConfig, progress: bo
     was_training = model.training
     model.eval()
     began = time.perf_counter()
-    out = QuantizedLayers(experts=arch.experts_names(model))
+    out = QuantizedLayers()
     inputs = capture_block_inputs(model, layout, calib, batch_size, device)
-    bar = tqdm(range(len(layout)), desc=f"quantize w{config.bits} k{config.salient}", disable=not progress,
-               unit="block")
-    for index in bar:
-        block, prefix = layout.blocks[index], layout.block_name(index)
-        layers = layout.layers(index)
-        with _on_device(block, device):
-            found, _ = collect_statistics(block, layers, layout.experts(index), inputs, index, config)
-            out.input_groups[prefix] = [list(group) for group in found.groups if len(group) > 1]
-            losses = [_quantize_layer(module, f"{prefix}.{name}", found.stats[name], found.how[name],
-                                      found.tokens[name], config, out,
-                                      salient.get(f"{prefix}.{name}") if salient else None)
-                      for name, module in layers.items()]
-            del found
-            inputs.batches = run_block(block, inputs, index)
-        if losses:
-            bar.set_postfix(loss=f"{sum(losses) / len(losses):.3g}")
+    quantize_blocks(model, layout, inputs, config, out, BlockHooks(), device, progress=progress, salient=salient)
     if config.quantize_lm_head:
-        _quantize_head(model, layout, inputs, config, out, device, salient)
+        out.results.update(quantize_head(model, layout, inputs, config, out, device, salient))
     out.seconds = time.perf_counter() - began
     model.train(was_training)
     return out
@@ -517,7 +566,7 @@ def head_statistics(model, layout: arch.ModelLayout, inputs: BlockInputs, device
         def forward(*args, **kwargs):
             if index < len(blocks) - 1:
                 return inputs.template
-            return _like_output(inputs.template, current["hidden"])
+            return like_output(inputs.template, current["hidden"])
         return forward
 
     def catch(module, args):
@@ -530,7 +579,7 @@ def head_statistics(model, layout: arch.ModelLayout, inputs: BlockInputs, device
     ids = torch.zeros(1, inputs.batches[0].shape[1], dtype=torch.long, device=device)
     handle = head.register_forward_pre_hook(catch)
     try:
-        with _onloaded(model, layout, device), _patched_forwards(blocks, stub):
+        with onloaded(model, layout, device), patched_forwards(blocks, stub):
             for hidden in inputs.batches:
                 current["hidden"] = hidden
                 with contextlib.suppress(_StopForward):
@@ -540,8 +589,10 @@ def head_statistics(model, layout: arch.ModelLayout, inputs: BlockInputs, device
     return stats
 
 
-def _quantize_head(model, layout: arch.ModelLayout, inputs: BlockInputs, config: QuantConfig,
-                   out: QuantizedLayers, device: str, salient: dict[str, torch.Tensor] | None) -> None:
+def quantize_head(model, layout: arch.ModelLayout, inputs: BlockInputs, config: QuantConfig,
+                  out: QuantizedLayers, device: str, salient: dict[str, torch.Tensor] | None = None
+                  ) -> dict[str, QuantResult]:
+    """Quantize the output layer (untied from the embedding first if needed); returns its result."""
     name = arch.head_name(model)
     if name is None:
         raise UnsupportedArchitectureError(f"--quantize-lm-head: {type(model).__name__} has no output layer")
@@ -549,9 +600,12 @@ def _quantize_head(model, layout: arch.ModelLayout, inputs: BlockInputs, config:
     arch.untie_head(model)
     stats = head_statistics(model, layout, inputs, device)
     head = model.get_submodule(name)
+    results: dict[str, QuantResult] = {}
     with _on_device(head, device):
-        _quantize_layer(head, name, stats, ROUTED, stats.tokens, config, out, salient.get(name) if salient else None)
+        _quantize_layer(head, name, stats, ROUTED, stats.tokens, config, out, results,
+                        salient.get(name) if salient else None)
     out.head = name
+    return results
 
 
 @torch.no_grad()
@@ -571,10 +625,12 @@ def select_salient_model(model, calib: torch.Tensor, config: QuantConfig, progre
     salient: dict[str, torch.Tensor] = {}
     for index in tqdm(range(len(layout)), desc=f"select k{config.salient}", disable=not progress, unit="block"):
         block, prefix = layout.blocks[index], layout.block_name(index)
+        arch.unfuse_all_experts(block)
         layers = layout.layers(index)
         with _on_device(block, device):
-            found, inputs.batches = collect_statistics(block, layers, layout.experts(index), inputs, index,
-                                                       config, hessian=False)
+            found, outputs = collect_statistics(block, layers, layout.experts(index), inputs, index,
+                                                config, hessian=False)
+            inputs.advance(outputs)
             for name, module in layers.items():
                 weight = arch.weight_of(module).float()
                 salient[f"{prefix}.{name}"] = choose_salient(weight, found.stats[name].columns, config, name).cpu()

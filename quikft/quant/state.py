@@ -1,0 +1,127 @@
+"""The resumable state of a quantize job, committed after every block.
+
+It lives beside the output, in ``<out>.quantize-state/`` (the output itself appears only when the
+job is complete): the finished blocks' packed shards (``blocks/``, written by the job's output
+writer), the activations entering the next block (``activations-<block>/``, every stream's
+batches in the model's dtype, exact), torch's RNG state, and ``progress.json``: the next block
+and everything the report and the final files need (layer reports, input groups, experts).
+``progress.json`` is written last, atomically, so it is the commit point: a crash at any moment
+leaves either the previous block's state or the new one, never a mixture.
+
+``fingerprint.json`` records every setting that changes the output (and the model's identity);
+a resumed run must match it, and one that does not is refused naming the setting. A state left
+by a killed run is never used without ``--resume``, and never silently overwritten either.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from quikft.atomic import write_json
+from quikft.quant.activations import ActivationStore
+
+PROGRESS_NAME = "progress.json"
+FINGERPRINT_NAME = "fingerprint.json"
+BLOCKS_DIR = "blocks"
+RNG_NAME = "rng.safetensors"
+
+
+class QuantizeStateError(ValueError):
+    """A resumable state that cannot be used as asked; the message is one line naming the fix."""
+
+
+def state_dir_for(out_dir: str | os.PathLike) -> Path:
+    out_dir = Path(out_dir)
+    return out_dir.with_name(f"{out_dir.name}.quantize-state")
+
+
+def directory_bytes(path: Path) -> int:
+    return sum(f.stat().st_size for f in path.rglob("*") if f.is_file()) if path.exists() else 0
+
+
+class QuantizeState:
+    """One job's state directory (see the module docstring)."""
+
+    def __init__(self, directory: Path, progress: dict | None):
+        self.directory = directory
+        self.progress = progress
+        self.peak_bytes = directory_bytes(directory)
+
+    @property
+    def blocks_dir(self) -> Path:
+        return self.directory / BLOCKS_DIR
+
+    @property
+    def next_block(self) -> int:
+        return self.progress["next_block"] if self.progress else 0
+
+    @classmethod
+    def begin(cls, out_dir: str | os.PathLike, fingerprint: dict[str, Any], resume: bool) -> QuantizeState:
+        """Open the state for a resumed run (checking its fingerprint) or start an empty one."""
+        directory = state_dir_for(out_dir)
+        progress_file = directory / PROGRESS_NAME
+        if progress_file.is_file():
+            progress = _read_json(progress_file)
+            done = f"{progress.get('next_block', 0)} of {progress.get('blocks', '?')} blocks done"
+            if not resume:
+                raise QuantizeStateError(f"{directory} holds an interrupted quantize ({done}); rerun with --resume to "
+                                         f"continue it, or delete that directory to start over")
+            _check_fingerprint(directory, fingerprint)
+            return cls(directory, progress)
+        if resume:
+            raise QuantizeStateError(f"--resume: no interrupted quantize at {directory} (its state is written "
+                                     f"after the first block); run without --resume")
+        # A run killed before its first commit leaves nothing worth keeping.
+        shutil.rmtree(directory, ignore_errors=True)
+        (directory / BLOCKS_DIR).mkdir(parents=True)
+        write_json(directory / FINGERPRINT_NAME, fingerprint)
+        return cls(directory, None)
+
+    def commit(self, next_block: int, stores: dict[str, ActivationStore], record: dict[str, Any]) -> None:
+        """Save the activations entering ``next_block`` and the RNG, then commit ``progress.json``."""
+        activations = self.directory / f"activations-{next_block:05d}"
+        shutil.rmtree(activations, ignore_errors=True)
+        for name, store in stores.items():
+            store.persist(activations / name)
+        save_file({"torch": torch.get_rng_state()}, activations / RNG_NAME)
+        previous = self.progress.get("activations") if self.progress else None
+        self.progress = {**record, "next_block": next_block, "activations": activations.name}
+        write_json(self.directory / PROGRESS_NAME, self.progress)
+        self.peak_bytes = max(self.peak_bytes, directory_bytes(self.directory))
+        if previous and previous != activations.name:
+            shutil.rmtree(self.directory / previous, ignore_errors=True)
+
+    def restore(self, name: str, mode: str, device: str | torch.device, scratch: Path | None = None
+                ) -> ActivationStore:
+        """A committed stream's activations, as a store of ``mode``; also restores the RNG."""
+        activations = self.directory / self.progress["activations"]
+        torch.set_rng_state(load_file(activations / RNG_NAME)["torch"])
+        return ActivationStore.load(activations / name, mode, device, scratch)
+
+    def discard(self) -> None:
+        shutil.rmtree(self.directory, ignore_errors=True)
+
+
+def _read_json(path: Path) -> dict:
+    try:
+        return json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError) as err:
+        raise QuantizeStateError(f"{path}: unreadable quantize state ({err}); delete {path.parent} to start over") \
+            from None
+
+
+def _check_fingerprint(directory: Path, fingerprint: dict[str, Any]) -> None:
+    saved = _read_json(directory / FINGERPRINT_NAME)
+    changed = [key for key in sorted(set(saved) | set(fingerprint)) if saved.get(key) != fingerprint.get(key)]
+    if changed:
+        key = changed[0]
+        raise QuantizeStateError(f"--resume: the interrupted run used {key}={saved.get(key)!r}, this one "
+                                 f"{key}={fingerprint.get(key)!r}; rerun with the same settings or delete {directory} "
+                                 f"to start over")

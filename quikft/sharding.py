@@ -1,0 +1,105 @@
+"""FSDP2 (``torch.distributed.fsdp.fully_shard``) for GIFT-SW recovery.
+
+Under ``--sharding fsdp2`` every decoder block (found by :mod:`quikft.arch`) and then the whole
+model become FSDP2 units: each parameter is a ``DTensor`` sharded along its first dimension
+across the processes, gathered for its unit's forward and backward and freed after, and its
+gradient is reduce-scattered (averaged over processes, as DDP's all-reduce averages). The
+trainable salient slices (``GiftLinear.salient_weight``, fp32, out x k) and so their AdamW
+state are sharded; so are the frozen float parameters (embeddings, norms, an unquantized
+head).
+
+The packed frozen weights are buffers (int32 codes, fp16 scales) and stay replicated: FSDP2
+shards parameters only, and keeping the codes as buffers needs no float re-typing of integer
+codes (the FSDP-QLoRA trick) and no all-gather of the frozen weights in every forward and
+backward. At 3 bits they are 5.3x smaller than the bf16 weights (the default model's packed
+layers: 19% of its bf16 bytes), so a replica costs less than sharding the bf16 model would
+save, and every step moves only the salient slices' bytes between processes.
+
+Everything that must see whole tensors -- the resumable state, the output checkpoint -- goes
+through :func:`full_state` / :func:`load_full_state`, which gather or re-shard collectively,
+so a state saved by N processes resumes under any number, and the saved checkpoint has the
+same format as a one-process run's.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator
+
+import torch
+from torch import nn
+
+from quikft import arch
+
+SHARDING_MODES = ("ddp", "fsdp2")
+
+
+def is_sharded(param: torch.Tensor) -> bool:
+    return type(param).__name__ == "DTensor" or hasattr(param, "full_tensor")
+
+
+def shard_model(model: nn.Module, device: torch.device | str) -> nn.Module:
+    """Make every decoder block, then the model, an FSDP2 unit over all processes (in place)."""
+    import torch.distributed as dist
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+
+    mesh = init_device_mesh(torch.device(device).type, (dist.get_world_size(),))
+    for block in arch.layout(model).blocks:
+        fully_shard(block, mesh=mesh)
+    fully_shard(model, mesh=mesh)
+    return model
+
+
+def trainable_parameters(model: nn.Module) -> dict[str, nn.Parameter]:
+    """The model's parameters with gradients, by name (after sharding: the ``DTensor`` ones)."""
+    return {name: param for name, param in model.named_parameters() if param.requires_grad}
+
+
+def full_state(params: dict[str, nn.Parameter]) -> dict[str, torch.Tensor]:
+    """Whole CPU copies of the parameters; collective when they are sharded (every process calls it)."""
+    return {name: (param.full_tensor() if is_sharded(param) else param).detach().cpu().clone()
+            for name, param in params.items()}
+
+
+def load_full_state(params: dict[str, nn.Parameter], tensors: dict[str, torch.Tensor]) -> None:
+    """Copy whole tensors into (possibly sharded) parameters: each process keeps its own shard."""
+    from torch.distributed.tensor import distribute_tensor
+
+    with torch.no_grad():
+        for name, param in params.items():
+            value = tensors[name].to(param.dtype)
+            if is_sharded(param):
+                value = distribute_tensor(value.to(param.device_mesh.device_type), param.device_mesh,
+                                          param.placements)
+                param.to_local().copy_(value.to_local())
+            else:
+                param.copy_(value.to(param.device))
+
+
+def full_optimizer_state(model: nn.Module, optimizer: torch.optim.Optimizer) -> dict:
+    """The optimizer's state with whole tensors keyed by parameter name (collective under FSDP2)."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
+
+    return get_optimizer_state_dict(model, optimizer, options=StateDictOptions(full_state_dict=True,
+                                                                               cpu_offload=True))
+
+
+def load_full_optimizer_state(model: nn.Module, optimizer: torch.optim.Optimizer, state: dict) -> None:
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
+
+    set_optimizer_state_dict(model, optimizer, state, options=StateDictOptions(full_state_dict=True))
+
+
+@contextlib.contextmanager
+def gradient_sync(model: nn.Module, enabled: bool) -> Iterator[None]:
+    """Skip the gradient reduce-scatter on micro-batches before the last (gradient accumulation)."""
+    setter = getattr(model, "set_requires_gradient_sync", None)
+    if setter is None or enabled:
+        yield
+        return
+    setter(False)
+    try:
+        yield
+    finally:
+        setter(True)

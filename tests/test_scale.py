@@ -1,0 +1,263 @@
+"""Quantizing block by block from the checkpoint: the streamed job equals the in-memory quantization
+bit for bit, keeps bf16 models in bf16, offloads activations, resumes after SIGKILL and survives a
+full disk without losing its state."""
+
+import errno
+import glob
+import json
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+import torch
+from families import build_family
+from safetensors.torch import load_file
+
+from quikft.checkpoint import load, save_packed
+from quikft.config import QuantizeJob, from_settings
+from quikft.data import calibration_windows
+from quikft.eval.ppl import quick_ppl
+from quikft.models import load_model
+from quikft.quant import streaming
+from quikft.quant.pipeline import quantize_model
+from quikft.quant.state import QuantizeStateError, state_dir_for
+from quikft.quant.streaming import round_floating
+from quikft.quantize import quantize
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def _saved(tmp_path_factory, tokenizer, family="llama", dtype=torch.float32, **changes):
+    directory = tmp_path_factory.mktemp(f"{family}-{str(dtype)[6:]}")
+    model = build_family(family, tokenizer, **changes).to(dtype)
+    model.save_pretrained(directory, max_shard_size="100KB")  # several shards, as big checkpoints have
+    tokenizer.save_pretrained(directory)
+    return directory
+
+
+@pytest.fixture(scope="module")
+def llama_dir(tmp_path_factory, tokenizer):
+    return _saved(tmp_path_factory, tokenizer, num_hidden_layers=4)
+
+
+def _config(model_dir, text_corpus, out, **changes):
+    """A quantize job of the tiny model (flat settings, routed to the scheme and the job)."""
+    settings = dict(model=str(model_dir), bits=3, salient=8, group_size=32, calib=str(text_corpus), nsamples=10,
+                    seqlen=32, batch_size=4, clip_search=False, expert_min_tokens=4, eval_windows=0, device="cpu",
+                    out=str(out))
+    return from_settings(QuantizeJob, {**settings, **changes})
+
+
+def _ppl(model, tokenizer, job) -> float:
+    return quick_ppl(model, tokenizer, job.eval_windows, job.eval_stride, job.eval_seqlen, "x")["ppl"]
+
+
+def _tensors(directory) -> dict[str, torch.Tensor]:
+    out = {}
+    for file in glob.glob(f"{directory}/model*.safetensors"):
+        out.update(load_file(file))
+    return out
+
+
+def _assert_same_tensors(a, b):
+    a, b = _tensors(a), _tensors(b)
+    assert a.keys() == b.keys()
+    for name in a:
+        assert a[name].dtype == b[name].dtype and torch.equal(a[name], b[name]), name
+
+
+def _in_memory(job, tmp_path):
+    """The reference: the whole model in memory, quantize_model + save_packed."""
+    model, tokenizer = load_model(job.model, dtype=torch.float32)
+    scheme = job.quant
+    calib = calibration_windows(tokenizer, scheme.calib, scheme.nsamples, scheme.seqlen, scheme.seed)
+    quantized = quantize_model(model, calib, scheme, progress=False, device=job.device, batch_size=job.batch_size)
+    save_packed(model, tokenizer, quantized, tmp_path / "memory", scheme, source_model=job.model)
+    return model, tokenizer, quantized
+
+
+def test_streamed_job_equals_in_memory_quantization_and_evaluation(llama_dir, text_corpus, tmp_path, shared_data,
+                                                                  monkeypatch, single_thread):
+    monkeypatch.setenv("QUIKFT_CACHE", str(tmp_path / "cache"))
+    config = _config(llama_dir, text_corpus, tmp_path / "streamed", eval_windows=2, eval_seqlen=64)
+    report = quantize(config, progress=False)
+    assert report["loading"] == "streamed block by block"
+    model, tokenizer, quantized = _in_memory(config, tmp_path)
+    _assert_same_tensors(tmp_path / "streamed", tmp_path / "memory")
+    assert report["ppl"]["ppl"] == _ppl(model, tokenizer, config)
+    round_floating(model, torch.bfloat16, skip={f"{n}.{p}" for n in quantized.results for p in ("weight", "bias")})
+    assert report["ppl_saved"]["ppl"] == _ppl(model, tokenizer, config)
+    fp_model, _ = load_model(str(llama_dir), dtype=torch.float32)
+    assert report["fp_ppl"]["ppl"] == _ppl(fp_model, tokenizer, config)
+    assert report["layers"] == [dict(vars(layer), seconds=r["seconds"]) for layer, r in
+                                zip(quantized.layers, report["layers"], strict=True)]
+    assert not state_dir_for(tmp_path / "streamed").exists()  # the state goes once the output is complete
+    assert len(glob.glob(str(tmp_path / "streamed" / "model-*-of-*.safetensors"))) == 5  # rest + one per block
+
+
+def test_streamed_saved_ppl_keeps_packed_biases(tmp_path_factory, tokenizer, text_corpus, tmp_path, shared_data,
+                                                monkeypatch):
+    """Qwen2's q/k/v biases stay fp32 in the packed layers: the as-saved stream must not round them."""
+    monkeypatch.setenv("QUIKFT_CACHE", str(tmp_path / "cache"))
+    directory = _saved(tmp_path_factory, tokenizer, "qwen2")
+    config = _config(directory, text_corpus, tmp_path / "streamed", eval_windows=1, eval_seqlen=64)
+    report = quantize(config, progress=False)
+    model, tokenizer, quantized = _in_memory(config, tmp_path)
+    _assert_same_tensors(tmp_path / "streamed", tmp_path / "memory")
+    round_floating(model, torch.bfloat16, skip={f"{n}.{p}" for n in quantized.results for p in ("weight", "bias")})
+    assert report["ppl_saved"]["ppl"] == _ppl(model, tokenizer, config)
+
+
+@pytest.mark.parametrize("family", ["gemma2", "opt", "falcon", "mixtral", "qwen2_moe"])
+def test_streamed_families_equal_in_memory(family, tmp_path_factory, tokenizer, text_corpus, tmp_path, single_thread):
+    directory = _saved(tmp_path_factory, tokenizer, family)
+    config = _config(directory, text_corpus, tmp_path / "streamed")
+    assert quantize(config, progress=False)["loading"] == "streamed block by block"
+    _in_memory(config, tmp_path)
+    _assert_same_tensors(tmp_path / "streamed", tmp_path / "memory")
+    ids = calibration_windows(tokenizer, str(text_corpus), 2, 32, 1)
+    with torch.no_grad():
+        assert torch.equal(load(tmp_path / "streamed", dtype=torch.float32)(input_ids=ids).logits,
+                           load(tmp_path / "memory", dtype=torch.float32)(input_ids=ids).logits)
+
+
+@pytest.mark.parametrize("tied", [True, False])
+def test_streamed_head_quantization_equals_in_memory(tied, tmp_path_factory, tokenizer, text_corpus, tmp_path, shared_data,
+                                                     monkeypatch):
+    monkeypatch.setenv("QUIKFT_CACHE", str(tmp_path / "cache"))
+    directory = _saved(tmp_path_factory, tokenizer, tie_word_embeddings=tied)
+    config = _config(directory, text_corpus, tmp_path / "streamed", quantize_lm_head=True, eval_windows=1, eval_seqlen=64)
+    report = quantize(config, progress=False)
+    assert report["head"] == "lm_head" and report["untied_head"] is tied
+    model, tokenizer, _ = _in_memory(config, tmp_path)
+    _assert_same_tensors(tmp_path / "streamed", tmp_path / "memory")
+    assert report["ppl"]["ppl"] == _ppl(model, tokenizer, config)
+    assert json.loads((tmp_path / "streamed" / "config.json").read_text())["tie_word_embeddings"] is False
+
+
+def test_bf16_checkpoint_stays_bf16_and_offload_modes_agree(tmp_path_factory, tokenizer, text_corpus, tmp_path):
+    directory = _saved(tmp_path_factory, tokenizer, dtype=torch.bfloat16, num_hidden_layers=3)
+    seen = []
+    original = streaming.StreamingHooks.before_quantize
+
+    def record_dtype(self, index, block):
+        seen.append(next(block.parameters()).dtype)
+        return original(self, index, block)
+
+    streaming.StreamingHooks.before_quantize = record_dtype
+    try:
+        for mode in ("none", "cpu", "disk"):
+            quantize(_config(directory, text_corpus, tmp_path / mode, offload_activations=mode), progress=False)
+    finally:
+        streaming.StreamingHooks.before_quantize = original
+    assert set(seen) == {torch.bfloat16}
+    _assert_same_tensors(tmp_path / "none", tmp_path / "cpu")
+    _assert_same_tensors(tmp_path / "none", tmp_path / "disk")
+    assert load(tmp_path / "disk", dtype=torch.float32) is not None
+
+
+KILLER = textwrap.dedent("""
+    import os, signal, sys
+    from quikft.config import QuantizeJob, from_settings
+    from quikft.quant import state, streaming
+    from quikft.quantize import quantize
+
+    kill_at = int(sys.argv[1])
+    commits = []
+    real_commit, real_save = state.QuantizeState.commit, streaming._save_atomic
+
+    def commit(self, next_block, *args, **kwargs):
+        real_commit(self, next_block, *args, **kwargs)
+        commits.append(next_block)
+
+    def save(tensors, path):
+        # SIGKILL in the middle of the next block's shard: a temporary file written, nothing committed.
+        if len(commits) == kill_at:
+            path.with_name(f".{path.name}.tmp").write_bytes(b"torn")
+            os.kill(os.getpid(), signal.SIGKILL)
+        return real_save(tensors, path)
+
+    state.QuantizeState.commit = commit
+    streaming._save_atomic = save
+    quantize(from_settings(QuantizeJob, __import__("json").loads(sys.argv[2])), progress=False)
+""")
+
+
+def test_resume_after_sigkill_is_bit_identical(llama_dir, text_corpus, tmp_path):
+    straight = _config(llama_dir, text_corpus, tmp_path / "straight")
+    quantize(straight, progress=False)
+    killed = _config(llama_dir, text_corpus, tmp_path / "killed")
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    run = subprocess.run([sys.executable, "-c", KILLER, "2", json.dumps(killed.to_dict())], env=env,
+                         capture_output=True, text=True, timeout=600)
+    assert run.returncode == -signal.SIGKILL, run.stderr[-2000:]
+    assert not (tmp_path / "killed").exists()  # no complete-looking output
+    progress = json.loads((state_dir_for(tmp_path / "killed") / "progress.json").read_text())
+    assert progress["next_block"] == 2
+    with pytest.raises(QuantizeStateError, match="holds an interrupted quantize .2 of 4 blocks done.; rerun with --resume"):
+        quantize(killed, progress=False)
+    with pytest.raises(QuantizeStateError, match="used bits=3, this one bits=4"):
+        quantize(_config(llama_dir, text_corpus, tmp_path / "killed", bits=4, resume=True), progress=False)
+    report = quantize(_config(llama_dir, text_corpus, tmp_path / "killed", resume=True), progress=False)
+    assert report["resumed_from_block"] == 2 and report["state_peak_bytes"] > 0
+    _assert_same_tensors(tmp_path / "straight", tmp_path / "killed")
+    assert not state_dir_for(tmp_path / "killed").exists()
+    with pytest.raises(QuantizeStateError, match="no interrupted quantize"):
+        quantize(_config(llama_dir, text_corpus, tmp_path / "again", resume=True), progress=False)
+
+
+def test_full_disk_fails_in_one_line_and_keeps_the_state(llama_dir, text_corpus, tmp_path, monkeypatch):
+    from click.testing import CliRunner
+
+    from quikft.cli import main
+
+    real_save = streaming.save_file
+    calls = []
+
+    def full_disk(tensors, path, *args, **kwargs):
+        calls.append(path)
+        if len(calls) == 5:  # the third block's shard
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real_save(tensors, path, *args, **kwargs)
+
+    monkeypatch.setattr(streaming, "save_file", full_disk)
+    out = tmp_path / "out"
+    args = ["quantize", "--model", str(llama_dir), "--calib", str(text_corpus), "--nsamples", "10", "--seqlen", "32",
+            "--salient", "8", "--group-size", "32", "--no-clip-search", "--eval-windows", "0", "--device", "cpu",
+            "--batch-size", "4", "--expert-min-tokens", "4", "--out", str(out)]
+    failed = CliRunner().invoke(main, args)
+    error = failed.output.strip().splitlines()[-1]  # after the progress bars
+    assert failed.exit_code == 1 and error.startswith("Error: cannot write") and "Traceback" not in failed.output
+    assert "No space left on device" in error and "--resume" in error
+    assert not out.exists() and not list(tmp_path.glob(".out*partial"))
+    progress = json.loads((state_dir_for(out) / "progress.json").read_text())
+    assert progress["next_block"] == 2
+    monkeypatch.undo()
+    resumed = CliRunner().invoke(main, [*args, "--resume"])
+    assert resumed.exit_code == 0, resumed.output
+    quantize(_config(llama_dir, text_corpus, tmp_path / "straight"), progress=False)
+    _assert_same_tensors(tmp_path / "straight", out)
+
+
+def test_checkpoint_that_cannot_stream_loads_whole_and_says_so(tokenizer, text_corpus, tmp_path):
+    """A checkpoint lacking a tensor (transformers initializes it) cannot stream: the model is loaded
+    whole, the report says why, and the output is what the in-memory path writes."""
+    from safetensors.torch import save_file
+
+    directory = tmp_path / "model"
+    model = build_family("llama", tokenizer)
+    model.save_pretrained(directory)
+    tokenizer.save_pretrained(directory)
+    tensors = load_file(directory / "model.safetensors")
+    del tensors["model.norm.weight"]
+    save_file(tensors, directory / "model.safetensors", metadata={"format": "pt"})
+    config = _config(directory, text_corpus, tmp_path / "out")
+    report = quantize(config, progress=False)
+    assert report["loading"] == ("whole model in memory: no stored tensor (under any name transformers maps) "
+                                 "provides model.norm.weight")
+    _in_memory(config, tmp_path)
+    _assert_same_tensors(tmp_path / "out", tmp_path / "memory")
