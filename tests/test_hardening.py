@@ -153,7 +153,7 @@ def test_stale_partials_of_killed_runs_are_removed_by_the_next_run(tiny_dir, tex
     assert not any(p.exists() for p in stale) and live.exists() and unrelated.exists()
 
 
-def test_sigterm_cleans_up_like_ctrl_c(tiny_dir, text_file, tmp_path):
+def test_sigterm_cleans_up_like_ctrl_c_and_keeps_the_resumable_state(tiny_dir, text_file, tmp_path):
     out = tmp_path / "run"
     args = _quantize_args(tiny_dir, text_file, out)
     args[args.index("--nsamples") + 1] = "64"  # long enough to be caught mid-run
@@ -161,13 +161,17 @@ def test_sigterm_cleans_up_like_ctrl_c(tiny_dir, text_file, tmp_path):
     job = subprocess.Popen([sys.executable, "-m", "quikft.cli", *map(str, args)], env=env,
                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     deadline = time.monotonic() + 120
-    while not list(tmp_path.glob(".run.*.partial")):
+    state = tmp_path / "run.quantize-state"
+    while not (state / "progress.json").exists():  # the first block is committed
         assert job.poll() is None and time.monotonic() < deadline, job.communicate()
         time.sleep(0.05)
     job.send_signal(signal.SIGTERM)
     _, stderr = job.communicate(timeout=120)
     assert job.returncode != 0 and "Traceback" not in stderr, stderr[-2000:]
     assert _leftovers(tmp_path) == [] and not out.exists()
+    resumed = _cli(*map(str, args), "--resume")  # a terminated quantize continues where it stopped
+    assert resumed.exit_code == 0, resumed.output
+    assert (out / "quantize_report.json").is_file() and not state.exists()
 
 
 # ----------------------------------------------------------------------------- non-finite numbers

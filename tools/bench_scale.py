@@ -25,7 +25,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 
-from benchlib import load_results, parser, run_pending  # noqa: E402
+from benchlib import load_results, parser, run_missing  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 MODELS = {  # id: (hidden, intermediate, heads, blocks)
@@ -79,7 +79,7 @@ def run_quantize(model_id: str, root: Path) -> dict:
     began = time.perf_counter()
     subprocess.run(quantize_command(model, out), env=_env(), check=True, stdout=subprocess.DEVNULL)
     report = json.loads((out / "quantize_report.json").read_text())
-    return {"id": model_id, "hidden": hidden, "blocks": blocks,
+    return {"row": model_id, "hidden": hidden, "blocks": blocks,
             "weights_mb": sum(f.stat().st_size for f in model.glob("*.safetensors")) / 2**20,
             "output_mb": report["output_bytes"] / 2**20, "peak_rss_mb": report["peak_rss_mb"],
             "s_per_block": report["seconds_per_block"], "state_mb_per_block": report["state_bytes_per_block"] / 2**20,
@@ -127,7 +127,7 @@ def run_resume(root: Path) -> dict:
     a, b = tensors(reference), tensors(out)
     identical = a.keys() == b.keys() and all(a[k].dtype == b[k].dtype and bool((a[k] == b[k]).all()) for k in a)
     report = json.loads((out / "quantize_report.json").read_text())
-    return {"id": "resume", "killed_after_blocks": killed_at, "complete_looking_after_kill": complete_looking,
+    return {"row": "resume", "killed_after_blocks": killed_at, "complete_looking_after_kill": complete_looking,
             "resume_wall_s": resumed, "resumed_from_block": report["resumed_from_block"],
             "bit_identical": identical, "tensors": len(a), "peak_rss_mb": report["peak_rss_mb"]}
 
@@ -135,11 +135,11 @@ def run_resume(root: Path) -> dict:
 def table(rows: list[dict]) -> str:
     lines = ["| model | blocks | weights on disk (MiB) | packed output (MiB) | peak RSS (MiB) | s/block | "
              "state per block (MiB) | state peak (MiB) |", "|---|---|---|---|---|---|---|---|"]
-    for row in (r for r in rows if r["id"] != "resume"):
+    for row in (r for r in rows if r["row"] != "resume"):
         lines.append(f"| hidden {row['hidden']} | {row['blocks']} | {row['weights_mb']:.0f} | {row['output_mb']:.0f} | "
                      f"{row['peak_rss_mb']:.0f} | {row['s_per_block']:.1f} | {row['state_mb_per_block']:.1f} | "
                      f"{row['state_peak_mb']:.0f} |")
-    by_id = {r["id"]: r for r in rows}
+    by_id = {r["row"]: r for r in rows}
     if "h1024-b8" in by_id and "h1024-b32" in by_id:
         ratio = by_id["h1024-b32"]["peak_rss_mb"] / by_id["h1024-b8"]["peak_rss_mb"]
         lines.append(f"\n32-block / 8-block peak RSS: {ratio:.3f}x (target <= 1.25x)")
@@ -157,9 +157,9 @@ def main() -> None:
     rows = load_results(args.results)
     root = Path(args.results).parent
     if not args.table_only:
-        jobs = {model_id: (lambda m=model_id: run_quantize(m, root)) for model_id in MODELS}
-        jobs["resume"] = lambda: run_resume(root)
-        run_pending(args, rows, jobs)
+        jobs = [(model_id, lambda m=model_id: run_quantize(m, root)) for model_id in MODELS]
+        jobs.append(("resume", lambda: run_resume(root)))
+        run_missing(jobs, rows, args.results, args.only, lambda row: f"peak RSS {row['peak_rss_mb']:.0f} MiB")
     print(table(rows))
 
 
