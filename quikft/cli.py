@@ -250,6 +250,9 @@ def quantize(config_path, targets, ignore, **flags):
 @click.option("--eval-before/--no-eval-before", default=None, help="Also measure the input model's ppl [on].")
 @click.option("--save-every", type=int, default=None, help="Resumable state every N steps; 0 = never [0].")
 @click.option("--resume", is_flag=True, default=None, help="Continue an interrupted run from its saved state.")
+@click.option("--sharding", type=click.Choice(["ddp", "fsdp2"]), default=None,
+              help="Several processes (accelerate launch): ddp keeps a replica per process; fsdp2 shards the "
+                   "trainable columns, their optimizer state and the float weights (post/salient-ft) [ddp].")
 @click.option("--device", default=None, help="auto (cuda when present), cpu or cuda [auto].")
 @click.option("--out", default=None, help="Output directory [runs/<model>-<mode>].")
 @click.option("--overwrite", is_flag=True, default=None, help="Replace a previous recover output at --out.")

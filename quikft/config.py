@@ -40,6 +40,7 @@ RECOVER_MODES = ("post", "pre", "salient-ft", "lora")
 OFFLOAD_MODES = ("none", "cpu", "disk")
 LOSSES = ("ce", "kd")
 RECOVER_DTYPES = ("auto", "bf16", "fp32")
+SHARDING_MODES = ("ddp", "fsdp2")  # how several recovery processes split the model (quikft.sharding)
 
 
 class ConfigError(ValueError):
@@ -262,6 +263,7 @@ class RecoverConfig:
     eval_seqlen: int = 2048
     eval_before: bool = True  # also measure the input's ppl (skip when it is already known)
     device: str = "auto"  # auto: cuda when present, else cpu
+    sharding: str = "ddp"  # several processes: ddp (replicas) | fsdp2 (parameters and optimizer state sharded)
     out: str | None = None
     overwrite: bool = False  # replace a previous recover output at --out
     trust_remote_code: bool = False  # run a hub model's own Python code (only for models you trust)
@@ -274,6 +276,7 @@ class RecoverConfig:
         _one_of("mode", self.mode, RECOVER_MODES)
         _one_of("loss", self.loss, LOSSES)
         _one_of("dtype", self.dtype, RECOVER_DTYPES)
+        _one_of("sharding", self.sharding, SHARDING_MODES)
         for name in ("bits", "noise_bits"):
             if getattr(self, name) is not None:
                 check_bits(getattr(self, name), name)

@@ -39,7 +39,7 @@ from safetensors.torch import save_file
 from torch import nn
 from tqdm.auto import tqdm
 
-from quikft import arch, train_state
+from quikft import arch, sharding, train_state
 from quikft.atomic import atomic_directory, prepare_output, write_json
 from quikft.checkpoint import is_packed_checkpoint, write_packed, write_quik_model
 from quikft.config import ConfigError, QuantConfig, RecoverConfig, build_config
@@ -120,6 +120,8 @@ class RecoveryMode:
     # The trained values must fit the dtype the output stores them in (GIFT-SW columns: fp16).
     value_limit = FP16_MAX
     storage = "fp16 (the checkpoint's dtype)"
+    # --sharding fsdp2: the mode's model can be rebuilt from its input alone after training (rebuild).
+    shardable = True
 
     def noise_bits(self, config: RecoverConfig) -> int | None:
         """The bit-width whose step scales the noise, or None for no noise."""
@@ -155,6 +157,16 @@ class RecoveryMode:
                                    cache_base=config.cache_base)
         return {f"{name}.salient_weight": layer.salient_weight for name, layer in layers.items()}
 
+    def rebuild(self, job: Job, config: RecoverConfig, device: str, trained: dict[str, torch.Tensor]
+                ) -> tuple[Job, dict[str, nn.Parameter]]:
+        """After sharded training: the mode's model built afresh (not sharded) with the trained values,
+        for the first process to finish alone. The ppl measured before training is kept."""
+        fresh = self.prepare(config, device, evaluate=False, progress=False)
+        fresh.ppl_before, fresh.fp_ppl = job.ppl_before, job.fp_ppl
+        trainable = self.wrap(fresh, config)
+        sharding.load_full_state(trainable, trained)
+        return fresh, trainable
+
     def finish(self, job: Job, config: RecoverConfig, staging: Path, label: str) -> dict | None:
         """Write the output into ``staging``; returns the quick ppl after training."""
         unwrap_after_training(job.model)
@@ -175,6 +187,7 @@ class SalientFtMode(RecoveryMode):
 class PreMode(RecoveryMode):
     name = "pre"
     packed_input = False
+    shardable = False  # rebuilding would repeat the salient selection; pre mode runs as ddp
 
     def quant_config(self, config: RecoverConfig) -> QuantConfig:
         """The scheme used after training: --quant-config, with --bits/--salient overriding it when given."""
@@ -214,6 +227,7 @@ class LoraMode(RecoveryMode):
     noise_default = False
     value_limit = math.inf  # adapters are saved in fp32: only finiteness is required
     storage = "finite values"
+    shardable = False  # a baseline: peft adapters under ddp
 
     def noise_bits(self, config: RecoverConfig) -> int | None:
         if config.noise:
@@ -271,7 +285,18 @@ def recover(config: RecoverConfig, progress: bool = True) -> dict:
     job = run.mode.prepare(config, run.device, evaluate=main and config.eval_before, progress=progress and main)
     trainable = run.mode.wrap(job, config)
     teacher = load_teacher(run, job) if config.loss == "kd" else None
-    curve = train(run, job, trainable, data, accelerator, teacher, progress and main)
+    sharded = config.sharding == "fsdp2" and accelerator.num_processes > 1
+    if sharded:
+        sharding.shard_model(job.model, accelerator.device)
+        trainable = {name: p for name, p in job.model.named_parameters() if name in trainable}
+    curve = train(run, job, trainable, data, accelerator, teacher, progress and main, sharded)
+    # Every process's peak memory during training (before the first one finishes alone).
+    peaks = accelerator.gather(torch.tensor([peak_rss_mb()], device=accelerator.device))
+    curve["peak_rss_mb_per_process"] = [round(float(v), 1) for v in peaks.cpu()]
+    if sharded:  # whole trained tensors, then the first process finishes on a fresh unsharded model
+        trained = sharding.full_state(trainable)
+        if main:
+            job, trainable = run.mode.rebuild(job, config, run.device, trained)
     report = None
     if main:
         report = finish(run, job, trainable, curve, began)
@@ -288,6 +313,9 @@ def plan(config: RecoverConfig) -> Run:
     for source in config.data:
         check_source(source)
     mode.check_input(config)
+    if config.sharding == "fsdp2" and not mode.shardable:
+        raise ConfigError(f"--sharding fsdp2 trains packed checkpoints (--mode post or salient-ft); run --mode "
+                          f"{mode.name} with --sharding ddp", "sharding")
     check_seqlen(config.model, config.seqlen, trust_remote_code=config.trust_remote_code)
     out_dir = Path(config.out) if config.out else default_out_dir(config)
     state_dir = state_dir_for(out_dir)
@@ -414,9 +442,9 @@ def kd_loss(logits: torch.Tensor, teacher: nn.Module, batch: dict, temperature: 
 
 def gradient_norm(params: list[nn.Parameter], max_norm: float) -> float:
     """The total gradient norm, clipping the gradients to ``max_norm`` when it is positive."""
-    if max_norm > 0:
-        return float(torch.nn.utils.clip_grad_norm_(params, max_norm))
-    return float(torch.nn.utils.get_total_norm([p.grad for p in params if p.grad is not None]))
+    if max_norm > 0:  # over sharded parameters the norm is a DTensor: as_number gathers it
+        return sharding.as_number(torch.nn.utils.clip_grad_norm_(params, max_norm))
+    return sharding.as_number(torch.nn.utils.get_total_norm([p.grad for p in params if p.grad is not None]))
 
 
 def _diverged(step: int, run: Run, what: str) -> TrainingDivergedError:
@@ -428,8 +456,9 @@ def _diverged(step: int, run: Run, what: str) -> TrainingDivergedError:
 
 
 def train(run: Run, job: Job, trainable: dict[str, nn.Parameter], data: TrainingMixture, accelerator, teacher,
-          progress: bool) -> dict:
-    """The optimisation loop; returns the loss curve and timing."""
+          progress: bool, sharded: bool = False) -> dict:
+    """The optimisation loop; returns the loss curve and timing. ``sharded``: the model is FSDP2-sharded
+    (:mod:`quikft.sharding`) instead of a DDP replica."""
     config, model = run.config, job.model
     world, rank = accelerator.num_processes, accelerator.process_index
     if config.batch_size % world:
@@ -439,11 +468,12 @@ def train(run: Run, job: Job, trainable: dict[str, nn.Parameter], data: Training
     scheduler = lr_schedule(optimizer, config)
     settings = run_settings(run, job)
     curve = {"loss_curve": [], "eval_curve": [], "step_seconds": [], "processes": world}
-    start = _resume(run, settings, world, rank, trainable, optimizer, scheduler, curve) if config.resume else 0
+    start = (_resume(run, settings, world, rank, trainable, optimizer, scheduler, curve, model if sharded else None)
+             if config.resume else 0)
     if config.gradient_checkpointing:
         set_activation_checkpointing(model, True)
     model.train()
-    wrapped = accelerator.prepare_model(model)
+    wrapped = model if sharded else accelerator.prepare_model(model)
     tokens_per_step = config.batch_size * config.grad_accum * config.seqlen
     bar = tqdm(range(start, config.steps), desc=f"recover {config.mode}", disable=not progress, unit="step",
                initial=start, total=config.steps)
@@ -455,7 +485,7 @@ def train(run: Run, job: Job, trainable: dict[str, nn.Parameter], data: Training
             batch = data.batch(batch_rows(step, micro, config, rank, world))
             batch = {k: v.to(accelerator.device) for k, v in batch.items()}
             sync = micro == config.grad_accum - 1
-            with contextlib.nullcontext() if sync else accelerator.no_sync(wrapped):
+            with _gradient_sync(wrapped, sync, sharded, accelerator):
                 summed = training_loss(wrapped, batch, run.dtype.dtype, teacher, config.kd_temperature)
                 # Data parallel averages gradients over processes: scale by their number to get the sum.
                 accelerator.backward(summed * (world / count))
@@ -470,7 +500,7 @@ def train(run: Run, job: Job, trainable: dict[str, nn.Parameter], data: Training
         optimizer.step()
         scheduler.step()
         optimizer.zero_grad(set_to_none=True)
-        peak = float(torch.stack([p.detach().abs().amax() for p in params]).amax())
+        peak = sharding.max_abs(params)
         if not peak <= run.mode.value_limit:  # also NaN; checked before anything is saved
             raise _diverged(step + 1, run, f"the trained columns reach {peak:g}, beyond {run.mode.storage}")
         seconds = time.perf_counter() - t0
@@ -480,15 +510,24 @@ def train(run: Run, job: Job, trainable: dict[str, nn.Parameter], data: Training
         bar.set_postfix({"loss": f"{loss_value:.4f}", "lr": f"{lr:.2e}", "tok/s": f"{tokens_per_step / seconds:.0f}"})
         if accelerator.is_main_process:
             train_state.append_log(run.state_dir, curve["loss_curve"][-1], fresh=step == 0)
-        if config.eval_every and (step + 1) % config.eval_every == 0 and accelerator.is_main_process:
+        # A sharded model's forward needs every process: then all of them evaluate.
+        if config.eval_every and (step + 1) % config.eval_every == 0 and (accelerator.is_main_process or sharded):
             ppl = _quick_ppl(model, job.tokenizer, config, f"step {step + 1}")
             curve["eval_curve"].append({"step": step + 1, "ppl": ppl["ppl"] if ppl else None})
         if config.save_every and (step + 1) % config.save_every == 0 and step + 1 < config.steps:
-            _save_state(run, step + 1, settings, trainable, optimizer, scheduler, curve, accelerator)
+            _save_state(run, step + 1, settings, trainable, optimizer, scheduler, curve, accelerator,
+                        model if sharded else None)
     if config.gradient_checkpointing:
         set_activation_checkpointing(model, False)
     model.eval()
     return curve
+
+
+def _gradient_sync(wrapped, sync: bool, sharded: bool, accelerator):
+    """No gradient exchange on micro-batches before the last (gradient accumulation)."""
+    if sharded:
+        return sharding.gradient_sync(wrapped, sync)
+    return contextlib.nullcontext() if sync else accelerator.no_sync(wrapped)
 
 
 def set_activation_checkpointing(model, enabled: bool) -> None:
@@ -519,8 +558,16 @@ def _check_state(config: RecoverConfig, state_dir: Path) -> None:
 
 
 def _save_state(run: Run, step: int, settings: dict, trainable: dict[str, nn.Parameter], optimizer, scheduler,
-                curve: dict, accelerator) -> None:
-    """Every rank's RNG into a fresh step directory, then rank 0's tensors, JSON and the commit."""
+                curve: dict, accelerator, sharded_model: nn.Module | None = None) -> None:
+    """Every rank's RNG into a fresh step directory, then rank 0's tensors, JSON and the commit.
+
+    A sharded model's tensors and optimizer state are gathered whole first (every process takes
+    part), so the state has the same layout whatever the sharding and number of processes."""
+    if sharded_model is not None:
+        tensors = sharding.full_state(trainable)
+        optimizer_state = sharding.full_optimizer_state(sharded_model, optimizer, list(trainable))
+    else:
+        tensors, optimizer_state = trainable, optimizer.state_dict()
     directory = train_state.step_dir(run.state_dir, step)
     if accelerator.is_main_process:
         train_state.begin_save(run.state_dir, step)
@@ -528,13 +575,13 @@ def _save_state(run: Run, step: int, settings: dict, trainable: dict[str, nn.Par
     train_state.save_rng(directory, accelerator.process_index)
     accelerator.wait_for_everyone()  # every rank's RNG is on disk before the commit that points at them
     if accelerator.is_main_process:
-        train_state.save_state(directory, step, settings, accelerator.num_processes, trainable, optimizer,
+        train_state.save_state(directory, step, settings, accelerator.num_processes, tensors, optimizer_state,
                                scheduler, curve)
     accelerator.wait_for_everyone()
 
 
 def _resume(run: Run, settings: dict, world: int, rank: int, trainable: dict[str, nn.Parameter], optimizer,
-            scheduler, curve: dict) -> int:
+            scheduler, curve: dict, sharded_model: nn.Module | None = None) -> int:
     state = train_state.load_state(run.state_dir)
     changed = [k for k in TRAJECTORY_KEYS if state.settings.get(k) != settings.get(k)]
     if changed:
@@ -542,7 +589,13 @@ def _resume(run: Run, settings: dict, world: int, rank: int, trainable: dict[str
                          f"({', '.join(f'{k}={state.settings.get(k)!r}' for k in changed)}); use the same settings")
     if state.world != world:
         raise ValueError(f"--resume: the saved run used {state.world} processes, this one {world}; use the same")
-    train_state.restore(state, trainable, optimizer, scheduler)
+    if sharded_model is not None:
+        train_state.check_trainable(state, trainable)
+        sharding.load_full_state(trainable, state.trainable)
+        sharding.load_full_optimizer_state(sharded_model, optimizer, list(trainable), state.optimizer)
+        scheduler.load_state_dict(state.scheduler)
+    else:
+        train_state.restore(state, trainable, optimizer, scheduler)
     curve.update(state.curve)
     train_state.load_rng(run.state_dir, rank)
     if rank == 0:
@@ -590,6 +643,8 @@ def build_report(run: Run, job: Job, curve: dict, ppl_after: dict | None, traina
         "tokens_per_s": config.batch_size * config.grad_accum * config.seqlen / step_seconds if step_seconds else None,
         "seconds": seconds,
         "peak_rss_mb": peak_rss_mb(),
+        "peak_rss_mb_per_process": curve.get("peak_rss_mb_per_process"),  # during training
+        "sharding": config.sharding if curve["processes"] > 1 else None,
         "loss_curve": curve["loss_curve"],
         "eval_curve": curve["eval_curve"],
         "versions": library_versions(),

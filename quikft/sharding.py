@@ -11,9 +11,10 @@ head).
 The packed frozen weights are buffers (int32 codes, fp16 scales) and stay replicated: FSDP2
 shards parameters only, and keeping the codes as buffers needs no float re-typing of integer
 codes (the FSDP-QLoRA trick) and no all-gather of the frozen weights in every forward and
-backward. At 3 bits they are 5.3x smaller than the bf16 weights (the default model's packed
-layers: 19% of its bf16 bytes), so a replica costs less than sharding the bf16 model would
-save, and every step moves only the salient slices' bytes between processes.
+backward. A packed layer holds b bits per non-salient weight and 16 per salient one: at 3 bits
+with k = 128, about 3.4 bits per weight for 4096-wide layers (21% of their bf16 bytes; 6 bits
+and 38% for the default model's 576-wide ones), so a replica costs a fraction of the bf16
+model, and every step exchanges only the float parameters' bytes between processes.
 
 Everything that must see whole tensors -- the resumable state, the output checkpoint -- goes
 through :func:`full_state` / :func:`load_full_state`, which gather or re-shard collectively,
@@ -30,8 +31,6 @@ import torch
 from torch import nn
 
 from quikft import arch
-
-SHARDING_MODES = ("ddp", "fsdp2")
 
 
 def is_sharded(param: torch.Tensor) -> bool:
@@ -77,18 +76,47 @@ def load_full_state(params: dict[str, nn.Parameter], tensors: dict[str, torch.Te
                 param.copy_(value.to(param.device))
 
 
-def full_optimizer_state(model: nn.Module, optimizer: torch.optim.Optimizer) -> dict:
-    """The optimizer's state with whole tensors keyed by parameter name (collective under FSDP2)."""
+def full_optimizer_state(model: nn.Module, optimizer: torch.optim.Optimizer, names: list[str]) -> dict:
+    """The optimizer's state with whole tensors, in ``optimizer.state_dict()``'s layout (parameters by
+    their index in ``names``, the order the optimizer was built with). Collective; only the first
+    process receives the values (the one that saves them)."""
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
 
-    return get_optimizer_state_dict(model, optimizer, options=StateDictOptions(full_state_dict=True,
+    full = get_optimizer_state_dict(model, optimizer, options=StateDictOptions(full_state_dict=True,
                                                                                cpu_offload=True))
+    if not full:
+        return {}
+    index = {name: i for i, name in enumerate(names)}
+    return {"state": {index[name]: values for name, values in full["state"].items()},
+            "param_groups": [{**group, "params": [index[name] for name in group["params"]]}
+                             for group in full["param_groups"]]}
 
 
-def load_full_optimizer_state(model: nn.Module, optimizer: torch.optim.Optimizer, state: dict) -> None:
+def load_full_optimizer_state(model: nn.Module, optimizer: torch.optim.Optimizer, names: list[str],
+                              state: dict) -> None:
+    """Load a state in :func:`full_optimizer_state`'s layout into a sharded optimizer (every process)."""
     from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
 
-    set_optimizer_state_dict(model, optimizer, state, options=StateDictOptions(full_state_dict=True))
+    by_name = {"state": {names[int(i)]: values for i, values in state["state"].items()},
+               "param_groups": [{**group, "params": [names[int(i)] for i in group["params"]]}
+                                for group in state["param_groups"]]}
+    set_optimizer_state_dict(model, optimizer, by_name, options=StateDictOptions(full_state_dict=True))
+
+
+def as_number(value: torch.Tensor) -> float:
+    """A scalar that may be a ``DTensor`` (e.g. a gradient norm over sharded parameters) as a float."""
+    return float(value.full_tensor() if is_sharded(value) else value)
+
+
+def max_abs(params: list[torch.Tensor]) -> float:
+    """The largest magnitude over all parameters' values; collective when they are sharded."""
+    import torch.distributed as dist
+
+    local = [(p.to_local() if is_sharded(p) else p).detach() for p in params]
+    peak = torch.stack([t.abs().amax() if t.numel() else t.new_zeros(()) for t in local]).amax().float()
+    if any(is_sharded(p) for p in params):
+        dist.all_reduce(peak, op=dist.ReduceOp.MAX)
+    return float(peak)
 
 
 @contextlib.contextmanager

@@ -106,9 +106,10 @@ def save_rng(directory: Path, rank: int) -> None:
 
 
 def save_state(directory: Path, step: int, settings: dict, world: int, trainable: Mapping[str, torch.Tensor],
-               optimizer: torch.optim.Optimizer, scheduler: Any, curve: dict) -> None:
-    """Rank 0, after every rank's RNG is written: tensors and JSON, then the commit."""
-    optimizer_tensors, optimizer_meta = _split_optimizer(optimizer.state_dict())
+               optimizer_state: dict, scheduler: Any, curve: dict) -> None:
+    """Rank 0, after every rank's RNG is written: tensors and JSON, then the commit. ``optimizer_state``
+    is ``optimizer.state_dict()`` (or, for a sharded run, the same layout gathered whole)."""
+    optimizer_tensors, optimizer_meta = _split_optimizer(optimizer_state)
     _save_tensors(trainable, directory / TRAINABLE)
     _save_tensors(optimizer_tensors, directory / OPTIMIZER)
     _write_json(directory / STATE_JSON, {"step": step, "settings": settings, "world": world,
@@ -218,12 +219,17 @@ def load_rng(state_dir: Path, rank: int) -> None:
     random.setstate((version, tuple(internal), gauss))
 
 
-def restore(state: TrainState, params: Mapping[str, torch.nn.Parameter], optimizer: torch.optim.Optimizer,
-            scheduler: Any) -> None:
-    """Copy a loaded state into the live parameters, optimizer and scheduler."""
+def check_trainable(state: TrainState, params: Mapping[str, torch.nn.Parameter]) -> None:
+    """The state must hold a tensor for every trained parameter."""
     missing = sorted(set(params) - set(state.trainable))
     if missing:
         raise StateError(f"the training state has no tensor for {missing[0]}; it belongs to another model")
+
+
+def restore(state: TrainState, params: Mapping[str, torch.nn.Parameter], optimizer: torch.optim.Optimizer,
+            scheduler: Any) -> None:
+    """Copy a loaded state into the live parameters, optimizer and scheduler."""
+    check_trainable(state, params)
     with torch.no_grad():
         for name, param in params.items():
             param.copy_(state.trainable[name])
