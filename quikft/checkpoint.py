@@ -247,16 +247,22 @@ def tied_weight_keys(model: nn.Module) -> set[str]:
 def write_shards(state: dict[str, Tensor], directory: Path, max_shard_size: int | str) -> None:
     """Save ``state`` with ``save_pretrained``'s file names: one file, or shards plus an index."""
     from huggingface_hub import split_torch_state_dict_into_shards
-    from safetensors.torch import save_file
 
     split = split_torch_state_dict_into_shards(state, filename_pattern="model{suffix}.safetensors",
                                                max_shard_size=max_shard_size)
     for filename, names in split.filename_to_tensors.items():
-        shard = {name: _own_storage(state[name].detach().to("cpu").contiguous()) for name in names}
-        save_file(shard, directory / filename, metadata={"format": "pt", **checksum_metadata(shard)})
+        save_weights({name: state[name] for name in names}, directory / filename)
     if split.is_sharded:
         index = {"metadata": dict(split.metadata), "weight_map": dict(split.tensor_to_filename)}
         (directory / INDEX_NAME).write_text(json.dumps(index, indent=2, sort_keys=True) + "\n")
+
+
+def save_weights(tensors: Mapping[str, Tensor], path: Path) -> None:
+    """One safetensors weights file: CPU tensors with storages of their own, and their checksums."""
+    from safetensors.torch import save_file
+
+    shard = {name: _own_storage(t.detach().to("cpu").contiguous()) for name, t in tensors.items()}
+    save_file(shard, path, metadata={"format": "pt", **checksum_metadata(shard)})
 
 
 def _own_storage(tensor: Tensor) -> Tensor:

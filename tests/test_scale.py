@@ -215,16 +215,16 @@ def test_full_disk_fails_in_one_line_and_keeps_the_state(llama_dir, text_corpus,
 
     from quikft.cli import main
 
-    real_save = streaming.save_file
+    real_save = streaming.save_weights
     calls = []
 
-    def full_disk(tensors, path, *args, **kwargs):
+    def full_disk(tensors, path):
         calls.append(path)
         if len(calls) == 5:  # the third block's shard
             raise OSError(errno.ENOSPC, "No space left on device")
-        return real_save(tensors, path, *args, **kwargs)
+        return real_save(tensors, path)
 
-    monkeypatch.setattr(streaming, "save_file", full_disk)
+    monkeypatch.setattr(streaming, "save_weights", full_disk)
     out = tmp_path / "out"
     args = ["quantize", "--model", str(llama_dir), "--calib", str(text_corpus), "--nsamples", "10", "--seqlen", "32",
             "--salient", "8", "--group-size", "32", "--no-clip-search", "--eval-windows", "0", "--device", "cpu",

@@ -32,11 +32,18 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 from torch import nn
 
 from quikft import arch
-from quikft.checkpoint import INDEX_NAME, cast_unquantized, check_layer_grid, pack_into, tied_weight_keys
+from quikft.checkpoint import (
+    INDEX_NAME,
+    cast_unquantized,
+    check_layer_grid,
+    pack_into,
+    save_weights,
+    tied_weight_keys,
+)
 from quikft.eval.ppl import HEAD_CHUNK
 from quikft.quant.activations import ActivationStore, link_or_copy, store_batches
 from quikft.quant.gptq import QuantResult
@@ -74,11 +81,10 @@ def _writing(path: Path):
 
 
 def _save_atomic(tensors: dict[str, torch.Tensor], path: Path) -> int:
-    """safetensors under a temporary name, renamed when complete; returns its size."""
+    """A weights file (with checksums) under a temporary name, renamed when complete; returns its size."""
     tmp = path.with_name(f".{path.name}.tmp")
     with _writing(path):
-        save_file({name: t.detach().to("cpu").contiguous() for name, t in tensors.items()}, tmp,
-                  metadata={"format": "pt"})
+        save_weights(tensors, tmp)
         os.replace(tmp, path)
     return path.stat().st_size
 
@@ -125,8 +131,7 @@ class BlockShards:
         names = [f"model-{i + 1:05d}-of-{total:05d}.safetensors" for i in range(total)]
         weight_map = {}
         with _writing(staging / names[0]):
-            save_file({k: v.detach().to("cpu").contiguous() for k, v in rest.items()}, staging / names[0],
-                      metadata={"format": "pt"})
+            save_weights(rest, staging / names[0])
         weight_map.update(dict.fromkeys(rest, names[0]))
         salient: dict[str, torch.Tensor] = {}
         for index in range(blocks):
