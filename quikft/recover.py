@@ -34,7 +34,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 from safetensors.torch import save_file
 from torch import nn
 from tqdm.auto import tqdm
@@ -59,6 +58,7 @@ from quikft.nn.quik_linear import QuikLinear
 from quikft.quant.pipeline import quantize_model, select_salient_model
 from quikft.runinfo import library_versions, peak_rss_mb
 from quikft.train_data import IGNORE, TrainingMixture
+from quikft.train_loss import TrainingObjective
 
 REPORT_NAME = "recover_report.json"
 SALIENT_NAME = "salient_indices.safetensors"
@@ -418,28 +418,6 @@ def step_label_count(data: TrainingMixture, step: int, config: RecoverConfig) ->
     return int((labels[:, 1:] != IGNORE).sum())
 
 
-def training_loss(model, batch: dict, dtype: torch.dtype, teacher: nn.Module | None,
-                  temperature: float) -> torch.Tensor:
-    """Summed cross-entropy over the labelled tokens, or the summed KL divergence to the teacher on them."""
-    device_type = batch["input_ids"].device.type
-    with torch.autocast(device_type, dtype=dtype, enabled=dtype != torch.float32):
-        logits = model(input_ids=batch["input_ids"], use_cache=False).logits
-    if teacher is None:
-        return F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), batch["labels"][:, 1:].flatten(),
-                               ignore_index=IGNORE, reduction="sum")
-    return kd_loss(logits, teacher, batch, temperature)
-
-
-def kd_loss(logits: torch.Tensor, teacher: nn.Module, batch: dict, temperature: float) -> torch.Tensor:
-    """KL(teacher || student) summed over labelled positions, at ``temperature`` (scaled by T² as usual)."""
-    keep = batch["labels"][:, 1:] != IGNORE
-    with torch.no_grad():
-        target = teacher(input_ids=batch["input_ids"], use_cache=False).logits[:, :-1][keep].float()
-    student = logits[:, :-1][keep].float()
-    return F.kl_div(F.log_softmax(student / temperature, -1), F.log_softmax(target / temperature, -1),
-                    log_target=True, reduction="sum") * temperature ** 2
-
-
 def gradient_norm(params: list[nn.Parameter], max_norm: float) -> float:
     """The total gradient norm, clipping the gradients to ``max_norm`` when it is positive."""
     if max_norm > 0:  # over sharded parameters the norm is a DTensor: as_number gathers it
@@ -472,8 +450,12 @@ def train(run: Run, job: Job, trainable: dict[str, nn.Parameter], data: Training
              if config.resume else 0)
     if config.gradient_checkpointing:
         set_activation_checkpointing(model, True)
+    # FSDP2 gathers the embedding and head only inside the whole model's forward: sharded runs take
+    # the loss from the model's logits instead of splitting decoder and head.
+    objective = TrainingObjective(model, run.dtype.dtype, data.batch([0])["input_ids"].to(accelerator.device),
+                                  teacher, config.kd_temperature, split_head=not sharded)
     model.train()
-    wrapped = model if sharded else accelerator.prepare_model(model)
+    wrapped = objective if sharded else accelerator.prepare_model(objective)
     tokens_per_step = config.batch_size * config.grad_accum * config.seqlen
     bar = tqdm(range(start, config.steps), desc=f"recover {config.mode}", disable=not progress, unit="step",
                initial=start, total=config.steps)
@@ -485,8 +467,8 @@ def train(run: Run, job: Job, trainable: dict[str, nn.Parameter], data: Training
             batch = data.batch(batch_rows(step, micro, config, rank, world))
             batch = {k: v.to(accelerator.device) for k, v in batch.items()}
             sync = micro == config.grad_accum - 1
-            with _gradient_sync(wrapped, sync, sharded, accelerator):
-                summed = training_loss(wrapped, batch, run.dtype.dtype, teacher, config.kd_temperature)
+            with _gradient_sync(model if sharded else wrapped, sync, sharded, accelerator):
+                summed = wrapped(input_ids=batch["input_ids"], labels=batch["labels"])
                 # Data parallel averages gradients over processes: scale by their number to get the sum.
                 accelerator.backward(summed * (world / count))
             loss_sum = loss_sum + summed.detach().float()

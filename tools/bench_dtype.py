@@ -13,21 +13,17 @@ another quikft checkout (e.g. the code before `--dtype auto`, whose default was 
 
 from __future__ import annotations
 
-import json
 import os
 import subprocess
 import sys
-import tempfile
-import time
 from pathlib import Path
 
-from benchlib import load_results, parser, run_missing
+from benchlib import load_results, parser, run_missing, run_recover, step_times
 
 REPO = Path(__file__).resolve().parents[1]
 AVX2 = {"ATEN_CPU_CAPABILITY": "avx2", "ONEDNN_MAX_CPU_ISA": "AVX2"}
 README_EXAMPLE = ["--mode", "post", "--data", "alpaca", "--data", "c4", "--batch-size", "4", "--seqlen", "512",
                   "--seed", "0", "--eval-windows", "0", "--no-eval-before"]
-TOKENS_PER_STEP = 4 * 512
 # (row id, environment, extra flags); the baseline row is added when --baseline is given.
 ROWS = [
     ("native-auto", {}, ["--dtype", "auto"]),
@@ -38,24 +34,13 @@ ROWS = [
 
 
 def run_row(row_id: str, env: dict, flags: list[str], model: str, steps: int, code: Path, timeout: float) -> dict:
-    with tempfile.TemporaryDirectory() as tmp:
-        out = Path(tmp) / "out"
-        cmd = [sys.executable, "-m", "quikft.cli", "recover", "--model", model, *README_EXAMPLE, "--steps", str(steps),
-               *flags, "--out", str(out)]
-        began = time.perf_counter()
-        # cwd elsewhere: `python -m` puts the working directory first on sys.path, before PYTHONPATH.
-        done = subprocess.run(cmd, env={**os.environ, **env, "PYTHONPATH": str(code)}, cwd=tmp, capture_output=True,
-                              text=True, timeout=timeout)
-        wall = time.perf_counter() - began
-        if done.returncode != 0:
-            raise SystemExit(f"{row_id} failed: {done.stderr[-2000:]}")
-        report = json.loads((out / "recover_report.json").read_text())
+    report, wall = run_recover(code, ["--model", model, *README_EXAMPLE, "--steps", str(steps), *flags], env, timeout)
     dtype = report.get("compute_dtype") or {"dtype": "bfloat16 (autocast)", "reason": "before --dtype existed"}
     capability = subprocess.run([sys.executable, "-c", "import torch; print(torch.backends.cpu.get_cpu_capability())"],
                                 env={**os.environ, **env}, capture_output=True, text=True).stdout.strip()
     return {"row": row_id, "code": str(code), "capability": capability, "dtype": dtype["dtype"],
             "reason": dtype["reason"], "steps": steps, "step_s": report["step_seconds"],
-            "step_seconds": [round(TOKENS_PER_STEP / p["tokens_per_s"], 2) for p in report["loss_curve"]],
+            "step_seconds": [round(s, 2) for s in step_times(report)],
             "tokens_per_s": report["tokens_per_s"], "wall_s": wall, "threads": os.environ.get("OMP_NUM_THREADS")}
 
 

@@ -8,6 +8,11 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
 from collections.abc import Callable, Iterable
 from pathlib import Path
 
@@ -42,3 +47,27 @@ def run_missing(rows: Iterable[tuple[str, Callable[[], dict]]], done: list[dict]
         print(f"{row_id}: {summary(result)}", flush=True)
         append_result(results, result)
         done.append(result)
+
+
+def run_recover(code: Path, flags: list[str], env: dict | None = None, timeout: float | None = None) -> tuple[dict, float]:
+    """``quikft recover FLAGS`` with the quikft of checkout ``code``, into a temporary output.
+
+    Returns the recover report and the wall seconds. The process runs outside the working tree:
+    ``python -m`` puts the working directory first on sys.path, before PYTHONPATH.
+    """
+    with tempfile.TemporaryDirectory() as tmp:
+        out = Path(tmp) / "out"
+        cmd = [sys.executable, "-m", "quikft.cli", "recover", *flags, "--out", str(out)]
+        began = time.perf_counter()
+        done = subprocess.run(cmd, env={**os.environ, **(env or {}), "PYTHONPATH": str(code)}, cwd=tmp,
+                              capture_output=True, text=True, timeout=timeout)
+        wall = time.perf_counter() - began
+        if done.returncode != 0:
+            raise SystemExit(f"quikft recover {' '.join(flags)} failed: {done.stderr[-2000:]}")
+        return json.loads((out / "recover_report.json").read_text()), wall
+
+
+def step_times(report: dict) -> list[float]:
+    """Seconds of every optimizer step of a recover report."""
+    tokens = report["config"]["batch_size"] * report["config"]["grad_accum"] * report["config"]["seqlen"]
+    return [tokens / p["tokens_per_s"] for p in report["loss_curve"]]

@@ -14,8 +14,12 @@ The frozen rest comes from one of two sources, without a second full copy of W:
   packed codes and scales, dequantized on the fly (or cached). The codes are the source of
   truth and are never touched, so exporting gives back bit-identical codes.
 
-The two GEMMs (frozen part over all columns, salient slice over k columns) keep the weight
-gradient at out x k: autograd never builds a full-size weight gradient.
+The forward is one GEMM with the step's weight ``W_N + noise`` whose salient columns are
+overwritten by ``W_S`` (:class:`SalientLinear`); its backward forms the input gradient from that
+same weight and the weight gradient for the k salient columns only, ``dyᵀ · x[:, S]`` (out x k):
+no full-size weight gradient is ever built. Compared with a frozen GEMM plus a separate salient
+GEMM this saves, per layer and step, the skinny GEMM in each direction, the sum of the two
+outputs and the scatter of the salient input gradient back into x's gradient.
 
 The noise comes from torch's global generator on the weight's device, so
 ``torch.utils.checkpoint`` (which saves and restores that generator's state) recomputes
@@ -113,21 +117,18 @@ class GiftLinear(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         dtype = torch.get_autocast_dtype(x.device.type) if torch.is_autocast_enabled(x.device.type) else x.dtype
-        weight = self.frozen_weight(dtype)
-        if self.training and self.noise:
-            weight = weight.index_add(1, self.nonsalient_idx, self.sample_noise(dtype))
+        frozen = self.frozen_weight(dtype)
+        # SalientLinear writes W_S into the weight it gets: give it a fresh one (the noisy copy, or a clone).
+        weight = self.add_noise(frozen) if self.training and self.noise else frozen.clone()
         bias = None if self.bias is None else self.bias.to(dtype)
-        y = F.linear(x.to(dtype), weight, bias)
-        if self.k:
-            y = y + F.linear(x.index_select(-1, self.salient_idx).to(dtype), self.salient_weight.to(dtype))
-        return y
+        return SalientLinear.apply(x, self.salient_weight, weight, self.salient_idx, bias)
 
-    def sample_noise(self, dtype: torch.dtype) -> Tensor:
-        """½·Δ_i·N(0, 1) for every (row, non-salient column): (out, in - k), no gradient."""
-        n = self.in_features - self.k
+    def add_noise(self, weight: Tensor) -> Tensor:
+        """A new ``weight + ½·Δ_i·N(0, 1)``, no gradient. Noise drawn at the salient columns is
+        harmless: :class:`SalientLinear` overwrites those columns with ``W_S``."""
         with torch.no_grad():
-            omega = torch.randn(self.out_features, n, device=self.noise_std.device, dtype=torch.float32)
-            return omega.mul_(self.noise_std[:, None]).to(dtype)
+            omega = torch.randn(weight.shape, device=weight.device, dtype=torch.float32)
+            return omega.mul_(self.noise_std[:, None]).to(weight.dtype).add_(weight)
 
     # ---------------------------------------------------------------- helpers
 
@@ -148,6 +149,35 @@ class GiftLinear(nn.Module):
         source = "quantized" if self.quik is not None else "fp"
         return (f"in_features={self.in_features}, out_features={self.out_features}, k={self.k}, "
                 f"frozen={source}, noise_bits={self.noise_bits if self.noise else None}")
+
+
+class SalientLinear(torch.autograd.Function):
+    """``y = x · Wᵀ + b`` where ``W`` is ``weight`` (frozen, the caller's fresh copy) with its
+    salient columns set to ``salient_weight``; gradients for ``x`` and ``salient_weight`` only.
+
+    Runs in ``weight``'s dtype; the salient weight's gradient comes back in its own dtype (fp32).
+    """
+
+    @staticmethod
+    def forward(ctx, x: Tensor, salient_weight: Tensor, weight: Tensor, salient_idx: Tensor,
+                bias: Tensor | None) -> Tensor:
+        dtype = weight.dtype
+        weight.index_copy_(1, salient_idx, salient_weight.detach().to(dtype))
+        x_in = x.to(dtype)
+        ctx.save_for_backward(weight, x_in.index_select(-1, salient_idx) if salient_weight.requires_grad else None)
+        ctx.x_dtype, ctx.salient_dtype = x.dtype, salient_weight.dtype
+        return F.linear(x_in, weight, bias)
+
+    @staticmethod
+    def backward(ctx, grad_y: Tensor):
+        weight, x_salient = ctx.saved_tensors
+        grad_y = grad_y.to(weight.dtype)
+        grad_x = (grad_y @ weight).to(ctx.x_dtype) if ctx.needs_input_grad[0] else None
+        grad_salient = None
+        if ctx.needs_input_grad[1]:
+            grad_salient = (grad_y.reshape(-1, weight.shape[0]).t() @ x_salient.reshape(-1, x_salient.shape[-1]))
+            grad_salient = grad_salient.to(ctx.salient_dtype)
+        return grad_x, grad_salient, None, None, None
 
 
 def gift_layers(model: nn.Module) -> dict[str, GiftLinear]:
