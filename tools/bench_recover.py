@@ -91,6 +91,7 @@ def row_id(bits: int, method: str, seed: int) -> str:
 
 
 def run_row(bits: int, method: str, seed: int, root: Path, code: Path, eval_before: bool, steps: int) -> dict:
+    code = code.resolve()
     flags = [*METHODS[method], *BUDGET, "--steps", str(steps), "--seed", str(seed)]
     if method == "pre":
         flags += ["--bits", str(bits)]  # the default FP model in, quantized with B bits at the end
@@ -173,7 +174,9 @@ def main() -> None:
     global LOG
     LOG = Path(args.results).resolve().with_suffix(".log")
     done = load_results(args.results)
-    root, code = Path(args.checkpoints).resolve(), Path(args.code).resolve()
+    # Not resolved here: a symlink given as --code is followed at each row's start, so the code of
+    # later rows can be updated while a long grid runs (each row records the checkout it ran).
+    root, code = Path(args.checkpoints).resolve(), Path(args.code).absolute()
     if not args.table_only:
         for bits, method, seed in ORDER:
             row = row_id(bits, method, seed)
