@@ -8,7 +8,7 @@
 - ``salient-ft``: ``post`` without noise (the paper's ablation).
 - ``pre``: a full-precision model in; salient columns chosen on calibration data, trained
   with noise at the target bit-width, then the model is quantized keeping those columns.
-- ``lora``: a LoRA baseline (peft) on the quantized model, for comparison only.
+- ``lora``: a LoRA baseline (peft adapters on the packed layers), for comparison.
 
 Each mode is a small object (:class:`RecoveryMode`) chosen once from the config: it checks its
 input, prepares the model, makes it trainable and writes its output.
@@ -54,7 +54,6 @@ from quikft.models import (
     resolve_model,
 )
 from quikft.nn.gift_linear import unwrap_after_training, wrap_for_training
-from quikft.nn.quik_linear import QuikLinear
 from quikft.quant.pipeline import quantize_model, select_salient_model
 from quikft.runinfo import library_versions, peak_rss_mb
 from quikft.train_data import IGNORE, TrainingMixture
@@ -248,24 +247,12 @@ MODES: dict[str, RecoveryMode] = {mode.name: mode for mode in (PostMode(), Salie
 
 
 def lora_model(model: nn.Module, config: RecoverConfig) -> nn.Module:
-    """The LoRA baseline: the quantized weights as frozen float linears plus peft adapters."""
+    """The LoRA baseline: peft adapters on the packed QuikLinear layers (quikft.integrations.peft)."""
     try:
-        from peft import LoraConfig, get_peft_model
+        from quikft.integrations.peft import add_lora
     except ImportError:
         raise ValueError('--mode lora needs peft: pip install -e ".[peft]"') from None
-    model.requires_grad_(False)
-    targets = set()
-    for name, module in list(model.named_modules()):
-        if isinstance(module, QuikLinear):
-            linear = nn.Linear(module.in_features, module.out_features, bias=module.bias is not None)
-            linear.weight = nn.Parameter(module.effective_weight(), requires_grad=False)
-            if module.bias is not None:
-                linear.bias = nn.Parameter(module.bias.clone(), requires_grad=False)
-            model.set_submodule(name, linear)
-            targets.add(name)  # full names: per-expert layers are named by index, which a suffix would not tell apart
-    lora = LoraConfig(r=config.lora_rank, lora_alpha=2 * config.lora_rank, lora_dropout=0.0,
-                      target_modules=sorted(targets), bias="none")
-    return get_peft_model(model, lora)
+    return add_lora(model, config.lora_rank)
 
 
 # ------------------------------------------------------------------------------------ the job

@@ -182,9 +182,18 @@ def test_kd_loss_trains_against_the_fp_teacher(packed, corpus, tmp_path, tiny_di
 
 def test_lora_baseline_trains_adapters_only(packed, corpus, tmp_path):
     pytest.importorskip("peft")
-    report = recover(_config(packed, corpus, tmp_path, mode="lora", lora_rank=4, steps=2), progress=False)
+    from quikft.integrations.peft import QuikLoraLinear, load_lora
+
+    report = recover(_config(packed, corpus, tmp_path, mode="lora", lora_rank=4, steps=2, lr=1e-2), progress=False)
     assert os.path.exists(os.path.join(report["out"], "adapter", "adapter_config.json"))
     assert report["trainable_params"] > 0 and report["config"]["noise"] is False
+    model = load_lora(Path(report["out"]) / "adapter")  # the adapter on top of the packed input
+    assert sum(isinstance(m, QuikLoraLinear) for m in model.modules()) == sum(
+        isinstance(m, QuikLinear) for m in load(packed).modules())
+    ids = torch.randint(0, 300, (1, 24))
+    with torch.no_grad():
+        plain = load(packed, dtype=torch.float32)(input_ids=ids).logits
+        assert not torch.allclose(model(input_ids=ids).logits, plain, atol=1e-4)
 
 
 # ----------------------------------------------------------------------------- pre

@@ -1,0 +1,116 @@
+"""LoRA adapters on packed quikft models, through peft's custom-module dispatch.
+
+peft builds a LoRA layer for every targeted module from a dispatcher list; a ``LoraConfig`` can
+carry its own entries (``_register_custom_module``: base layer type -> LoRA layer type), which
+peft consults first. :class:`QuikLoraLinear` is ours for :class:`~quikft.nn.QuikLinear`: its
+output is the packed layer's own output plus the adapter's,
+
+    y = quik(x) + scaling · B · A · dropout(x),     scaling = lora_alpha / r
+
+so the frozen base stays packed (its forward runs through the kernel registry; with autograd
+that is the differentiable reference kernel, which dequantizes inside the forward and keeps no
+full weight between calls) and nothing replaces it by an ``nn.Linear`` holding a dequantized
+copy. Merging an adapter into packed codes is not possible and is refused.
+
+An adapter saved with ``save_pretrained`` is a plain peft adapter directory; :func:`load_lora`
+puts it back on top of the packed model (peft does not save the custom mapping, so the config
+is re-registered on load).
+"""
+
+from __future__ import annotations
+
+import json
+import warnings
+from pathlib import Path
+
+import torch
+from peft import LoraConfig, PeftModel, get_peft_model
+from peft.tuners.lora import LoraLayer
+from torch import Tensor, nn
+
+from quikft.nn.quik_linear import QuikLinear, quik_layers
+
+
+class QuikLoraLinear(nn.Module, LoraLayer):
+    """A LoRA adapter around a frozen :class:`QuikLinear` (built by peft's custom dispatch)."""
+
+    def __init__(self, base_layer: nn.Module, adapter_name: str, config: LoraConfig, r: int = 0,
+                 lora_alpha: int = 1, **kwargs) -> None:
+        super().__init__()
+        with warnings.catch_warnings():  # peft warns about every layer type it does not know; it reads our sizes
+            warnings.filterwarnings("ignore", message="Unsupported layer type", category=UserWarning)
+            LoraLayer.__init__(self, base_layer)
+        if config.use_dora:
+            raise ValueError("QuikLoraLinear does not support DoRA (it needs the dense base weight); set use_dora=False")
+        self._active_adapter = adapter_name
+        self.update_layer(adapter_name, r, lora_alpha=lora_alpha, config=config)
+
+    def forward(self, x: Tensor, *args, **kwargs) -> Tensor:
+        result = self.base_layer(x)
+        if self.disable_adapters:
+            return result
+        for name in self.active_adapters:
+            if name not in self.lora_A:
+                continue
+            lora_a, lora_b = self.lora_A[name], self.lora_B[name]
+            update = lora_b(lora_a(self.lora_dropout[name](x.to(lora_a.weight.dtype))))
+            result = result + (update * self.scaling[name]).to(result.dtype)
+        return result
+
+    def merge(self, *args, **kwargs) -> None:
+        raise NotImplementedError("a LoRA update cannot be merged into packed low-bit codes; keep the adapter")
+
+    def __repr__(self) -> str:
+        return "lora." + super().__repr__()
+
+
+def lora_config(targets: list[str], rank: int, alpha: float | None = None, dropout: float = 0.0) -> LoraConfig:
+    """A LoRA config for the named modules with the QuikLinear dispatcher registered (alpha = 2·rank by default)."""
+    config = LoraConfig(r=rank, lora_alpha=2 * rank if alpha is None else alpha, lora_dropout=dropout,
+                        target_modules=targets, bias="none")
+    register(config)
+    return config
+
+
+def register(config: LoraConfig) -> LoraConfig:
+    """Let ``config`` build :class:`QuikLoraLinear` around QuikLinear layers (peft's custom-module dispatch)."""
+    config._register_custom_module({QuikLinear: QuikLoraLinear})
+    return config
+
+
+def add_lora(model: nn.Module, rank: int = 64, alpha: float | None = None, dropout: float = 0.0) -> PeftModel:
+    """Freeze ``model`` and put a trainable LoRA adapter on every QuikLinear (targets named in full)."""
+    targets = sorted(quik_layers(model))
+    if not targets:
+        raise ValueError("the model has no QuikLinear layer: load a packed checkpoint (quikft.load) first")
+    model.requires_grad_(False)
+    _keep_codes(model)
+    return get_peft_model(model, lora_config(targets, rank, alpha, dropout))
+
+
+def _keep_codes(model: nn.Module) -> None:
+    """Put back codes an inference loader dropped (peft reads the device from ``qweight``)."""
+    for layer in quik_layers(model).values():
+        layer.restore_codes()
+
+
+def load_lora(adapter: str | Path, model: nn.Module | None = None, trainable: bool = False, **load_kwargs) -> PeftModel:
+    """The packed model with the adapter saved in ``adapter`` on top.
+
+    ``model`` defaults to the packed checkpoint the adapter was trained on (its
+    ``base_model_name_or_path``), loaded with :func:`quikft.load` and ``load_kwargs``.
+    """
+    adapter = Path(adapter)
+    if not (adapter / "adapter_config.json").is_file():
+        raise FileNotFoundError(f"{adapter} holds no adapter_config.json: pass the adapter directory "
+                                f"(`quikft recover --mode lora` writes it as <out>/adapter)")
+    if model is None:
+        from quikft.checkpoint import load
+
+        base = json.loads((adapter / "adapter_config.json").read_text()).get("base_model_name_or_path")
+        if not base:
+            raise ValueError(f"{adapter}/adapter_config.json does not name its base model; pass model=")
+        model = load(base, **{"dtype": torch.float32, **load_kwargs})
+    config = register(LoraConfig.from_pretrained(str(adapter)))
+    _keep_codes(model)
+    return PeftModel.from_pretrained(model, str(adapter), config=config, is_trainable=trainable)

@@ -1,0 +1,100 @@
+"""LoRA on packed models through peft's custom dispatch: the output formula, what trains, save and load."""
+
+import json
+
+import pytest
+import torch
+from torch import nn
+
+pytest.importorskip("peft")
+
+from quikft.checkpoint import load  # noqa: E402
+from quikft.integrations.peft import QuikLoraLinear, add_lora, load_lora  # noqa: E402
+from quikft.nn import QuikLinear  # noqa: E402
+from quikft.quant.gptq import rtn_quantize  # noqa: E402
+from quikft.quant.grid import round_to_fp16  # noqa: E402
+
+
+def _quik(out_features=24, in_features=40, k=6, bits=3, seed=0):
+    torch.manual_seed(seed)
+    weight = torch.randn(out_features, in_features)
+    salient = torch.sort(torch.randperm(in_features)[:k]).values
+    r = rtn_quantize(weight, salient, bits, group_size=16, sym=False, clip_search=False)
+    return QuikLinear.from_quantized(r.codes, r.scales, r.zeros, r.g_idx, r.salient, round_to_fp16(r.salient_weight),
+                                     torch.randn(out_features), bits, 16)
+
+
+class Block(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.proj = _quik()
+        self.gain = nn.Parameter(torch.ones(40))  # a model has float parameters besides its packed layers
+
+    def forward(self, x):
+        return self.proj(x * self.gain)
+
+
+def _randomize_b(model):
+    torch.manual_seed(1)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_B" in name:
+                p.normal_()
+
+
+def test_adapter_output_is_the_packed_output_plus_scaled_b_a_x_and_only_a_b_train():
+    block = Block()
+    base = block.proj
+    x = torch.randn(3, 5, 40)
+    expected_base = base(x).detach()
+    model = add_lora(block, rank=4, alpha=12)
+    layer = model.base_model.model.proj
+    assert isinstance(layer, QuikLoraLinear) and layer.base_layer is base  # the packed layer itself, no copy
+    _randomize_b(model)
+    a, b = layer.lora_A["default"].weight, layer.lora_B["default"].weight
+    out = model(x)
+    torch.testing.assert_close(out, expected_base + (x @ a.t() @ b.t()) * 3.0, rtol=1e-5, atol=1e-5)
+    assert sorted(n for n, p in model.named_parameters() if p.requires_grad) == [
+        "base_model.model.proj.lora_A.default.weight", "base_model.model.proj.lora_B.default.weight"]
+    out.sum().backward()
+    assert a.grad is not None and b.grad is not None
+    # the frozen base is still the packed layer: integer codes, no dequantized weight kept
+    assert base.qweight.dtype == torch.int32 and base._cache is None and not base.cache_dequantized
+    assert not any(isinstance(m, nn.Linear) and m.weight.shape == (24, 40) for m in model.modules())
+    with pytest.raises(NotImplementedError, match="merged"):
+        layer.merge()
+
+
+def test_gradient_to_the_input_flows_through_the_packed_base():
+    model = add_lora(Block(), rank=2)
+    x = torch.randn(4, 40, requires_grad=True)
+    model(x).sum().backward()
+    assert x.grad is not None and x.grad.abs().sum() > 0
+
+
+def test_saved_adapter_loads_on_top_of_the_packed_model(packed, tmp_path):
+    model = add_lora(load(packed, dtype=torch.float32), rank=4)
+    _randomize_b(model)
+    ids = torch.randint(0, 300, (1, 24))
+    with torch.no_grad():
+        trained = model(input_ids=ids).logits
+        plain = load(packed, dtype=torch.float32)(input_ids=ids).logits
+    model.save_pretrained(tmp_path / "adapter")
+    assert json.loads((tmp_path / "adapter" / "adapter_config.json").read_text())["base_model_name_or_path"]
+    for loaded in (load_lora(tmp_path / "adapter"), load_lora(tmp_path / "adapter", load(packed, dtype=torch.float32))):
+        assert any(isinstance(m, QuikLoraLinear) for m in loaded.modules())
+        with torch.no_grad():
+            again = loaded(input_ids=ids).logits
+        torch.testing.assert_close(again, trained, rtol=1e-5, atol=1e-5)
+    assert not torch.allclose(trained, plain, atol=1e-3)  # the adapter changes the output
+
+
+def test_load_lora_names_the_missing_adapter(tmp_path):
+    with pytest.raises(FileNotFoundError, match="adapter_config.json"):
+        load_lora(tmp_path)
+
+
+def test_a_model_without_packed_layers_is_refused(tiny):
+    model, _ = tiny
+    with pytest.raises(ValueError, match="QuikLinear"):
+        add_lora(model)
