@@ -122,6 +122,20 @@ def packed(tmp_path_factory, tiny_dir, corpus) -> Path:
                        source_model=str(tiny_dir))
 
 
+def random_quik(out_features=24, in_features=40, k=6, bits=3, seed=0, bias=False):
+    """A small RTN-quantized QuikLinear of a random weight (k random salient columns, groups of 16)."""
+    from quikft.nn import QuikLinear
+    from quikft.quant.gptq import rtn_quantize
+    from quikft.quant.grid import round_to_fp16
+
+    torch.manual_seed(seed)
+    weight = torch.randn(out_features, in_features)
+    salient = torch.sort(torch.randperm(in_features)[:k]).values
+    r = rtn_quantize(weight, salient, bits, group_size=16, sym=False, clip_search=False)
+    return QuikLinear.from_quantized(r.codes, r.scales, r.zeros, r.g_idx, r.salient, round_to_fp16(r.salient_weight),
+                                     torch.randn(out_features) if bias else None, bits, 16)
+
+
 def recover_config(model, corpus: dict[str, str], out: Path, **changes):
     """A few-second recovery of the tiny model (fp32, no evaluation)."""
     from quikft.config import RecoverConfig

@@ -2,12 +2,11 @@
 
 import pytest
 import torch
+from conftest import random_quik as _quik
 from torch import nn
 
-from quikft.nn import QuikLinear
 from quikft.nn.gift_linear import GiftLinear, gift_layers, unwrap_after_training, wrap_for_training
-from quikft.quant.gptq import rtn_quantize
-from quikft.quant.grid import paper_step, round_to_fp16
+from quikft.quant.grid import paper_step
 from quikft.recover import set_activation_checkpointing
 
 
@@ -15,15 +14,6 @@ def _linear(out_features=24, in_features=40, seed=0, bias=False):
     torch.manual_seed(seed)
     layer = nn.Linear(in_features, out_features, bias=bias)
     return layer
-
-
-def _quik(out_features=24, in_features=40, k=6, bits=3, seed=0):
-    torch.manual_seed(seed)
-    weight = torch.randn(out_features, in_features)
-    salient = torch.sort(torch.randperm(in_features)[:k]).values
-    r = rtn_quantize(weight, salient, bits, group_size=16, sym=False, clip_search=False)
-    return QuikLinear.from_quantized(r.codes, r.scales, r.zeros, r.g_idx, r.salient, round_to_fp16(r.salient_weight),
-                                     None, bits, 16)
 
 
 SALIENT = torch.tensor([1, 5, 17, 30])

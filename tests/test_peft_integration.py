@@ -4,30 +4,19 @@ import json
 
 import pytest
 import torch
+from conftest import random_quik
 from torch import nn
 
 pytest.importorskip("peft")
 
 from quikft.checkpoint import load  # noqa: E402
 from quikft.integrations.peft import QuikLoraLinear, add_lora, load_lora  # noqa: E402
-from quikft.nn import QuikLinear  # noqa: E402
-from quikft.quant.gptq import rtn_quantize  # noqa: E402
-from quikft.quant.grid import round_to_fp16  # noqa: E402
-
-
-def _quik(out_features=24, in_features=40, k=6, bits=3, seed=0):
-    torch.manual_seed(seed)
-    weight = torch.randn(out_features, in_features)
-    salient = torch.sort(torch.randperm(in_features)[:k]).values
-    r = rtn_quantize(weight, salient, bits, group_size=16, sym=False, clip_search=False)
-    return QuikLinear.from_quantized(r.codes, r.scales, r.zeros, r.g_idx, r.salient, round_to_fp16(r.salient_weight),
-                                     torch.randn(out_features), bits, 16)
 
 
 class Block(nn.Module):
     def __init__(self):
         super().__init__()
-        self.proj = _quik()
+        self.proj = random_quik(bias=True)
         self.gain = nn.Parameter(torch.ones(40))  # a model has float parameters besides its packed layers
 
     def forward(self, x):
