@@ -50,7 +50,7 @@ def test_adapter_output_is_the_packed_output_plus_scaled_b_a_x_and_only_a_b_trai
     # the frozen base is still the packed layer: integer codes, no dequantized weight kept
     assert base.qweight.dtype == torch.int32 and base._cache is None and not base.cache_dequantized
     assert not any(isinstance(m, nn.Linear) and m.weight.shape == (24, 40) for m in model.modules())
-    with pytest.raises(NotImplementedError, match="merged"):
+    with pytest.raises(ValueError, match="cannot be merged"):
         layer.merge()
 
 

@@ -58,7 +58,9 @@ class QuikLoraLinear(nn.Module, LoraLayer):
         return result
 
     def merge(self, *args, **kwargs) -> None:
-        raise NotImplementedError("a LoRA update cannot be merged into packed low-bit codes; keep the adapter")
+        # B·A is a dense update: folding it into b-bit codes would requantize the layer and lose it.
+        raise ValueError("a LoRA adapter cannot be merged into packed low-bit codes (merge_and_unload); "
+                         "keep it as an adapter (quikft.integrations.peft.load_lora)")
 
     def __repr__(self) -> str:
         return "lora." + super().__repr__()
