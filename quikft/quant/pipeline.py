@@ -202,12 +202,18 @@ def _record_calls(model, layout: arch.ModelLayout, ids: torch.Tensor, inputs: Bl
 
 
 @torch.no_grad()
-def run_block(block: nn.Module, inputs: BlockInputs, index: int) -> list[torch.Tensor] | ActivationStore:
-    """Block ``index`` on every batch; the outputs are kept like the inputs (a list or a store)."""
-    outputs = inputs.batches.like() if isinstance(inputs.batches, ActivationStore) else []
+def run_block(block: nn.Module, inputs: BlockInputs, index: int, keep: bool = True
+              ) -> list[torch.Tensor] | ActivationStore | None:
+    """Block ``index`` on every batch; the outputs are kept like the inputs (a list or a store), or
+    dropped batch by batch with ``keep=False`` (a pass run only for its hooks)."""
+    outputs = None
+    if keep:
+        outputs = inputs.batches.like() if isinstance(inputs.batches, ActivationStore) else []
     for hidden in inputs.batches:
         call = inputs.call(index, hidden)
-        outputs.append(_block_output(block(hidden, *call.args, **call.kwargs)))
+        output = _block_output(block(hidden, *call.args, **call.kwargs))
+        if outputs is not None:
+            outputs.append(output)
     return outputs
 
 
@@ -369,13 +375,14 @@ def _starved_experts(experts: dict[str, RoutedExperts], layers: dict[str, nn.Mod
 
 @torch.no_grad()
 def collect_statistics(block: nn.Module, layers: dict[str, nn.Module], experts: dict[str, RoutedExperts],
-                       inputs: BlockInputs, index: int, config: QuantConfig, hessian: bool = True
-                       ) -> tuple[BlockStatistics, list[torch.Tensor]]:
-    """Statistics of every layer of one block, and the block's outputs of that pass (its outputs
-    with the current weights)."""
+                       inputs: BlockInputs, index: int, config: QuantConfig, hessian: bool = True,
+                       keep_outputs: bool = False) -> tuple[BlockStatistics, list[torch.Tensor] | None]:
+    """Statistics of every layer of one block, and with ``keep_outputs`` the block's outputs of that
+    pass (its outputs with the current weights; otherwise None: a kept copy would cost one more set
+    of activations while the block is quantized)."""
     groups = find_input_groups(block, layers, inputs, index)
     with streaming_statistics(block, layers, groups, hessian) as stats:
-        outputs = run_block(block, inputs, index)
+        outputs = run_block(block, inputs, index, keep=keep_outputs)
     found = BlockStatistics(stats, {name: ROUTED if stats[name].tokens else NO_TOKENS for name in layers},
                             {name: stats[name].tokens for name in layers}, groups)
     starved = _starved_experts(experts, layers, stats, config.expert_min_tokens)
@@ -396,7 +403,7 @@ def _all_token_statistics(block: nn.Module, layers: dict[str, nn.Module], expert
             stack.enter_context(arch.route_all_tokens(experts[module_name], chosen))
         extra = stack.enter_context(streaming_statistics(block, {n: layers[n] for n in names},
                                                          [(n,) for n in names], hessian))
-        run_block(block, inputs, index)
+        run_block(block, inputs, index, keep=False)
     for name in names:
         found.stats[name] = extra[name]
         found.how[name] = ALL_TOKENS
@@ -629,7 +636,7 @@ def select_salient_model(model, calib: torch.Tensor, config: QuantConfig, progre
         layers = layout.layers(index)
         with _on_device(block, device):
             found, outputs = collect_statistics(block, layers, layout.experts(index), inputs, index,
-                                                config, hessian=False)
+                                                config, hessian=False, keep_outputs=True)
             inputs.advance(outputs)
             for name, module in layers.items():
                 weight = arch.weight_of(module).float()

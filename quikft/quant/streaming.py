@@ -59,6 +59,7 @@ from quikft.quant.pipeline import (
     run_block,
 )
 from quikft.quant.state import QuantizeState
+from quikft.runinfo import return_freed_memory
 from quikft.weights import CheckpointWeights, release
 
 CALIBRATION = "calibration"
@@ -309,6 +310,7 @@ class StreamingHooks(BlockHooks):
 
     def release(self, index: int, block: nn.Module) -> None:
         release(block)
+        return_freed_memory()
 
 
 def record_of(out: QuantizedLayers, blocks: int, evals: EvalStreams) -> dict[str, Any]:
