@@ -114,8 +114,10 @@ def run_row(bits: int, method: str, seed: int, root: Path, code: Path, eval_befo
             "code": str(code), "out": str(out)}
 
 
-def fp_ppl() -> float:
-    """The FP model's ppl on the same subset (cached by quikft after its first computation)."""
+def fp_ppl(code: Path) -> float:
+    """The FP model's ppl on the same subset (cached by quikft after its first computation), with the
+    quikft of ``code`` like the rows (it need not be installed)."""
+    sys.path.insert(0, str(code.resolve()))
     from quikft.config import QuantizeJob
     from quikft.models import load_model
     from quikft.quantize import reference_ppl
@@ -188,7 +190,7 @@ def main() -> None:
                   flush=True)
             append_result(args.results, result)
             done.append(result)
-    print(markdown(done, fp_ppl()))
+    print(markdown(done, fp_ppl(code)))
 
 
 if __name__ == "__main__":
