@@ -161,7 +161,7 @@ def markdown(results: list[dict], fp: float) -> str:
             closed = gap_closed(quantized, fp, mean(ppls))
             per_seed = ", ".join(f"s{r['seed']} {r['ppl']:.2f}" for r in rows)
             lines.append(f"| {bits} | {LABELS[method]} | {mean(ppls):.2f} ± {spread:.2f} ({len(rows)}) | {per_seed} | "
-                         f"{'-' if closed is None else f'{closed:.0%}'} | {mean(r['step_s'] for r in rows):.1f} | "
+                         f"{'-' if closed is None else f'{closed:.1%}'} | {mean(r['step_s'] for r in rows):.1f} | "
                          f"{mean(r['tokens_per_s'] for r in rows):.0f} | {max(r['peak_rss_mb'] for r in rows):.0f} | "
                          f"{rows[0]['trainable']:,} |")
     return "\n".join(lines)
