@@ -261,11 +261,14 @@ def quantize(config_path, targets, ignore, **flags):
 def recover(config_path, data, **flags):
     """Recover a quantized model with GIFT-SW: train only the salient columns, with noise on the rest."""
     from quikft.config import RecoverConfig, build_config
-    from quikft.recover import MODES
+    from quikft.recover import MODES, end_distributed
     from quikft.recover import recover as run_recover
 
     config = build_config(RecoverConfig, config_path, data=tuple(data) or None, **flags)
-    report = run_recover(config)
+    try:
+        report = run_recover(config)
+    finally:  # this process made the group (accelerate launch / torchrun); it ends with the command
+        end_distributed()
     if report is None:  # not the main process of a distributed run
         return
     click.echo(f"recovered ({config.mode}, noise {report['config']['noise_bits'] or 'off'}, "

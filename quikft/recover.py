@@ -324,6 +324,17 @@ def recover_dtype(config: RecoverConfig, device: str) -> DtypeChoice:
     return DtypeChoice(dtype, f"{flag} requested; {native_bf16(device)[1]}")
 
 
+def end_distributed() -> None:
+    """Destroy the process group a launched run made, before the interpreter exits.
+
+    Left to interpreter finalization, gloo's worker threads can still hold work objects whose tensors
+    need the GIL that is being torn down, and a run that finished and saved its output then dies with
+    SIGABRT (seen once in CI on a 2-process recover; pytorch/pytorch#179291 describes the mechanism).
+    """
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        torch.distributed.destroy_process_group()
+
+
 def _accelerator(cpu: bool):
     from accelerate import Accelerator, DistributedDataParallelKwargs
 

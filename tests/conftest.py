@@ -184,3 +184,27 @@ def shared_data() -> Path:
     if not root or not Path(root).is_dir():
         pytest.skip("QUIKFT_DATA is not set and ../shared/data does not exist")
     return Path(root)
+
+
+def accelerate_launch(processes: int, *target: str) -> list[str]:
+    """`accelerate launch` of ``target`` on ``processes`` CPU processes (a gloo group), on a free port.
+
+    `--multi_gpu` is accelerate's multi-process launcher; with --device cpu the processes form a gloo
+    group (`accelerate launch --cpu` would start one process). The rendezvous port is a free one, not
+    the default 29500, which a launch still shutting down (or another job) may hold.
+    """
+    import socket
+
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    return ["accelerate", "launch", "--multi_gpu", "--num_processes", str(processes), "--num_machines", "1",
+            "--main_process_port", str(port), "--mixed_precision", "no", "--dynamo_backend", "no", *target]
+
+
+def launch_errors(stderr: str, chars: int = 3000) -> str:
+    """The ranks' own output before the launcher's summary (which only names the signal), for assert messages."""
+    launcher = stderr.find("Traceback (most recent call last):\n  File")
+    if launcher <= 0:
+        return stderr[-chars:]
+    return f"{stderr[:launcher][-chars:]}\n--- launcher ---\n{stderr[launcher:][-1000:]}"

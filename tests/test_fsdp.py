@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import read_weights
+from conftest import accelerate_launch, launch_errors, read_weights
 
 from quikft.checkpoint import load
 
@@ -36,10 +36,9 @@ def _launch(args, processes: int):
     if processes == 1:
         cmd = ["python", "-m", "quikft.cli", *args]
     else:
-        cmd = ["accelerate", "launch", "--multi_gpu", "--num_processes", str(processes), "--num_machines", "1",
-               "--mixed_precision", "no", "--dynamo_backend", "no", "-m", "quikft.cli", *args]
+        cmd = accelerate_launch(processes, "-m", "quikft.cli", *args)
     done = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=900)
-    assert done.returncode == 0, done.stderr[-3000:]
+    assert done.returncode == 0, launch_errors(done.stderr)
 
 
 def _salient(directory) -> dict[str, torch.Tensor]:
@@ -73,10 +72,9 @@ def test_fsdp2_two_processes_match_one_process_and_resume(packed, corpus, tmp_pa
     stopped = tmp_path / "stopped"
     args = _recover_args(packed, corpus, stopped, "--sharding", "fsdp2", "--save-every", "2")
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
-    cmd = ["accelerate", "launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1", "--mixed_precision",
-           "no", "--dynamo_backend", "no", str(REPO / "tests" / "stop_after_save.py"), *args]
+    cmd = accelerate_launch(2, str(REPO / "tests" / "stop_after_save.py"), *args)
     interrupted = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=900)
-    assert interrupted.returncode != 0 and not stopped.exists(), interrupted.stderr[-3000:]
+    assert interrupted.returncode != 0 and not stopped.exists(), launch_errors(interrupted.stderr)
     _launch([*args, "--resume"], 2)
     resumed = _salient(stopped)
     assert all(torch.equal(resumed[k], _salient(two)[k]) for k in resumed)

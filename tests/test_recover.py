@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 from click.testing import CliRunner
-from conftest import recover_config
+from conftest import accelerate_launch, launch_errors, recover_config
 from safetensors.torch import load_file
 
 import quikft.recover as recover_module
@@ -276,15 +276,12 @@ def test_recover_picks_its_compute_dtype_from_the_hardware_and_reports_why(packe
 def test_two_process_data_parallel_run_completes_and_its_checkpoint_loads(packed, corpus, tmp_path):
     assert shutil.which("accelerate"), "the accelerate CLI comes with the accelerate dependency"
     out = tmp_path / "ddp"
-    # `--multi_gpu` is accelerate's multi-process launcher; on a CPU-only machine with --device cpu the
-    # processes form a gloo group (`accelerate launch --cpu` would start a single process).
-    cmd = ["accelerate", "launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1", "--mixed_precision", "no",
-           "--dynamo_backend", "no", "-m", "quikft.cli", "recover", "--model", str(packed),
-           "--data", corpus["instructions"], "--data", corpus["text"], "--steps", "3", "--batch-size", "2",
-           "--seqlen", "32", "--eval-windows", "0", "--fp32", "--out", str(out)]
+    cmd = accelerate_launch(2, "-m", "quikft.cli", "recover", "--model", str(packed), "--data", corpus["instructions"],
+                            "--data", corpus["text"], "--steps", "3", "--batch-size", "2", "--seqlen", "32",
+                            "--eval-windows", "0", "--fp32", "--out", str(out))
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     done = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=600)
-    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.returncode == 0, launch_errors(done.stderr)
     report = json.loads((out / "recover_report.json").read_text())
     assert len(report["loss_curve"]) == 3 and report["processes"] == 2
     load(out)
