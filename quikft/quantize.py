@@ -140,7 +140,7 @@ def fingerprint(job: QuantizeJob, weights: CheckpointWeights | None) -> dict:
     versions = library_versions()
     return {**json.loads(json.dumps(settings, default=str)), "model_path": str(path),
             "model_config_sha256": identity, "model_bytes": weights.nbytes if weights else None,
-            "device_type": torch.device(resolve_device(job.device)).type,
+            "device_type": torch.device(resolve_device(job.device)).type, "threads": torch.get_num_threads(),
             "torch": versions["torch"], "transformers": versions["transformers"]}
 
 
@@ -339,4 +339,5 @@ def build_report(job: QuantizeJob, quantized: QuantizedLayers, wall_seconds: flo
         "ppl": ppl,
         "layers": layers,
         "versions": library_versions(),
+        "threads": torch.get_num_threads(),  # GPTQ's rounding depends on it (quant/state.py ADVISORY)
     }

@@ -628,4 +628,5 @@ def build_report(run: Run, job: Job, curve: dict, ppl_after: dict | None, traina
         "loss_curve": curve["loss_curve"],
         "eval_curve": curve["eval_curve"],
         "versions": library_versions(),
+        "threads": torch.get_num_threads(),
     }

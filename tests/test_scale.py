@@ -24,7 +24,7 @@ from quikft.eval.ppl import quick_ppl
 from quikft.models import load_model
 from quikft.quant import streaming
 from quikft.quant.pipeline import quantize_model
-from quikft.quant.state import QuantizeStateError, state_dir_for
+from quikft.quant.state import QuantizeState, QuantizeStateError, state_dir_for
 from quikft.quant.streaming import round_floating
 from quikft.quantize import quantize
 
@@ -208,6 +208,17 @@ def test_resume_after_sigkill_is_bit_identical(llama_dir, text_corpus, tmp_path)
     assert not state_dir_for(tmp_path / "killed").exists()
     with pytest.raises(QuantizeStateError, match="no interrupted quantize"):
         quantize(_config(llama_dir, text_corpus, tmp_path / "again", resume=True), progress=False)
+
+
+def test_resume_refuses_changed_settings_and_warns_on_a_changed_thread_count(tmp_path):
+    saved = {"bits": 3, "threads": 1, "seed": 0}
+    state = QuantizeState.begin(tmp_path / "out", saved, resume=False)
+    (state.directory / "progress.json").write_text(json.dumps({"next_block": 1, "blocks": 4}))  # one block done
+    with pytest.raises(QuantizeStateError, match="used bits=3, this one bits=4; rerun with the same settings"):
+        QuantizeState.begin(tmp_path / "out", {**saved, "bits": 4, "threads": 2}, resume=True)
+    with pytest.warns(UserWarning, match="used threads=1, this one threads=2; .* OMP_NUM_THREADS=1 for a bit-identical"):
+        resumed = QuantizeState.begin(tmp_path / "out", {**saved, "threads": 2}, resume=True)
+    assert resumed.next_block == 1
 
 
 def test_full_disk_fails_in_one_line_and_keeps_the_state(llama_dir, text_corpus, tmp_path, monkeypatch):
