@@ -125,7 +125,8 @@ def _read_json(path: Path) -> dict:
 def _check_fingerprint(directory: Path, fingerprint: dict[str, Any]) -> None:
     saved = _read_json(directory / FINGERPRINT_NAME)
     changed = [key for key in sorted(set(saved) | set(fingerprint)) if saved.get(key) != fingerprint.get(key)]
-    for key in changed:
+    # A refusal first: nothing is warned about for a resume that does not happen.
+    for key in sorted(changed, key=lambda key: key in ADVISORY):
         was, now = f"{key}={saved.get(key)!r}", f"{key}={fingerprint.get(key)!r}"
         if key not in ADVISORY:
             raise QuantizeStateError(f"--resume: the interrupted run used {was}, this one {now}; rerun with the same "
