@@ -12,7 +12,6 @@ Frobenius norm).
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import subprocess
 import sys
@@ -22,7 +21,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 
-from benchlib import load_results, parser, run_missing  # noqa: E402
+from benchlib import child_env, load_results, parser, run_missing  # noqa: E402
 from conftest import read_weights  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
@@ -39,7 +38,7 @@ def run_row(row: str, model: str, root: Path) -> dict:
     processes, sharding = ROWS[row]
     out = root / row.replace(" ", "-")
     shutil.rmtree(out, ignore_errors=True)
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
+    env = child_env(REPO, {"OMP_NUM_THREADS": "1"})
     launch = [sys.executable, "-m", "quikft.cli"] if processes == 1 else [
         "accelerate", "launch", "--multi_gpu", "--num_processes", str(processes), "--num_machines", "1",
         "--mixed_precision", "no", "--dynamo_backend", "no", "-m", "quikft.cli"]

@@ -25,14 +25,13 @@ seed's ppl, the half-range |a - b| / 2 as the spread, the gap to FP closed by th
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
 import time
 from pathlib import Path
 from statistics import mean
 
-from benchlib import append_result, load_results, parser
+from benchlib import append_result, child_env, load_results, parser
 
 REPO = Path(__file__).resolve().parents[1]
 BUDGET = ["--data", "alpaca", "--data", "c4", "--batch-size", "4", "--seqlen", "512",
@@ -72,7 +71,7 @@ def cli(code: Path, *args: str) -> subprocess.CompletedProcess:
         log.flush()
         # From outside the working tree: `python -m` puts the working directory first on sys.path.
         done = subprocess.run([sys.executable, "-m", "quikft.cli", *args], stdout=subprocess.PIPE, stderr=log,
-                              text=True, cwd=LOG.parent.resolve(), env={**os.environ, "PYTHONPATH": str(code)})
+                              text=True, cwd=LOG.parent.resolve(), env=child_env(code))
     if done.returncode != 0:
         tail = LOG.read_text().strip().splitlines()[-1:]
         raise SystemExit(f"quikft {args[0]} failed: {tail}")

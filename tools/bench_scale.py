@@ -16,7 +16,6 @@ uninterrupted run's.
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import signal
 import subprocess
@@ -26,7 +25,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 
-from benchlib import load_results, parser, run_missing  # noqa: E402
+from benchlib import child_env, load_results, parser, run_missing  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 MODELS = {  # id: (hidden, intermediate, heads, blocks)
@@ -67,7 +66,7 @@ def quantize_command(model: Path, out: Path, *extra: str) -> list[str]:
 
 
 def _env() -> dict:
-    return {**os.environ, "PYTHONPATH": str(REPO)}
+    return child_env(REPO)
 
 
 def run_quantize(model_id: str, root: Path) -> dict:

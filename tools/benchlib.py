@@ -49,6 +49,15 @@ def run_missing(rows: Iterable[tuple[str, Callable[[], dict]]], done: list[dict]
         done.append(result)
 
 
+def child_env(code: Path, extra: dict | None = None) -> dict:
+    """The environment of a quikft subprocess run from another directory: the quikft of checkout
+    ``code`` first on the path, and a relative QUIKFT_DATA (as the usage lines write it) made absolute."""
+    env = {**os.environ, **(extra or {}), "PYTHONPATH": str(code)}
+    if env.get("QUIKFT_DATA"):
+        env["QUIKFT_DATA"] = str(Path(env["QUIKFT_DATA"]).resolve())
+    return env
+
+
 def run_recover(code: Path, flags: list[str], env: dict | None = None, timeout: float | None = None) -> tuple[dict, float]:
     """``quikft recover FLAGS`` with the quikft of checkout ``code``, into a temporary output.
 
@@ -59,7 +68,7 @@ def run_recover(code: Path, flags: list[str], env: dict | None = None, timeout: 
         out = Path(tmp) / "out"
         cmd = [sys.executable, "-m", "quikft.cli", "recover", *flags, "--out", str(out)]
         began = time.perf_counter()
-        done = subprocess.run(cmd, env={**os.environ, **(env or {}), "PYTHONPATH": str(code)}, cwd=tmp,
+        done = subprocess.run(cmd, env=child_env(code, env), cwd=tmp,
                               capture_output=True, text=True, timeout=timeout)
         wall = time.perf_counter() - began
         if done.returncode != 0:
