@@ -3,7 +3,7 @@
 For B in {4, 3, 2} bits with k = 128 salient columns: the quantized model (GPTQ, the quantize
 issue's settings, one `quikft quantize` per bit-width reused by every row), then with the same
 small budget (100 steps x batch 4 x 512 tokens of alpaca + c4, lr 1e-4, cosine; never WikiText
-test) and seeds 0 and 1 (the seed draws the training rows' order and the noise; the quantized
+test; --steps and --lr change it for every row, and each budget keeps its own --results file) and seeds 0 and 1 (the seed draws the training rows' order and the noise; the quantized
 input is the same): Pre-GIFT-SW (the FP model trained with B-bit noise, then quantized with the
 same salient columns), Post-GIFT-SW (4-bit noise on the frozen quantized weights), Salient-FT
 (post without noise), a LoRA baseline on the packed model (peft, rank 64 = about the trainable
@@ -20,6 +20,7 @@ seed's ppl, the half-range |a - b| / 2 as the spread, the gap to FP closed by th
 (mean over steps 2-100), tokens/s and peak RSS.
 
     QUIKFT_DATA=../shared/data python tools/bench_recover.py [--only w3-post] [--results F] [--code DIR]
+        [--lr 3e-4 --results runs/bench_recover_lr3e-4.jsonl]
 """
 
 from __future__ import annotations
@@ -28,14 +29,14 @@ import json
 import subprocess
 import sys
 import time
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from statistics import mean
 
 from benchlib import append_result, child_env, load_results, parser
 
 REPO = Path(__file__).resolve().parents[1]
-BUDGET = ["--data", "alpaca", "--data", "c4", "--batch-size", "4", "--seqlen", "512",
-          "--lr", "1e-4", "--eval-windows", "19"]
+DATA = ["--data", "alpaca", "--data", "c4", "--batch-size", "4", "--seqlen", "512", "--eval-windows", "19"]
 QUANTIZE = ["--salient", "128", "--calib", "c4", "--nsamples", "128", "--seqlen", "512", "--group-size", "128",
             "--asym", "--act-order", "--seed", "0", "--eval-windows", "0"]
 METHODS = {  # row label -> recover flags
@@ -85,13 +86,38 @@ def checkpoint(bits: int, root: Path, code: Path) -> Path:
     return path
 
 
+@dataclass(frozen=True)
+class Budget:
+    """What every row of one grid shares; rows of different budgets are not comparable."""
+
+    steps: int = 100
+    lr: float = 1e-4
+
+    def __str__(self) -> str:
+        return f"{self.steps} steps at lr {self.lr:g}"
+
+    def flags(self) -> list[str]:
+        return [*DATA, "--steps", str(self.steps), "--lr", repr(self.lr)]
+
+    def of(self, row: dict) -> Budget:
+        """The budget a finished row ran with (rows written before lr was recorded ran at 1e-4)."""
+        return Budget(row.get("steps", 100), row.get("lr", 1e-4))
+
+    def check(self, done: list[dict], results: str) -> None:
+        """Refuse to add rows of this budget to a file of another budget's rows."""
+        other = next((self.of(r) for r in done if self.of(r) != self), None)
+        if other is not None:
+            raise SystemExit(f"Error: {results} holds rows of {other} (asked for {self}); give this budget its own "
+                             f"--results file")
+
+
 def row_id(bits: int, method: str, seed: int) -> str:
     return f"w{bits}-{method}-s{seed}"
 
 
-def run_row(bits: int, method: str, seed: int, root: Path, code: Path, eval_before: bool, steps: int) -> dict:
+def run_row(bits: int, method: str, seed: int, root: Path, code: Path, eval_before: bool, budget: Budget) -> dict:
     code = code.resolve()
-    flags = [*METHODS[method], *BUDGET, "--steps", str(steps), "--seed", str(seed)]
+    flags = [*METHODS[method], *budget.flags(), "--seed", str(seed)]
     if method == "pre":
         flags += ["--bits", str(bits)]  # the default FP model in, quantized with B bits at the end
     else:
@@ -104,7 +130,7 @@ def run_row(bits: int, method: str, seed: int, root: Path, code: Path, eval_befo
     wall = time.perf_counter() - began
     report = json.loads((out / "recover_report.json").read_text())
     before = report["ppl_before"]
-    return {"row": row_id(bits, method, seed), "bits": bits, "method": method, "seed": seed, "steps": steps,
+    return {"row": row_id(bits, method, seed), "bits": bits, "method": method, "seed": seed, **asdict(budget),
             "ppl_before": before["ppl"] if before else None, "ppl": report["ppl_after"]["ppl"],
             "step_s": report["step_seconds"], "tokens_per_s": report["tokens_per_s"], "wall_s": wall,
             "train_s": report["train_seconds"], "peak_rss_mb": report["peak_rss_mb"],
@@ -171,10 +197,13 @@ def main() -> None:
     cli_args.add_argument("--checkpoints", default="runs/bench_recover", help="where the quantized inputs live")
     cli_args.add_argument("--code", default=str(REPO), help="the quikft checkout the rows run")
     cli_args.add_argument("--steps", type=int, default=100, help="optimizer steps per row (the budget: 100)")
+    cli_args.add_argument("--lr", type=float, default=1e-4, help="learning rate of every row (the budget: 1e-4)")
     args = cli_args.parse_args()
+    budget = Budget(args.steps, args.lr)
     global LOG
     LOG = Path(args.results).resolve().with_suffix(".log")
     done = load_results(args.results)
+    budget.check(done, args.results)
     # Not resolved here: a symlink given as --code is followed at each row's start, so the code of
     # later rows can be updated while a long grid runs (each row records the checkout it ran).
     root, code = Path(args.checkpoints).resolve(), Path(args.code).absolute()
@@ -184,11 +213,12 @@ def main() -> None:
             if any(r["row"] == row for r in done) or (args.only and args.only not in row):
                 continue
             measured = quantized_ppl(done, bits) is not None  # the quantized ppl is measured once per bit-width
-            result = run_row(bits, method, seed, root, code, not measured and method != "pre", args.steps)
+            result = run_row(bits, method, seed, root, code, not measured and method != "pre", budget)
             print(f"{row}: ppl {result['ppl']:.2f}, {result['step_s']:.1f} s/step, {result['wall_s']:.0f}s",
                   flush=True)
             append_result(args.results, result)
             done.append(result)
+    print(f"budget: {budget} (x batch 4 x 512 tokens)")
     print(markdown(done, fp_ppl(code)))
 
 
