@@ -59,6 +59,7 @@ from quikft.atomic import atomic_directory
 from quikft.hardware import compute_dtype, default_device, resolve_dtype
 from quikft.nn.kernels import is_scope_reason
 from quikft.nn.quik_linear import QuikLinear, prepare_for_inference
+from quikft.nn.stored_head import keep_tied_head_in_bf16
 from quikft.validation import CheckpointError, checksum_metadata, validate_layer_values, verify_checksums
 
 if TYPE_CHECKING:
@@ -517,20 +518,28 @@ def _validate_layer(name: str, values: Mapping[str, Tensor], tensors: Mapping[st
                           group_size=int(qconfig["group_size"]), sym=bool(qconfig["sym"]))
 
 
-def finish_loading(model: nn.Module, qconfig: dict, prepare: bool = True) -> dict[str, int]:
+def finish_loading(model: nn.Module, qconfig: dict, prepare: bool = True, kernel: str | None = None,
+                   compact_head: bool = True) -> dict[str, int]:
     """Bring a loaded model's QuikLinears to the current layout and prepare their kernels.
 
     Format-1 layers are reordered group-contiguously (the weights do not change) and the
     in-memory ``quantization_config`` then says format 2. With ``prepare`` every layer picks its
-    kernel for the model's device and dtype now and, where that kernel can rebuild them, drops
-    the stored codes (see :func:`~quikft.nn.prepare_for_inference`); returns the kernel counts.
+    kernel for the model's device and dtype now (``kernel`` forces one) and, where that kernel
+    can rebuild them, drops the stored codes (see :func:`~quikft.nn.prepare_for_inference`); with
+    ``compact_head`` too, a tied fp32 embedding and head whose values are all bf16 numbers are held
+    once in bf16 (:func:`~quikft.nn.keep_tied_head_in_bf16`). Returns the kernel counts.
     """
     if qconfig.get("format_version") == 1:
         for layer in model.modules():
             if isinstance(layer, QuikLinear):
                 layer.upgrade_from_v1()
         qconfig["format_version"] = FORMAT_VERSION
-    return prepare_for_inference(model) if prepare else {}
+    if not prepare:
+        return {}
+    counts = prepare_for_inference(model, kernel=kernel)
+    if compact_head:
+        keep_tied_head_in_bf16(model)
+    return counts
 
 
 # --------------------------------------------------------------------------------------------
@@ -538,7 +547,8 @@ def finish_loading(model: nn.Module, qconfig: dict, prepare: bool = True) -> dic
 
 
 def load(path: str | os.PathLike, dtype: str | torch.dtype | None = None, device: str | torch.device = "cpu",
-         *, prepare: bool = True, verify: bool = VERIFY_ON_LOAD, trust_remote_code: bool = False) -> nn.Module:
+         *, prepare: bool = True, verify: bool = VERIFY_ON_LOAD, trust_remote_code: bool = False,
+         kernel: str | None = None, compact_head: bool = True) -> nn.Module:
     """Load a packed checkpoint directory as a model with QuikLinear layers, in eval mode.
 
     ``dtype`` applies to the unquantized tensors (embeddings, norms, lm_head) and so to the
@@ -547,7 +557,10 @@ def load(path: str | os.PathLike, dtype: str | torch.dtype | None = None, device
     on the meta device, so no memory is spent on the full-precision linears it replaces. With
     ``prepare`` (the default) every QuikLinear takes its fastest kernel for that device and
     dtype at once (on a CPU with bf16, the int4 path, which then holds the codes alone);
-    ``prepare=False`` keeps the stored layout untouched until the first forward. ``verify``
+    ``prepare=False`` keeps the stored layout untouched until the first forward. ``kernel`` (or
+    ``$QUIKFT_KERNEL``) forces one registered kernel on every layer instead of the measured choice.
+    ``compact_head`` holds a tied embedding and head stored in bf16 once in bf16 on an fp32 model
+    (exact; training loads turn it off so the head stays an ``nn.Linear``). ``verify``
     recomputes the recorded checksums first (see :data:`VERIFY_ON_LOAD`). A model class defined
     by code in the checkpoint runs only with ``trust_remote_code``.
     """
@@ -562,7 +575,7 @@ def load(path: str | os.PathLike, dtype: str | torch.dtype | None = None, device
     model.tie_weights()
     _check_materialized(model)
     check_layer_values(model, tensors, qconfig)
-    finish_loading(model, model.config.quantization_config, prepare)
+    finish_loading(model, model.config.quantization_config, prepare, kernel, compact_head)
     return model.eval()
 
 
@@ -762,14 +775,19 @@ def describe(path: str | os.PathLike, verify: bool = False) -> dict:
 
 def kernel_plan(qconfig: Mapping[str, Any], tensors: Mapping[str, TensorInfo], device: str,
                 dtype: torch.dtype) -> list[dict]:
-    """Per quantized layer: the kernel a load on ``device`` with ``dtype`` activations will pick,
-    and why each faster registered kernel refuses it (read from the stored ``g_idx`` values)."""
+    """Per quantized layer: the kernels a load on ``device`` with ``dtype`` activations will use for
+    decode and prefill, and why each other registered kernel refuses it (from the stored ``g_idx``).
+
+    On a CPU the choice is measured (:mod:`quikft.nn.autotune`): one stored layer of each distinct
+    layout is read and its kernels timed, or their timings read from this machine's cache, which
+    the next load then reuses. Elsewhere the highest-priority kernel that accepts the layer.
+    """
     from safetensors import safe_open
 
-    from quikft.nn import LayerLayout, available_kernels, get_kernel, select_kernel, why_not
+    from quikft.nn import LayerLayout, autotune, available_kernels, get_kernel, select_kernel, why_not
     from quikft.nn.quik_linear import group_sizes
 
-    plans = []
+    plans, measured = [], {}
     for name in qconfig["modules"]:
         info = tensors[f"{name}.g_idx"]
         with safe_open(info.file, framework="pt") as handle:
@@ -779,11 +797,44 @@ def kernel_plan(qconfig: Mapping[str, Any], tensors: Mapping[str, TensorInfo], d
         # Loading stores every layer group-contiguously (format 1 is reordered in memory).
         layout = LayerLayout(g_idx.numel() + k, out_features, int(qconfig["bits"]), k,
                              group_sizes(g_idx, n_groups), contiguous_groups=True)
-        kernel = select_kernel(layout, device, dtype)
         refused = {other: why_not(get_kernel(other), layout, torch.device(device), dtype)
-                   for other in available_kernels()[: available_kernels().index(kernel.name)]}
-        plans.append({"kernel": kernel.name, "refused": refused})
+                   for other in available_kernels()}
+        refused = {other: reason for other, reason in refused.items() if reason}
+        if torch.device(device).type == "cpu":
+            key = autotune.layout_key(layout, dtype)
+            if key not in measured:
+                layer = _stored_layer(qconfig, tensors, name, layout)
+                measured[key] = autotune.measured_plan(layer, torch.device(device), dtype)
+            plan = measured[key]
+            plans.append({"kernel": plan[autotune.DECODE]["kernel"], "decode_us": plan[autotune.DECODE]["us"],
+                          "prefill_kernel": plan[autotune.PREFILL]["kernel"],
+                          "prefill_us": plan[autotune.PREFILL]["us"], "refused": refused})
+        else:
+            kernel = select_kernel(layout, device, dtype).name
+            plans.append({"kernel": kernel, "prefill_kernel": kernel, "refused": refused})
     return plans
+
+
+def _stored_layer(qconfig: Mapping[str, Any], tensors: Mapping[str, TensorInfo], name: str,
+                  layout: Any) -> QuikLinear:
+    """One quantized layer read from the checkpoint (to time kernels on its real values)."""
+    from safetensors import safe_open
+
+    n_groups = tensors[f"{name}.scales"].shape[0]
+    layer = QuikLinear(layout.in_features, layout.out_features, layout.bits, int(qconfig["group_size"]), layout.k,
+                       n_groups, f"{name}.bias" in tensors)
+    values = {}
+    for key in (*QUIK_TENSORS, *V1_TENSORS, "bias"):
+        info = tensors.get(f"{name}.{key}")
+        if info is not None and key not in values:
+            with safe_open(info.file, framework="pt") as handle:
+                values[key] = handle.get_tensor(f"{name}.{key}")
+    if qconfig["format_version"] == 1:
+        layer.perm = None
+    layer.load_state_dict(values, strict=False, assign=True)
+    if qconfig["format_version"] == 1:
+        layer.upgrade_from_v1()
+    return layer
 
 
 def _layer_summary(name: str, tensors: Mapping[str, TensorInfo], bits: int, source: Path,
@@ -864,19 +915,25 @@ def _layer_table(layers: list[dict]) -> list[str]:
 
 
 def _kernel_cell(group: list[dict]) -> str:
-    """The kernel(s) of a layer kind, with why a faster one refuses when it is not about the device."""
+    """The decode and prefill kernel(s) of a layer kind, with their measured µs where measured."""
     cells = []
-    for name in dict.fromkeys(layer["kernel"] for layer in group):
-        reasons = {reason for layer in group if layer["kernel"] == name for reason in layer["refused"].values()
-                   if reason and not is_scope_reason(reason)}
-        cells.append(name + (f" ({'; '.join(sorted(reasons))})" if reasons else ""))
-    return ", ".join(cells)
+    for layer in {(layer["kernel"], layer["prefill_kernel"]): layer for layer in group}.values():
+        decode, prefill = (f"{layer[k]}" + (f" {layer[us]:.0f} us" if layer.get(us) is not None else "")
+                           for k, us in (("kernel", "decode_us"), ("prefill_kernel", "prefill_us")))
+        cells.append(f"decode {decode}, prefill {prefill}")
+    # Refusals for this layout's own reasons (not another device, dtype or width) say what a
+    # re-quantization with other settings would gain.
+    reasons = sorted({f"{kernel}: {reason}" for layer in group for kernel, reason in layer["refused"].items()
+                      if not is_scope_reason(reason)})
+    return "; ".join(cells) + (f" ({'; '.join(reasons)})" if reasons else "")
 
 
 def _kernel_counts(layers: list[dict]) -> str:
     counts: dict[str, int] = {}
     for layer in layers:
-        counts[layer["kernel"]] = counts.get(layer["kernel"], 0) + 1
+        name = layer["kernel"] if layer["kernel"] == layer["prefill_kernel"] else \
+            f"{layer['kernel']} (decode) + {layer['prefill_kernel']} (prefill)"
+        counts[name] = counts.get(name, 0) + 1
     return ", ".join(f"{name} x{count}" for name, count in counts.items())
 
 

@@ -15,7 +15,12 @@ choice), which is how an AVX2 machine can be emulated on a newer one.
 
 from __future__ import annotations
 
+import hashlib
+import json
+import os
+import platform
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 
@@ -94,3 +99,41 @@ def default_device() -> str:
 def resolve_device(name: str | None) -> str:
     """``auto``/None to :func:`default_device`; anything else as given."""
     return default_device() if name in (None, AUTO) else name
+
+
+def cache_root() -> Path:
+    """``$QUIKFT_CACHE`` or ``~/.cache/quikft``."""
+    return Path(os.environ.get("QUIKFT_CACHE", Path.home() / ".cache" / "quikft")).expanduser()
+
+
+def _cpu_model_and_flags() -> tuple[str, str]:
+    """The CPU's model name and feature flags (Linux /proc/cpuinfo; the platform's word elsewhere)."""
+    found: dict[str, str] = {}
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            key, _, value = line.partition(":")
+            found.setdefault(key.strip().lower(), value.strip())
+    except OSError:
+        pass
+    model = found.get("model name") or found.get("cpu model") or platform.processor() or platform.machine()
+    return model, found.get("flags") or found.get("features", "")
+
+
+def machine_description() -> dict[str, str | int]:
+    """What a kernel timing depends on besides the layer: CPU, ISA level, threads, library versions."""
+    model, flags = _cpu_model_and_flags()
+    try:
+        from importlib.metadata import version
+
+        ort_version = version("onnxruntime")
+    except Exception:  # not installed
+        ort_version = "none"
+    return {"cpu": model, "machine": platform.machine(), "capability": cpu_capability(),
+            "flags": hashlib.sha256(flags.encode()).hexdigest()[:16], "threads": torch.get_num_threads(),
+            "torch": torch.__version__, "onnxruntime": ort_version}
+
+
+def machine_key() -> str:
+    """A short stable hash of :func:`machine_description`."""
+    text = json.dumps(machine_description(), sort_keys=True)
+    return hashlib.sha256(text.encode()).hexdigest()[:16]

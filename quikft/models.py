@@ -24,7 +24,7 @@ from pathlib import Path
 
 import torch
 
-from quikft.hardware import resolve_device, resolve_dtype
+from quikft.hardware import cache_root, resolve_device, resolve_dtype
 
 DEFAULT_MODEL = "smollm2-135m"
 
@@ -62,10 +62,6 @@ class RemoteCodeError(ValueError):
 # Config attributes holding a model's context length, by the names transformers' configs use.
 CONTEXT_ATTRIBUTES = ("max_position_embeddings", "n_positions", "max_sequence_length", "seq_length")
 
-
-def cache_root() -> Path:
-    """``$QUIKFT_CACHE`` or ``~/.cache/quikft``."""
-    return Path(os.environ.get("QUIKFT_CACHE", Path.home() / ".cache" / "quikft")).expanduser()
 
 
 def parse_dtype(name: str | torch.dtype | None, device: str | torch.device = "cpu") -> torch.dtype:
@@ -242,14 +238,14 @@ def load_tokenizer(name: str | None, trust_remote_code: bool = False):
 
 
 def load_model(name: str | None = None, dtype: str | torch.dtype = torch.float32, device: str = "cpu",
-               trust_remote_code: bool = False):
+               trust_remote_code: bool = False, for_training: bool = False):
     """Load ``(model, tokenizer)`` in eval mode from an alias, a hub id or a local directory.
 
     ``dtype`` may be ``auto`` (what ``device`` runs fast, see :mod:`quikft.hardware`), ``device``
     ``auto`` (cuda when present). A quikft
     packed checkpoint directory is loaded by :func:`quikft.checkpoint.load`, which checks every
-    stored tensor strictly before reading it. A model's own Python code runs only with
-    ``trust_remote_code``.
+    stored tensor strictly before reading it (``for_training`` keeps its head a plain linear layer,
+    see ``compact_head``). A model's own Python code runs only with ``trust_remote_code``.
     """
     from transformers import AutoModelForCausalLM
 
@@ -260,7 +256,8 @@ def load_model(name: str | None = None, dtype: str | torch.dtype = torch.float32
     torch_dtype = parse_dtype(dtype, device)
     if is_packed_checkpoint(path):
         with refusing_remote_code(name):
-            model = load(path, dtype=torch_dtype, device=device, trust_remote_code=trust_remote_code)
+            model = load(path, dtype=torch_dtype, device=device, trust_remote_code=trust_remote_code,
+                         compact_head=not for_training)
         return model, load_tokenizer(path, trust_remote_code)
     try:
         with refusing_remote_code(name):

@@ -143,7 +143,8 @@ class RecoveryMode:
 
     def prepare(self, config: RecoverConfig, device: str, evaluate: bool, progress: bool) -> Job:
         """Load the packed input and measure its ppl (before any training)."""
-        model, tokenizer = load_model(config.model, device=device, trust_remote_code=config.trust_remote_code)
+        model, tokenizer = load_model(config.model, device=device, trust_remote_code=config.trust_remote_code,
+                                      for_training=True)
         ppl = _quick_ppl(model, tokenizer, config, str(config.model)) if evaluate else None
         qconfig = dict(model.config.quantization_config)
         # Checkpoints written before source_model existed kept the source in their settings.
@@ -374,7 +375,8 @@ def load_teacher(run: Run, job: Job) -> nn.Module:
     if name is None:
         raise ValueError(f"--loss kd: {run.config.model} does not record the model it was quantized from; "
                          f"pass --teacher")
-    teacher, _ = load_model(name, device=run.device, trust_remote_code=run.config.trust_remote_code)
+    teacher, _ = load_model(name, device=run.device, trust_remote_code=run.config.trust_remote_code,
+                            for_training=True)
     return teacher.requires_grad_(False).eval()
 
 

@@ -20,6 +20,8 @@ from quikft.nn import QuikLinear
 from quikft.quant.pipeline import quantize_model
 from quikft.recover import recover
 
+pytestmark = pytest.mark.usefixtures("exact_kernels")
+
 
 def _config(**changes):
     settings = dict(bits=3, salient=8, group_size=32, nsamples=8, seqlen=32, clip_search=False, expert_min_tokens=4,

@@ -84,6 +84,7 @@ INT4_CASES = [  # bits, k, (out, in), group size, act-order
 @pytest.mark.parametrize("bias", [False, True])
 def test_cpu_int4_equals_the_exact_product(bits, k, shape, group_size, act_order, rows, bias):
     layer = exact_layer(bits, k, shape, group_size, act_order, bias, seed=bits + k)
+    layer.kernel = "cpu-int4"
     x = exact_input(rows, shape[1])
     y = layer(x.bfloat16())
     assert layer.kernel_name == "cpu-int4"
@@ -95,6 +96,7 @@ def test_cpu_int4_equals_the_exact_product(bits, k, shape, group_size, act_order
 
 def test_cpu_int4_keeps_leading_dimensions_and_large_activations():
     layer = exact_layer(3, 8, (32, 128), 64, True, bias=True)
+    layer.kernel = "cpu-int4"
     x = exact_input(6, 128).view(2, 3, 128)
     assert_bf16_close(layer(x.bfloat16()), expected(layer, x.view(6, 128)).view(2, 3, 32))
     # a one-token input whose salient activation exceeds fp16's range (65504): the scaled fp16 GEMV holds
@@ -107,12 +109,13 @@ def test_cpu_int4_keeps_leading_dimensions_and_large_activations():
 def test_cpu_int8_equals_the_reference_for_one_group_per_row(group_size):
     layer = exact_layer(8, 6, (48, 96), group_size, True, bias=True)
     x = exact_input(3, 96)
-    y = layer(x.bfloat16())
+    reason = why_not(get_kernel("cpu-int8"), layer.layout(), CPU, torch.bfloat16)
     if group_size == -1:
-        assert layer.kernel_name == "cpu-int8"
-        assert_bf16_close(y, expected(layer, x), ulps=4)
-    else:  # the int8 operator takes one scale per row: grouped 8-bit layers run the reference
-        assert layer.kernel_name == "torch"
+        assert reason is None
+        layer.kernel = "cpu-int8"
+        assert_bf16_close(layer(x.bfloat16()), expected(layer, x), ulps=4)
+    else:  # the int8 operator takes one scale per row: grouped 8-bit layers use another kernel
+        assert "one scale per row" in reason
 
 
 @pytest.mark.parametrize("bits,group_size", [(3, 32), (2, 64), (4, -1), (8, -1)])
@@ -121,6 +124,7 @@ def test_released_codes_are_rebuilt_bit_for_bit(bits, group_size):
     stored = {name: t.clone() for name, t in layer.state_dict().items()}
     weight = layer.effective_weight()
     x = exact_input(2, 130).bfloat16()
+    layer.kernel = "cpu-int8" if bits == 8 else "cpu-int4"
     before = layer(x)
     prepare_for_inference(layer, CPU, torch.bfloat16)
     assert layer.qweight is None  # the kernel's copy is the only one now
@@ -135,27 +139,39 @@ def test_released_codes_are_rebuilt_bit_for_bit(bits, group_size):
 
 def test_released_layer_holds_four_bits_per_quantized_weight():
     layer = exact_layer(3, 128, (576, 576), 128, True, bias=False)
-    prepare_for_inference(layer, CPU, torch.bfloat16)
+    prepare_for_inference(layer, CPU, torch.bfloat16, kernel="cpu-int4")
     kernel_bytes = {name: t.numel() * t.element_size() for name, t in layer.named_buffers()
                     if name.startswith("kernel_")}
     assert kernel_bytes["kernel_int4"] == 576 * 448 // 2  # 448 columns cut into 64-wide sub-groups: no padding
     assert "qweight" not in dict(layer.named_buffers())
 
 
-def test_unsupported_layouts_fall_back_with_one_note():
+def test_unsupported_layouts_are_refused_with_a_reason():
     layer = exact_layer(3, 4, (32, 100), 16, True, bias=False)  # groups of 16: no operator group size fits
     reason = why_not(get_kernel("cpu-int4"), layer.layout(), CPU, torch.bfloat16)
     assert reason and "multiples of 32" in reason
     x = exact_input(2, 100)
-    cpu_kernel_notes = []
+    y = layer(x.bfloat16())  # the measured choice runs it with a kernel that accepts it
+    assert layer.kernel_name != "cpu-int4"
+    assert_bf16_close(y, expected(layer, x), ulps=4)
+    layer.kernel = "cpu-int4"
+    with pytest.raises(RuntimeError, match="multiples of 32"):
+        layer(x.bfloat16())
+
+
+def test_a_priority_fallback_is_noted_once(monkeypatch):
+    """Where kernels are chosen by priority (no measurement: off the CPU), a faster kernel that refuses
+    a layer's layout is noted once per reason."""
+    from quikft.nn import kernels
+
+    layouts = [exact_layer(3, 4, (32, 100), 16, True, bias=False, seed=s).layout() for s in (0, 5)]
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        y = layer(x.bfloat16())
-        exact_layer(3, 4, (32, 100), 16, True, bias=False, seed=5)(x.bfloat16())
-        cpu_kernel_notes = [w for w in caught if "cpu-int4" in str(w.message)]
-    assert layer.kernel_name == "torch"
-    assert len(cpu_kernel_notes) <= 1  # once per reason, not per layer (0 if an earlier test noted it)
-    assert_bf16_close(y, expected(layer, x))
+        for layout in layouts:
+            kernel = kernels.select_kernel(layout, CPU, torch.bfloat16)
+            kernels.note_fallback(layout, CPU, torch.bfloat16, kernel)
+    notes = [w for w in caught if "multiples of 32" in str(w.message)]
+    assert len(notes) <= 1  # once per reason, not per layer (0 if an earlier test noted it)
 
 
 def test_int4_group_size_choice():
@@ -173,12 +189,28 @@ def test_int4_group_size_choice():
     assert cpu_kernel.int4_group_size(layout([128, 128], contiguous=False)) is None
 
 
-def test_fp32_inputs_run_the_exact_reference():
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("rows", [1, 5])
+def test_fp32_and_fp16_inputs_run_the_int4_operator_in_a_bf16_island(dtype, rows):
+    """The quantized part's inputs and product are rounded to bf16, nothing else: the salient product
+    and the bias stay exact (fp32), so the error is bounded by bf16 roundings of the quantized part."""
     layer = exact_layer(3, 7, (64, 160), 32, True, bias=True)
+    layer.kernel = "cpu-int4"
+    x = exact_input(rows, 160)
+    y = layer(x.to(dtype))
+    assert y.dtype == dtype and layer.kernel_state.meta["operator_dtype"] == cpu_kernel.operator_dtype(dtype)
+    reference = expected(layer, x)
+    base = layer.dequantize_weight().double()
+    quantized_magnitude = x.double().abs() @ base.abs().t()
+    bound = 2 * 2.0**-8 * quantized_magnitude + (2.0**-10 if dtype == torch.float16 else 1e-6) * reference.magnitude
+    assert float(((y.double() - reference.value).abs() - bound).max()) <= 0
+
+
+def test_the_reference_is_exact_for_fp32_inputs():
+    layer = exact_layer(3, 7, (64, 160), 32, True, bias=True)
+    layer.kernel = "torch"
     x = exact_input(3, 160)
-    y = layer(x)
-    assert layer.kernel_name == "torch"
-    torch.testing.assert_close(y.double(), expected(layer, x).value, rtol=0, atol=1e-5)
+    torch.testing.assert_close(layer(x).double(), expected(layer, x).value, rtol=0, atol=1e-5)
 
 
 def test_upgrade_from_format_1_keeps_the_weight():

@@ -1,6 +1,6 @@
 """Inference modules for quantized checkpoints, and the kernels that run them."""
 
-from quikft.nn import cpu_kernel, torch_kernel, triton_kernel  # noqa: F401  -- register the built-in kernels
+from quikft.nn import cpu_kernel, ort_kernel, torch_kernel, triton_kernel  # noqa: F401  -- register the built-in kernels
 from quikft.nn.kernels import (
     KernelState,
     LayerLayout,
@@ -20,6 +20,7 @@ from quikft.nn.quik_linear import (
     set_dequantized_cache,
     set_kernel,
 )
+from quikft.nn.stored_head import keep_tied_head_in_bf16
 
 __all__ = [
     "KernelState",
@@ -28,6 +29,7 @@ __all__ = [
     "QuikLinear",
     "available_kernels",
     "get_kernel",
+    "keep_tied_head_in_bf16",
     "nonsalient_columns",
     "prepare_for_inference",
     "quik_layers",

@@ -15,12 +15,21 @@ built at load time from the portable codes and never saved; :func:`restore_codes
 codes back bit for bit through the same operator (one-hot inputs, s = 1, z = 8), which lets a
 loader drop ``qweight`` and hold only the 4-bit copy.
 
-Precision: activations and the output are bf16 (as in any bf16 model); scales and the folded
-zeros are rounded to bf16 (relative error <= 2^-9 of a step). The salient product keeps the
-stored fp16 weights: a one-token input (decode) runs PyTorch's fp16 GEMV on the gathered inputs
-scaled by 2^-4 and scales the product back by 2^4 (exact powers of two), so inputs and outputs
-up to 2^20 cannot overflow fp16 (which ends at 65504); longer inputs convert W_S to bf16 for one
-GEMM.
+Precision: the quantized part takes bf16 activations and returns a bf16 product (as in any bf16
+model); scales and the folded zeros are rounded to bf16 (relative error <= 2^-9 of a step). The
+salient product keeps the stored fp16 weights: in a bf16 model a one-token input (decode) runs
+PyTorch's fp16 GEMV on the gathered inputs scaled by 2^-4 and scales the product back by 2^4
+(exact powers of two), so inputs and outputs up to 2^20 cannot overflow fp16 (which ends at
+65504); longer inputs convert W_S to bf16 for one GEMM.
+
+The bf16 island. On x86 both operators are vectorised (AVX2 and AVX-512) for bf16 activations
+only; fp32 and fp16 inputs fall into a scalar loop about 14x slower. So a float32 (or float16)
+model runs the quantized part in a bf16 island: the gathered quantized inputs are rounded to bf16,
+the operator runs, and its product returns to the model dtype; the salient product and the bias
+stay in the model dtype (fp32: W_S converted exactly from fp16 per call, so no second copy is
+held). What changes against the fp32 reference is therefore only the rounding of the quantized
+part's inputs and product to bf16 (relative 2^-9 each), the rounding a bf16 model has everywhere.
+On aarch64 the operators have NEON kernels for fp32, fp16 and bf16, so there is no island.
 
 ``cpu-int8``. ``torch.ops.aten._weight_int8pack_mm(x, w8, s)`` takes int8 weights with one
 scale per output row, so 8-bit layers with a single group (``group_size = -1``) run as
@@ -29,6 +38,8 @@ the reference kernel.
 """
 
 from __future__ import annotations
+
+import platform
 
 import torch
 import torch.nn.functional as F
@@ -54,13 +65,28 @@ SALIENT_GEMV_MAX_ROWS = 1
 SALIENT_INPUT_SCALE = 2.0**-4
 RESTORE_CHUNK = 512
 INT8_COLUMN_MULTIPLE = 16  # the int8 operator crashes (torch 2.13) unless K is a multiple of 16
+FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+# CPUs whose int4/int8 operators are vectorised for fp32 inputs too (NEON): no bf16 island there.
+FP32_NATIVE_MACHINES = ("aarch64", "arm64")
 
 
-def _cpu_bf16(device: torch.device, dtype: torch.dtype) -> str | None:
+def output_dtype(dtype: torch.dtype) -> torch.dtype:
+    """What the product is accumulated in for a model of ``dtype``: CPU fp16 GEMMs are slow, so fp32."""
+    return torch.float32 if dtype == torch.float16 else dtype
+
+
+def operator_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The activation dtype the operators run in for a model of ``dtype`` on this CPU (the island)."""
+    if dtype == torch.float32 and platform.machine().lower() in FP32_NATIVE_MACHINES:
+        return dtype
+    return torch.bfloat16
+
+
+def _cpu_operator(device: torch.device, dtype: torch.dtype) -> str | None:
     if device.type != "cpu":
         return f"{NOT_THIS_DEVICE} CPU only"
-    if dtype != torch.bfloat16:
-        return f"{NOT_THIS_DEVICE} bf16 activations only (got {str(dtype).removeprefix('torch.')})"
+    if dtype not in FLOAT_DTYPES:
+        return f"{NOT_THIS_DEVICE} float32/float16/bfloat16 activations only (got {str(dtype).removeprefix('torch.')})"
     if not hasattr(torch.ops.aten, "_weight_int4pack_mm_for_cpu"):
         return f"{NOT_THIS_DEVICE} torch builds with the int4pack CPU operator only"
     return None
@@ -81,7 +107,7 @@ def int4_group_size(layout: LayerLayout) -> int | None:
 
 
 def check_int4(layout: LayerLayout, device: torch.device, dtype: torch.dtype) -> str | None:
-    reason = _cpu_bf16(device, dtype)
+    reason = _cpu_operator(device, dtype)
     if reason:
         return reason
     if layout.bits > 4:
@@ -115,38 +141,43 @@ def prepare_int4(layer: QuikLinear, device: torch.device, dtype: torch.dtype) ->
     scale_zero = torch.zeros(owner.numel(), rows, 2)
     scale_zero[:, : layer.out_features, 0] = scales.t()
     scale_zero[:, : layer.out_features, 1] = ((8 - zeros) * scales).t()
+    op_dtype = operator_dtype(dtype)
     tensors = {
         "int4": torch.ops.aten._convert_weight_to_int4pack_for_cpu(padded, 1),
-        "scale_zero": scale_zero.to(torch.bfloat16).contiguous(),
+        "scale_zero": scale_zero.to(op_dtype).contiguous(),
     }
-    tensors.update(_salient_tensors(layer))
+    tensors.update(_salient_tensors(layer, dtype))
     return KernelState(INT4_KERNEL, device, dtype, tensors,
                        {"group": size, "pad": pad, "rows": rows, "n": layout.n_quantized,
-                        "gather": layer.input_columns()})
+                        "gather": layer.input_columns(), "operator_dtype": op_dtype})
 
 
-def _salient_tensors(layer: QuikLinear) -> dict[str, Tensor]:
-    """A bf16 copy of the bias (the salient weights are used as stored)."""
-    return {} if layer.bias is None else {"bias": layer.bias.to(torch.bfloat16)}
+def _salient_tensors(layer: QuikLinear, dtype: torch.dtype) -> dict[str, Tensor]:
+    """A copy of the bias in the output dtype (the salient weights are used as stored)."""
+    return {} if layer.bias is None else {"bias": layer.bias.to(output_dtype(dtype))}
 
 
 def forward_int4(layer: QuikLinear, state: KernelState, x: Tensor) -> Tensor:
     tensors, meta = state.tensors, state.meta
     flat = x.reshape(-1, layer.in_features)
     gathered = flat.index_select(1, state.meta["gather"])
-    quantized = gathered[:, : meta["n"]]
+    quantized = gathered[:, : meta["n"]].to(meta["operator_dtype"])
     if meta["pad"]:
         quantized = F.pad(quantized, (0, meta["pad"]))
     y = torch.ops.aten._weight_int4pack_mm_for_cpu(quantized.contiguous(), tensors["int4"], meta["group"],
                                                    tensors["scale_zero"])
     if meta["rows"] != layer.out_features:
-        y = y[:, : layer.out_features].contiguous()
-    return _add_salient_and_bias(layer, tensors, y, gathered[:, meta["n"]:]).view(*x.shape[:-1], layer.out_features)
+        y = y[:, : layer.out_features]
+    y = y.to(output_dtype(x.dtype)).contiguous()
+    y = _add_salient_and_bias(layer, tensors, y, gathered[:, meta["n"]:])
+    return y.to(x.dtype).view(*x.shape[:-1], layer.out_features)
 
 
 def _add_salient_and_bias(layer: QuikLinear, tensors: dict[str, Tensor], y: Tensor, salient_x: Tensor) -> Tensor:
     if layer.k:
-        if salient_x.shape[0] <= SALIENT_GEMV_MAX_ROWS:
+        if y.dtype != torch.bfloat16:  # fp32 (and fp16) models: W_S converted exactly, fp32 GEMM
+            y.addmm_(salient_x.to(y.dtype), layer.salient_weight.t().to(y.dtype))
+        elif salient_x.shape[0] <= SALIENT_GEMV_MAX_ROWS:
             scaled = F.linear(salient_x.mul(SALIENT_INPUT_SCALE).half(), layer.salient_weight)
             y.add_(scaled, alpha=1 / SALIENT_INPUT_SCALE)
         else:
@@ -173,14 +204,14 @@ def restore_int4_codes(layer: QuikLinear, state: KernelState) -> Tensor:
 
 
 INT4_KERNEL = QuikKernel("cpu-int4", check_int4, prepare_int4, forward_int4, priority=10,
-                         restore_codes=restore_int4_codes)
+                         restore_codes=restore_int4_codes, activations="bf16")
 
 
 # ---------------------------------------------------------------------------------------- 8-bit
 
 
 def check_int8(layout: LayerLayout, device: torch.device, dtype: torch.dtype) -> str | None:
-    reason = _cpu_bf16(device, dtype)
+    reason = _cpu_operator(device, dtype)
     if reason:
         return reason
     if layout.bits != 8:
@@ -196,23 +227,26 @@ def prepare_int8(layer: QuikLinear, device: torch.device, dtype: torch.dtype) ->
     codes = F.pad(layer.codes().to(torch.int16) - 128, (0, pad))  # padded columns meet zero inputs
     scales = layer.scales.float()[0]
     zeros = unpack_zeros(layer.qzeros, layer.bits, layer.out_features)[:, 0]
+    op_dtype = operator_dtype(dtype)
     tensors = {
         "int8": codes.to(torch.int8).contiguous(),
-        "scale": scales.to(torch.bfloat16),
-        "zero_term": ((128 - zeros) * scales).to(torch.bfloat16),
+        "scale": scales.to(op_dtype),
+        "zero_term": ((128 - zeros) * scales).to(output_dtype(dtype)),
     }
-    tensors.update(_salient_tensors(layer))
-    return KernelState(INT8_KERNEL, device, dtype, tensors, {"n": n, "pad": pad, "gather": layer.input_columns()})
+    tensors.update(_salient_tensors(layer, dtype))
+    return KernelState(INT8_KERNEL, device, dtype, tensors, {"n": n, "pad": pad, "gather": layer.input_columns(),
+                                                             "operator_dtype": op_dtype})
 
 
 def forward_int8(layer: QuikLinear, state: KernelState, x: Tensor) -> Tensor:
     tensors, n = state.tensors, state.meta["n"]
     gathered = x.reshape(-1, layer.in_features).index_select(1, state.meta["gather"])
-    quantized = gathered[:, :n]
+    quantized = gathered[:, :n].to(state.meta["operator_dtype"])
     padded = F.pad(quantized, (0, state.meta["pad"])) if state.meta["pad"] else quantized.contiguous()
-    y = torch.ops.aten._weight_int8pack_mm(padded, tensors["int8"], tensors["scale"])
-    y.addmm_(quantized.sum(1, keepdim=True), tensors["zero_term"][None, :])
-    return _add_salient_and_bias(layer, tensors, y, gathered[:, n:]).view(*x.shape[:-1], layer.out_features)
+    y = torch.ops.aten._weight_int8pack_mm(padded, tensors["int8"], tensors["scale"]).to(output_dtype(x.dtype))
+    y.addmm_(quantized.sum(1, keepdim=True).to(y.dtype), tensors["zero_term"][None, :])
+    y = _add_salient_and_bias(layer, tensors, y, gathered[:, n:])
+    return y.to(x.dtype).view(*x.shape[:-1], layer.out_features)
 
 
 def restore_int8_codes(layer: QuikLinear, state: KernelState) -> Tensor:
@@ -221,7 +255,7 @@ def restore_int8_codes(layer: QuikLinear, state: KernelState) -> Tensor:
 
 
 INT8_KERNEL = QuikKernel("cpu-int8", check_int8, prepare_int8, forward_int8, priority=10,
-                         restore_codes=restore_int8_codes)
+                         restore_codes=restore_int8_codes, activations="bf16")
 
 register_kernel(INT4_KERNEL)
 register_kernel(INT8_KERNEL)

@@ -7,14 +7,19 @@ device or input dtype change, so the per-call cost of dispatch is two attribute 
 
 Built-in kernels (registered by :mod:`quikft.nn`):
 
-=============  ========  ===========================================================
-name           priority  runs
-=============  ========  ===========================================================
-``torch``      0         everywhere; the reference every other kernel is tested against
-``cpu-int4``   10        CPU, bf16 activations, 2/3/4-bit codes (PyTorch's int4pack GEMM)
-``cpu-int8``   10        CPU, bf16 activations, 8-bit codes with one group per row
-``triton``     20        CUDA, fp16/bf16/fp32 activations, every bit-width (Triton)
-=============  ========  ===========================================================
+================  =====  ===========================================================
+name              prio.  runs
+================  =====  ===========================================================
+``torch``         0      everywhere; the reference every other kernel is tested against
+``cpu-ort``       5      CPU, ONNX Runtime MatMulNBits with fp32 activations, 2/3/4/8-bit codes
+``cpu-int4``      10     CPU, 2/3/4-bit codes (PyTorch's int4pack GEMM; bf16 island on x86)
+``cpu-int8``      10     CPU, 8-bit codes with one group per row (bf16 island on x86)
+``cpu-ort-int8``  15     CPU, ONNX Runtime MatMulNBits with int8 activations, 2/3/4/8-bit codes
+``triton``        20     CUDA, fp16/bf16/fp32 activations, every bit-width (Triton)
+================  =====  ===========================================================
+
+On a CPU the priority only breaks ties: the kernel of a layer is chosen by measurement, per row
+class (decode, prefill), among the kernels the activation policy allows (:mod:`quikft.nn.autotune`).
 
 A kernel that cannot take a layer says why in one line (:func:`why_not`), which is what
 ``quikft info`` prints and what the one-time note of a fallback says.
@@ -63,7 +68,17 @@ class KernelState:
     dtype: torch.dtype
     tensors: dict[str, Tensor] = field(default_factory=dict)
     meta: dict = field(default_factory=dict)
+    # Memory the kernel holds outside torch tensors (e.g. ONNX Runtime's prepacked weights), so it
+    # can be counted beside the buffers.
+    hidden_bytes: int = 0
 
+
+# The precision of the activations a kernel feeds its quantized product: the model's own dtype,
+# rounded to bf16 (the CPU operators' bf16 island), or quantized to int8 per block (ONNX Runtime).
+ACTIVATIONS = ("model", "bf16", "int8")
+# What the automatic (measured) choice may use. int8 activations are in because they passed the
+# gate: the default model's WikiText-2 perplexity moved by <= 0.5% (README, "CPU kernels").
+DEFAULT_ACTIVATIONS = frozenset(ACTIVATIONS)
 
 Check = Callable[[LayerLayout, torch.device, torch.dtype], "str | None"]
 Prepare = Callable[["QuikLinear", torch.device, torch.dtype], KernelState]
@@ -91,6 +106,11 @@ class QuikKernel:
     priority: int = 0
     differentiable: bool = False
     restore_codes: RestoreCodes | None = None
+    # The precision of the activations entering the quantized product (one of ACTIVATIONS): the
+    # automatic choice only considers kernels whose precision the policy allows.
+    activations: str = "model"
+    # The forward reads the layer's packed codes (so a loader must not drop them).
+    reads_codes: bool = False
 
 
 _KERNELS: dict[str, QuikKernel] = {}

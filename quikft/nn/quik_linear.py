@@ -49,10 +49,13 @@ from collections.abc import Callable
 import torch
 from torch import Tensor, nn
 
-from quikft.nn.kernels import KernelState, LayerLayout, get_kernel, note_fallback, select_kernel
+from quikft.nn import autotune
+from quikft.nn.autotune import DECODE_MAX_ROWS
+from quikft.nn.kernels import KernelState, LayerLayout, QuikKernel, get_kernel, note_fallback, select_kernel
 from quikft.packing import pack_codes, pack_zeros, packed_words, unpack_codes, unpack_dim0, unpack_zeros
 
 KERNEL_BUFFER_PREFIX = "kernel_"
+PREFILL_BUFFER_PREFIX = "kernel_prefill_"
 
 
 class QuikLinear(nn.Module):
@@ -88,6 +91,9 @@ class QuikLinear(nn.Module):
         self.k = k
         self.n_groups = n_groups
         self.kernel_state: KernelState | None = None
+        # A second kernel for inputs of more than autotune.DECODE_MAX_ROWS rows, when the measured
+        # choice differs between decode and prefill (None: kernel_state runs every input).
+        self.prefill_state: KernelState | None = None
         self._cache: tuple[tuple[torch.dtype, torch.device], Tensor] | None = None
         self._cache_dequantized = cache_dequantized
         self._kernel = kernel
@@ -182,8 +188,9 @@ class QuikLinear(nn.Module):
         """``qweight``, rebuilt bit for bit from the kernel's tensors if a loader dropped it."""
         if self.qweight is not None:
             return self.qweight
-        state = self.kernel_state
-        if state is None or state.kernel.restore_codes is None:
+        state = next((s for s in (self.kernel_state, self.prefill_state)
+                      if s is not None and s.kernel.restore_codes is not None), None)
+        if state is None:
             raise RuntimeError("QuikLinear lost its codes: qweight was dropped without a kernel that can restore it")
         with torch.inference_mode(False), torch.no_grad():
             return state.kernel.restore_codes(self, state)
@@ -257,6 +264,8 @@ class QuikLinear(nn.Module):
         if (state is None or state.device != x.device or state.dtype != x.dtype
                 or (needs_grad and not state.kernel.differentiable)):
             state = self.prepare_kernel(x.device, x.dtype, needs_grad)
+        if self.prefill_state is not None and x.numel() > self.in_features * DECODE_MAX_ROWS:
+            state = self.prefill_state
         return state.kernel.forward(self, state, x)
 
     def prepare_kernel(self, device: torch.device | str, dtype: torch.dtype, needs_grad: bool = False,
@@ -267,37 +276,68 @@ class QuikLinear(nn.Module):
         which is what loaders do for inference; :meth:`packed_codes` rebuilds it on demand.
         """
         device = torch.device(device)
+        self.restore_codes()  # a new kernel may need the codes the previous one held
+        self.reset_kernel()
+        decode, prefill = self._choose_kernels(device, dtype, needs_grad)
+        state = self._prepare_state(decode, device, dtype, KERNEL_BUFFER_PREFIX)
+        self.kernel_state = state
+        states = [state]
+        if prefill is not decode:
+            self.prefill_state = self._prepare_state(prefill, device, dtype, PREFILL_BUFFER_PREFIX)
+            states.append(self.prefill_state)
+        restorable = any(s.kernel.restore_codes is not None for s in states)
+        if release_codes and restorable and not any(s.kernel.reads_codes for s in states):
+            self.qweight = None
+        return state
+
+    def _choose_kernels(self, device: torch.device, dtype: torch.dtype, needs_grad: bool
+                        ) -> tuple[QuikKernel, QuikKernel]:
+        """(decode kernel, prefill kernel): forced, measured (CPU inference), or by priority."""
         layout = self.layout()
         # The dequantized-weight cache belongs to the reference kernel.
         forced = self.kernel or ("torch" if self.cache_dequantized else None)
+        if forced is None and not needs_grad and device.type == "cpu":
+            plan = autotune.choose(self, device, dtype)
+            return get_kernel(plan[autotune.DECODE]), get_kernel(plan[autotune.PREFILL])
         kernel = select_kernel(layout, device, dtype, needs_grad, forced)
         if forced is None:
             note_fallback(layout, device, dtype, kernel)
-        self.restore_codes()  # a new kernel may need the codes the previous one held
-        self.reset_kernel()
+        return kernel, kernel
+
+    def _prepare_state(self, kernel: QuikKernel, device: torch.device, dtype: torch.dtype,
+                       prefix: str) -> KernelState:
         # Built outside inference mode so later autograd-enabled forwards may use the tensors.
         with torch.inference_mode(False), torch.no_grad():
             state = kernel.prepare(self, device, dtype)
         for name, tensor in state.tensors.items():
-            self.register_buffer(KERNEL_BUFFER_PREFIX + name, tensor, persistent=False)
-        self.kernel_state = state
-        if release_codes and kernel.restore_codes is not None:
-            self.qweight = None
+            self.register_buffer(prefix + name, tensor, persistent=False)
         return state
 
     def reset_kernel(self) -> None:
         """Forget the prepared kernel and its tensors (the codes are restored first)."""
         if self.kernel_state is not None:
             self.restore_codes()
-            for name in self.kernel_state.tensors:
-                self._buffers.pop(KERNEL_BUFFER_PREFIX + name, None)
-            self.kernel_state = None
+            for prefix, state in ((KERNEL_BUFFER_PREFIX, self.kernel_state),
+                                  (PREFILL_BUFFER_PREFIX, self.prefill_state)):
+                for name in state.tensors if state is not None else ():
+                    self._buffers.pop(prefix + name, None)
+            self.kernel_state = self.prefill_state = None
         self._cache = None
 
     @property
     def kernel_name(self) -> str | None:
-        """The kernel prepared for the last input, if any."""
+        """The kernel prepared for decode-sized inputs (and every input when there is one), if any."""
         return None if self.kernel_state is None else self.kernel_state.kernel.name
+
+    @property
+    def prefill_kernel_name(self) -> str | None:
+        """The kernel that runs inputs of more than one row, if any."""
+        state = self.prefill_state or self.kernel_state
+        return None if state is None else state.kernel.name
+
+    def hidden_bytes(self) -> int:
+        """Memory the prepared kernels hold outside torch tensors (e.g. ONNX Runtime's weights)."""
+        return sum(s.hidden_bytes for s in (self.kernel_state, self.prefill_state) if s is not None)
 
     def cached_weight_t(self, dtype: torch.dtype) -> Tensor:
         """Effective weight transposed, (in, out), in ``dtype``; cached if enabled.
@@ -443,21 +483,29 @@ def set_kernel(model: nn.Module, name: str | None) -> int:
 
 
 def prepare_for_inference(model: nn.Module, device: torch.device | str | None = None,
-                          dtype: torch.dtype | None = None, release_codes: bool = True) -> dict[str, int]:
+                          dtype: torch.dtype | None = None, release_codes: bool = True,
+                          kernel: str | None = None) -> dict[str, int]:
     """Prepare every QuikLinear's kernel for inputs of ``dtype`` on ``device`` now, not at the
     first forward; with ``release_codes`` a kernel that can rebuild the codes exactly holds them
     alone (the CPU int4 path: 4-bit codes instead of both those and ``qweight``).
 
     ``device``/``dtype`` default to where and in what dtype the model's other weights are, which
-    is what its activations will be. Returns how many layers each kernel took.
+    is what its activations will be. ``kernel`` (or ``$QUIKFT_KERNEL``) forces one kernel on every
+    layer; otherwise each layer takes the measured fastest (CPU) or the highest-priority kernel.
+    Returns how many layers each kernel took (a layer with a second kernel for prefill counts under
+    ``"<decode kernel>+<prefill kernel>"``).
     """
+    kernel = kernel or autotune.forced_kernel()
+    if kernel is not None:
+        set_kernel(model, kernel)
     reference = next((p for p in model.parameters() if p.is_floating_point()), None)
     device = torch.device(device if device is not None else reference.device if reference is not None else "cpu")
     dtype = dtype or (reference.dtype if reference is not None else torch.float32)
     counts: dict[str, int] = {}
     for layer in quik_layers(model).values():
-        state = layer.prepare_kernel(device, dtype, release_codes=release_codes)
-        counts[state.kernel.name] = counts.get(state.kernel.name, 0) + 1
+        layer.prepare_kernel(device, dtype, release_codes=release_codes)
+        name = layer.kernel_name if layer.prefill_state is None else f"{layer.kernel_name}+{layer.prefill_kernel_name}"
+        counts[name] = counts.get(name, 0) + 1
     return counts
 
 

@@ -71,5 +71,5 @@ def _prepare(layer: QuikLinear, device: torch.device, dtype: torch.dtype) -> Ker
 
 
 TORCH_KERNEL = QuikKernel("torch", _accepts_everything, _prepare, reference_forward, priority=0,
-                          differentiable=True)
+                          differentiable=True, reads_codes=True)
 register_kernel(TORCH_KERNEL)
