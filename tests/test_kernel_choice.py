@@ -155,8 +155,16 @@ def test_ort_weights_hold_the_codes_scales_and_zero_points(bits):
 @needs_ort
 def test_ort_keeps_the_codes_and_sizes_its_threads(timings):
     layer = exact_layer(4, 6, (48, 128), 64, True, bias=True)
+    stored = {name: t.clone() for name, t in layer.state_dict().items()}
+    weight = layer.effective_weight()
     prepare_for_inference(layer, CPU, torch.float32, kernel="cpu-ort-int8")
     assert layer.qweight is not None  # the prepacked weights cannot be read back
+    # the fp16 salient weights live on as the kernel's fp32 copy only, and come back bit for bit
+    assert "salient_weight" not in dict(layer.named_buffers())
+    assert torch.equal(layer.salient_weight, stored["salient_weight"])
+    state = layer.state_dict()
+    assert state.keys() == stored.keys() and all(torch.equal(state[n], stored[n]) for n in stored)
+    assert torch.equal(layer.effective_weight(), weight)
     options = layer.kernel_state.meta["session"].get_session_options()
     assert options.intra_op_num_threads == ort_kernel.ort_threads(layer.layout())
     assert options.get_session_config_entry("session.intra_op.allow_spinning") == "0"
@@ -164,6 +172,8 @@ def test_ort_keeps_the_codes_and_sizes_its_threads(timings):
     assert y.shape == (3, 48)
     again = layer(exact_input(3, 128))
     assert torch.equal(y, again) and y.data_ptr() != again.data_ptr()  # results never alias the bound buffer
+    layer.kernel = "torch"  # another kernel gets the stored tensors back
+    assert torch.equal(dict(layer.named_buffers())["salient_weight"], stored["salient_weight"])
 
 
 def test_ort_refuses_in_one_line_without_onnxruntime(monkeypatch):

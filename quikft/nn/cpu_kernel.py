@@ -48,10 +48,12 @@ from torch import Tensor
 from quikft.nn.kernels import (
     NOT_THIS_DEVICE,
     NOT_THIS_WIDTH,
+    SALIENT_T,
     KernelState,
     LayerLayout,
     QuikKernel,
     register_kernel,
+    salient_fp32,
 )
 from quikft.nn.quik_linear import QuikLinear
 from quikft.packing import pack_codes, unpack_zeros
@@ -153,8 +155,12 @@ def prepare_int4(layer: QuikLinear, device: torch.device, dtype: torch.dtype) ->
 
 
 def _salient_tensors(layer: QuikLinear, dtype: torch.dtype) -> dict[str, Tensor]:
-    """A copy of the bias in the output dtype (the salient weights are used as stored)."""
-    return {} if layer.bias is None else {"bias": layer.bias.to(output_dtype(dtype))}
+    """The bias in the output dtype and, for fp32 (and fp16) models, W_Sᵀ in fp32, which then replaces
+    the stored fp16 copy (bf16 models use the stored fp16 weights as they are)."""
+    tensors = salient_fp32(layer, dtype)
+    if layer.bias is not None:
+        tensors["bias"] = layer.bias.to(output_dtype(dtype))
+    return tensors
 
 
 def forward_int4(layer: QuikLinear, state: KernelState, x: Tensor) -> Tensor:
@@ -175,8 +181,8 @@ def forward_int4(layer: QuikLinear, state: KernelState, x: Tensor) -> Tensor:
 
 def _add_salient_and_bias(layer: QuikLinear, tensors: dict[str, Tensor], y: Tensor, salient_x: Tensor) -> Tensor:
     if layer.k:
-        if y.dtype != torch.bfloat16:  # fp32 (and fp16) models: W_S converted exactly, fp32 GEMM
-            y.addmm_(salient_x.to(y.dtype), layer.salient_weight.t().to(y.dtype))
+        if SALIENT_T in tensors:  # fp32 (and fp16) models: the exact fp32 copy, one fp32 GEMM
+            y.addmm_(salient_x.to(y.dtype), tensors[SALIENT_T])
         elif salient_x.shape[0] <= SALIENT_GEMV_MAX_ROWS:
             scaled = F.linear(salient_x.mul(SALIENT_INPUT_SCALE).half(), layer.salient_weight)
             y.add_(scaled, alpha=1 / SALIENT_INPUT_SCALE)

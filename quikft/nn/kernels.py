@@ -72,6 +72,23 @@ class KernelState:
     # can be counted beside the buffers.
     hidden_bytes: int = 0
 
+    def salient_copy(self) -> Tensor | None:
+        """W_Sᵀ in fp32 when the kernel holds one (``tensors[SALIENT_T]``): then the forward reads
+        only that copy, and the layer's fp16 ``salient_weight`` can be dropped and rebuilt exactly
+        from it (fp16 -> fp32 -> fp16 is the identity)."""
+        return self.tensors.get(SALIENT_T)
+
+
+SALIENT_T = "salient_t"
+
+
+def salient_fp32(layer: QuikLinear, dtype: torch.dtype) -> dict[str, Tensor]:
+    """``{SALIENT_T: W_Sᵀ in fp32}`` for a model computing in fp32 (or fp16, computed in fp32 on CPUs),
+    so a forward runs an fp32 GEMM without converting W_S on every call; empty otherwise."""
+    if not layer.k or dtype not in (torch.float32, torch.float16):
+        return {}
+    return {SALIENT_T: layer.salient_weight.t().float().contiguous()}
+
 
 # The precision of the activations a kernel feeds its quantized product: the model's own dtype,
 # rounded to bf16 (the CPU operators' bf16 island), or quantized to int8 per block (ONNX Runtime).

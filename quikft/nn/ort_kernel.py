@@ -44,10 +44,12 @@ from torch import Tensor
 from quikft.nn.kernels import (
     NOT_THIS_DEVICE,
     NOT_THIS_WIDTH,
+    SALIENT_T,
     KernelState,
     LayerLayout,
     QuikKernel,
     register_kernel,
+    salient_fp32,
 )
 from quikft.nn.quik_linear import QuikLinear
 from quikft.packing import unpack_zeros
@@ -178,7 +180,7 @@ def ort_kernel(name: str, level: int, priority: int, activations: str) -> QuikKe
         bits = CONTAINER_BITS[layer.bits]
         session = _session(arrays, layer.in_features - layer.k + pad, layer.out_features, bits, block, level,
                            ort_threads(layer.layout()))
-        tensors = {"gather": gather}
+        tensors = {"gather": gather, **salient_fp32(layer, torch.float32)}  # the product is fp32
         if layer.k:
             tensors["salient_gather"] = layer.salient_idx.long()
         if layer.bias is not None:
@@ -202,7 +204,7 @@ def forward_ort(layer: QuikLinear, state: KernelState, x: Tensor) -> Tensor:
     meta["session"].run_with_iobinding(meta["binding"])
     # A new tensor either way: the bound output buffer is overwritten by the next call.
     if layer.k:
-        y = torch.addmm(product, flat.index_select(1, tensors["salient_gather"]), layer.salient_weight.t().float())
+        y = torch.addmm(product, flat.index_select(1, tensors["salient_gather"]), tensors[SALIENT_T])
     else:
         y = product.clone()
     if "bias" in tensors:

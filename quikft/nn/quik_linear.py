@@ -56,6 +56,7 @@ from quikft.packing import pack_codes, pack_zeros, packed_words, unpack_codes, u
 
 KERNEL_BUFFER_PREFIX = "kernel_"
 PREFILL_BUFFER_PREFIX = "kernel_prefill_"
+SALIENT = "salient_weight"
 
 
 class QuikLinear(nn.Module):
@@ -214,9 +215,28 @@ class QuikLinear(nn.Module):
         return columns
 
     def restore_codes(self) -> None:
-        """Put ``qweight`` back if a loader dropped it (e.g. before a device move)."""
+        """Put ``qweight`` and ``salient_weight`` back if a loader dropped them (e.g. before a device move)."""
         if self.qweight is None:
             self.qweight = self.packed_codes()
+        if SALIENT not in self._buffers:
+            self._buffers[SALIENT] = self._restored_salient()
+
+    def _restored_salient(self) -> Tensor:
+        """``salient_weight`` rebuilt bit for bit by the kernel that holds it in another dtype."""
+        copy = next((s.salient_copy() for s in (self.kernel_state, self.prefill_state)
+                     if s is not None and s.salient_copy() is not None), None)
+        if copy is None:
+            raise RuntimeError("QuikLinear lost its salient weights without a kernel that can restore them")
+        with torch.inference_mode(False), torch.no_grad():
+            return copy.t().half().contiguous()
+
+    def __getattr__(self, name: str):
+        # A loader may hand the fp16 salient weights to a kernel that keeps them in fp32 (exactly);
+        # every other reader still finds them here, rebuilt on access.
+        if (name == SALIENT and self.__dict__.get("kernel_state") is not None
+                and SALIENT not in self.__dict__["_buffers"]):
+            return self._restored_salient()
+        return super().__getattr__(name)
 
     def dequantize_weight(self, dtype: torch.dtype = torch.float32) -> Tensor:
         """The quantized (base) part of the weight, (out, in), exactly 0 at salient columns.
@@ -285,10 +305,17 @@ class QuikLinear(nn.Module):
         if prefill is not decode:
             self.prefill_state = self._prepare_state(prefill, device, dtype, PREFILL_BUFFER_PREFIX)
             states.append(self.prefill_state)
-        restorable = any(s.kernel.restore_codes is not None for s in states)
-        if release_codes and restorable and not any(s.kernel.reads_codes for s in states):
-            self.qweight = None
+        if release_codes:
+            self._release_stored(states)
         return state
+
+    def _release_stored(self, states: list[KernelState]) -> None:
+        """Drop the stored tensors the prepared kernels hold in their own form and can rebuild exactly."""
+        if (any(s.kernel.restore_codes is not None for s in states)
+                and not any(s.kernel.reads_codes for s in states)):
+            self.qweight = None
+        if self.k and all(s.salient_copy() is not None for s in states):
+            del self._buffers[SALIENT]
 
     def _choose_kernels(self, device: torch.device, dtype: torch.dtype, needs_grad: bool
                         ) -> tuple[QuikKernel, QuikKernel]:
@@ -388,6 +415,8 @@ class QuikLinear(nn.Module):
         super()._save_to_state_dict(destination, prefix, keep_vars)
         if self.qweight is None:  # dropped by a loader: the format still has it
             destination[prefix + "qweight"] = self.packed_codes()
+        if SALIENT not in self._buffers:
+            destination[prefix + SALIENT] = self._restored_salient()
 
     def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
                               error_msgs) -> None:
