@@ -244,8 +244,8 @@ def load_model(name: str | None = None, dtype: str | torch.dtype = torch.float32
     ``dtype`` may be ``auto`` (what ``device`` runs fast, see :mod:`quikft.hardware`), ``device``
     ``auto`` (cuda when present). A quikft
     packed checkpoint directory is loaded by :func:`quikft.checkpoint.load`, which checks every
-    stored tensor strictly before reading it (``for_training`` keeps its head a plain linear layer,
-    see ``compact_head``). A model's own Python code runs only with ``trust_remote_code``.
+    stored tensor strictly before reading it (``for_training`` prepares no inference kernel at load, so
+    no stored tensor is handed to a kernel, and keeps the head a plain linear layer). A model's own Python code runs only with ``trust_remote_code``.
     """
     from transformers import AutoModelForCausalLM
 
@@ -256,8 +256,9 @@ def load_model(name: str | None = None, dtype: str | torch.dtype = torch.float32
     torch_dtype = parse_dtype(dtype, device)
     if is_packed_checkpoint(path):
         with refusing_remote_code(name):
+            # Training prepares its own (differentiable) kernels and must find every stored tensor.
             model = load(path, dtype=torch_dtype, device=device, trust_remote_code=trust_remote_code,
-                         compact_head=not for_training)
+                         prepare=not for_training, compact_head=not for_training)
         return model, load_tokenizer(path, trust_remote_code)
     try:
         with refusing_remote_code(name):

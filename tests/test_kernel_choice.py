@@ -225,3 +225,25 @@ def test_tied_head_is_left_alone_when_bf16_would_round_it():
     assert not keep_tied_head_in_bf16(model)
     assert isinstance(model.lm_head, torch.nn.Linear)
 
+
+
+@needs_ort
+def test_trained_salient_columns_reach_a_layer_whose_kernel_held_them(timings):
+    """GIFT-SW writes trained salient columns back into a layer that an inference load had prepared
+    (its fp16 copy dropped for the kernel's fp32 one): the write lands, and no kernel keeps the old ones."""
+    from quikft.nn.gift_linear import GiftLinear
+
+    layer = exact_layer(4, 6, (48, 128), 64, True, bias=True)
+    prepare_for_inference(layer, CPU, torch.float32, kernel="cpu-ort-int8")
+    gift = GiftLinear.from_quik(layer)
+    with torch.no_grad():
+        gift.salient_weight.add_(0.5)
+    trained = gift.salient_weight.detach().half()
+    back = gift.to_quik()
+    assert torch.equal(dict(back.named_buffers())["salient_weight"], trained)
+    x = exact_input(2, 128)
+    reference = exact_layer(4, 6, (48, 128), 64, True, bias=True)
+    with torch.no_grad():
+        reference.salient_weight.copy_(trained)
+    reference.kernel = "cpu-ort-int8"
+    assert torch.equal(back(x), reference(x))

@@ -97,9 +97,11 @@ class GiftLinear(nn.Module):
         """Post mode: the packed layer with the trained salient columns (rounded to fp16, its storage)."""
         if self.quik is None:
             raise TypeError("to_quik() is for layers built from a QuikLinear; use to_linear()")
+        # Dropping the prepared kernels first puts back any stored tensor a kernel held in its own form
+        # (so the copy below lands in the layer's buffer) and no kernel keeps the old salient columns.
+        self.quik.clear_cache()
         with torch.no_grad():
             self.quik.salient_weight.copy_(self.salient_weight.detach())
-        self.quik.clear_weight_cache()
         return self.quik
 
     # ---------------------------------------------------------------- forward
