@@ -60,6 +60,7 @@ from quikft.hardware import compute_dtype, default_device, resolve_dtype
 from quikft.nn.kernels import is_scope_reason
 from quikft.nn.quik_linear import QuikLinear, prepare_for_inference
 from quikft.nn.stored_head import keep_tied_head_in_bf16
+from quikft.runinfo import return_freed_memory
 from quikft.validation import CheckpointError, checksum_metadata, validate_layer_values, verify_checksums
 
 if TYPE_CHECKING:
@@ -539,6 +540,9 @@ def finish_loading(model: nn.Module, qconfig: dict, prepare: bool = True, kernel
     counts = prepare_for_inference(model, kernel=kernel)
     if compact_head:
         keep_tied_head_in_bf16(model)
+    # The widened embedding, the released codes and the kernels' temporaries are free now: give the
+    # heap back, so the process holds about what the model holds.
+    return_freed_memory()
     return counts
 
 

@@ -214,7 +214,9 @@ def test_resume_after_sigkill_is_bit_identical(llama_dir, text_corpus, tmp_path)
 def test_resume_refuses_changed_settings_and_warns_on_a_changed_thread_count(tmp_path):
     saved = {"bits": 3, "threads": 1, "transformers": "5.0"}
     state = QuantizeState.begin(tmp_path / "out", saved, resume=False)
-    (state.directory / "progress.json").write_text(json.dumps({"next_block": 1, "blocks": 4}))  # one block done
+    (state.directory / "activations-00001").mkdir()  # one block done
+    (state.directory / "progress.json").write_text(json.dumps({"next_block": 1, "blocks": 4,
+                                                              "activations": "activations-00001"}))
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # a refused resume does not also warn about the thread count
         with pytest.raises(QuantizeStateError, match="used transformers='5.0', this one transformers='5.1'; rerun"):
@@ -222,6 +224,31 @@ def test_resume_refuses_changed_settings_and_warns_on_a_changed_thread_count(tmp
     with pytest.warns(UserWarning, match="used threads=1, this one threads=2; .* OMP_NUM_THREADS=1 for a bit-identical"):
         resumed = QuantizeState.begin(tmp_path / "out", {**saved, "threads": 2}, resume=True)
     assert resumed.next_block == 1
+
+
+@pytest.mark.parametrize("activations", ["{victim}", "../victim", "activations-00002", "activations-00001-link"])
+def test_resume_refuses_a_state_that_names_anything_but_its_own_activations(tmp_path, activations):
+    """A progress file is data, never a path: a resume that would read or delete a directory outside
+    the state (or another block's activations, or through a link) is refused before anything is touched."""
+    victim = tmp_path / "victim"
+    victim.mkdir()
+    (victim / "precious.txt").write_text("keep me")
+    state = QuantizeState.begin(tmp_path / "out", {"bits": 3}, resume=False)
+    (state.directory / "activations-00001-link").symlink_to(victim)
+    (state.directory / "activations-00002").mkdir()
+    name = activations.format(victim=victim)
+    progress = {"next_block": 1, "blocks": 4, "activations": name}
+    (state.directory / "progress.json").write_text(json.dumps(progress))
+    with pytest.raises(QuantizeStateError, match="the quantize state is inconsistent; delete .* to start over") as err:
+        QuantizeState.begin(tmp_path / "out", {"bits": 3}, resume=True)
+    assert "\n" not in str(err.value) and len(str(err.value)) < 1024
+    assert (victim / "precious.txt").read_text() == "keep me"
+    # a link in place of the right name is refused too
+    (state.directory / "activations-00001").symlink_to(victim)
+    (state.directory / "progress.json").write_text(json.dumps({**progress, "activations": "activations-00001"}))
+    with pytest.raises(QuantizeStateError, match="is not a directory of this state"):
+        QuantizeState.begin(tmp_path / "out", {"bits": 3}, resume=True)
+    assert (victim / "precious.txt").read_text() == "keep me"
 
 
 def test_full_disk_fails_in_one_line_and_keeps_the_state(llama_dir, text_corpus, tmp_path, monkeypatch):

@@ -79,6 +79,7 @@ class QuantizeState:
                 raise QuantizeStateError(f"{directory} holds an interrupted quantize ({done}); rerun with --resume to "
                                          f"continue it, or delete that directory to start over")
             _check_fingerprint(directory, fingerprint)
+            _check_progress(progress_file, progress)
             return cls(directory, progress)
         if resume:
             raise QuantizeStateError(f"--resume: no interrupted quantize at {directory} (its state is written "
@@ -91,7 +92,7 @@ class QuantizeState:
 
     def commit(self, next_block: int, stores: dict[str, ActivationStore], record: dict[str, Any]) -> None:
         """Save the activations entering ``next_block`` and the RNG, then commit ``progress.json``."""
-        activations = self.directory / f"activations-{next_block:05d}"
+        activations = self.directory / activations_name(next_block)
         shutil.rmtree(activations, ignore_errors=True)
         for name, store in stores.items():
             store.persist(activations / name)
@@ -120,6 +121,37 @@ def _read_json(path: Path) -> dict:
     except (OSError, json.JSONDecodeError) as err:
         raise QuantizeStateError(f"{path}: unreadable quantize state ({err}); delete {path.parent} to start over") \
             from None
+
+
+def activations_name(next_block: int) -> str:
+    return f"activations-{next_block:05d}"
+
+
+def _check_progress(progress_file: Path, progress: Any) -> None:
+    """The state's progress names only what this job writes: a block number and, for it, the
+    activations directory inside the state, a real directory. Anything else (a path elsewhere, a
+    link, activations of another block) is refused before anything is read, moved or deleted."""
+    directory = progress_file.parent
+    start_over = f"the quantize state is inconsistent; delete {directory} to start over"
+    next_block = progress.get("next_block") if isinstance(progress, dict) else None
+    blocks = progress.get("blocks") if isinstance(progress, dict) else None
+    if (not isinstance(next_block, int) or isinstance(next_block, bool) or next_block < 1
+            or (isinstance(blocks, int) and next_block > blocks)):
+        raise QuantizeStateError(f"{progress_file}: next_block {_short(next_block)} is not a finished block "
+                                 f"count; {start_over}")
+    expected = activations_name(next_block)
+    if progress.get("activations") != expected:
+        raise QuantizeStateError(f"{progress_file}: names activations {_short(progress.get('activations'))} for "
+                                 f"block {next_block}, not {expected}; {start_over}")
+    activations = directory / expected
+    if activations.is_symlink() or not activations.is_dir():
+        raise QuantizeStateError(f"{activations} is not a directory of this state; {start_over}")
+
+
+def _short(value: Any, limit: int = 80) -> str:
+    """``repr(value)`` cut to ``limit`` characters: messages built from a file's values stay one short line."""
+    text = repr(value)
+    return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
 def _check_fingerprint(directory: Path, fingerprint: dict[str, Any]) -> None:
