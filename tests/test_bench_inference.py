@@ -29,4 +29,4 @@ def test_the_table_counts_memory_outside_torch_against_fp32():
     table = bench_inference.markdown(rows, args)
     assert "CPU capability AVX2" in table
     packed = table.splitlines()[-1]
-    assert "| 20.0 | 10.0 | 30.0% |" in packed and "1.50x" in packed and "q_proj: cpu-ort-int8/cpu-int4" in packed
+    assert "| 20.0 | 10.0 | 30.0% |" in packed and "1.50x" in packed and "cpu-ort-int8/cpu-int4 (all)" in packed

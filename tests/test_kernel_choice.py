@@ -199,7 +199,11 @@ def tied_model(exact_bf16: bool):
     return model
 
 
-def test_tied_head_in_bf16_is_exact_for_prefill_and_close_for_decode():
+@pytest.mark.parametrize("slice_rows", [8192, 7])
+def test_tied_head_in_bf16_is_exact_for_prefill_and_close_for_decode(slice_rows, monkeypatch):
+    from quikft.nn import stored_head
+
+    monkeypatch.setattr(stored_head, "PREFILL_SLICE_ROWS", slice_rows)  # 7: the table widened in 43 slices
     model = tied_model(exact_bf16=True)
     ids = torch.randint(0, 300, (2, 9))
     with torch.no_grad():

@@ -31,7 +31,7 @@ a slash) the prefill kernel where they differ. Every row records the CPU capabil
 Llama-3.2-1B's shapes (hidden 2048, intermediate 8192, 16 blocks, 32/8 heads, vocab 128256, tied
 head) written once under ``--workdir`` in bf16, packed with RTN at 4 and 3 bits and 64 salient
 columns (the paper's 128 of 4096 inputs, scaled to 2048), calibrated on 8 windows of 256 tokens
-(RTN needs the activations only for the salient choice); fp32, bf16 (only where native) and each
+(RTN needs the activations only for the salient choice; no clipping search); fp32, bf16 (only where native) and each
 packed model per kernel. Perplexity means nothing for random weights and is skipped there. Rows
 are appended to ``--results`` (JSONL) as they finish, so an interrupted run resumes. Run from the
 repository root:
@@ -333,7 +333,7 @@ def markdown(rows: list[dict], args: argparse.Namespace) -> str:
              "| ppl 4x2048 | ppl 1024-prefix |",
              "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
-        kernels = ", ".join(f"{k}: {v}" for k, v in r["kernels"].items()) or "-"
+        kernels = _kernel_cell(r["kernels"])
         held = r["model_mib"] + r.get("hidden_mib", 0)
         size = f"{held / fp32['model_mib']:.1%}" if fp32 else "-"
         speed = f"{r['decode_tok_s'] / fp32['decode_tok_s']:.2f}x" if fp32 else "-"
@@ -343,6 +343,15 @@ def markdown(rows: list[dict], args: argparse.Namespace) -> str:
                      f"| {r['rss_after_mib']:.0f} | {r['prefill_tok_s']:.0f} | {r['decode_tok_s']:.2f} | {speed} "
                      f"| {ppl} |")
     return "\n".join(lines)
+
+
+def _kernel_cell(kernels: dict[str, str]) -> str:
+    """Per layer kind the decode[/prefill] kernel; one name when every kind has the same."""
+    if not kernels:
+        return "-"
+    if len(set(kernels.values())) == 1:
+        return f"{next(iter(kernels.values()))} (all)"
+    return ", ".join(f"{kind}: {name}" for kind, name in kernels.items())
 
 
 def selected_variants(only: str | None, kernels: str | None) -> list[str]:
@@ -392,8 +401,10 @@ def pack_llama_1b(fp_dir: Path, bits: int) -> Path:
 
     out = fp_dir.parent / f"w{bits}-k{LLAMA_1B_SALIENT}-rtn"
     if not (out / "config.json").exists():
+        # No clipping search: it only changes the rounding, and dominated the time (~100 s per block).
         job = QuantizeJob(quant=QuantConfig(bits=bits, salient=LLAMA_1B_SALIENT, method="rtn", nsamples=8,
-                                            seqlen=256), model=str(fp_dir), out=str(out), eval_windows=0)
+                                            seqlen=256, clip_search=False), model=str(fp_dir), out=str(out),
+                          eval_windows=0)
         quantize(job)
     return out
 

@@ -37,37 +37,39 @@ class Bf16Table(nn.Module):
         self.dtype = dtype
 
 
-class Bf16Embedding(nn.Module):
-    """``nn.Embedding`` over a :class:`Bf16Table`, returning the model dtype."""
+class _OverTable(nn.Module):
+    """A module reading the shared table: ``.weight`` and its ``state_dict`` entry are the table."""
 
-    def __init__(self, table: Bf16Table, padding_idx: int | None) -> None:
+    def __init__(self, table: Bf16Table) -> None:
         super().__init__()
         self.table = table
-        self.padding_idx = padding_idx
-        self.num_embeddings, self.embedding_dim = table.weight.shape
 
     @property
     def weight(self) -> Tensor:
         return self.table.weight
-
-    def forward(self, ids: Tensor) -> Tensor:
-        return F.embedding(ids, self.table.weight, self.padding_idx).to(self.table.dtype)
 
     def _save_to_state_dict(self, destination: dict, prefix: str, keep_vars: bool) -> None:
         destination[prefix + "weight"] = self.table.weight
 
 
-class Bf16Head(nn.Module):
+class Bf16Embedding(_OverTable):
+    """``nn.Embedding`` over a :class:`Bf16Table`, returning the model dtype."""
+
+    def __init__(self, table: Bf16Table, padding_idx: int | None) -> None:
+        super().__init__(table)
+        self.padding_idx = padding_idx
+        self.num_embeddings, self.embedding_dim = table.weight.shape
+
+    def forward(self, ids: Tensor) -> Tensor:
+        return F.embedding(ids, self.table.weight, self.padding_idx).to(self.table.dtype)
+
+
+class Bf16Head(_OverTable):
     """The output projection ``x · Wᵀ`` over a :class:`Bf16Table` (see the module docstring)."""
 
     def __init__(self, table: Bf16Table) -> None:
-        super().__init__()
-        self.table = table
+        super().__init__(table)
         self.out_features, self.in_features = table.weight.shape
-
-    @property
-    def weight(self) -> Tensor:
-        return self.table.weight
 
     def forward(self, x: Tensor) -> Tensor:
         flat = x.reshape(-1, self.in_features)
@@ -81,9 +83,6 @@ class Bf16Head(nn.Module):
                 part = weight[start:start + PREFILL_SLICE_ROWS].to(flat.dtype)
                 torch.mm(flat, part.t(), out=y[:, start:start + part.shape[0]])
         return y.view(*x.shape[:-1], self.out_features)
-
-    def _save_to_state_dict(self, destination: dict, prefix: str, keep_vars: bool) -> None:
-        destination[prefix + "weight"] = self.table.weight
 
 
 def keep_tied_head_in_bf16(model: nn.Module) -> bool:
