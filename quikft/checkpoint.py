@@ -341,11 +341,31 @@ def weight_files(path: str | os.PathLike) -> list[Path]:
         try:
             weight_map = json.loads(index_file.read_text())["weight_map"]
         except (json.JSONDecodeError, KeyError, TypeError) as err:
-            raise CheckpointError(f"{index_file}: not a valid safetensors index ({err})") from None
-        return [path / name for name in sorted(set(weight_map.values()))]
+            raise CheckpointError(f"{index_file}: not a valid safetensors index ({_short(err)})") from None
+        if not isinstance(weight_map, dict) or not all(isinstance(v, str) for v in weight_map.values()):
+            raise CheckpointError(f"{index_file}: weight_map must map tensor names to file names")
+        return [_shard(path, name, index_file) for name in sorted(set(weight_map.values()))]
     if (path / WEIGHTS_NAME).exists():
         return [path / WEIGHTS_NAME]
     raise CheckpointError(f"{path}: neither {WEIGHTS_NAME} nor {INDEX_NAME} found")
+
+
+def _shard(path: Path, name: str, index_file: Path) -> Path:
+    """A shard the index names: a plain file name inside the checkpoint directory (never a path that
+    leaves it), naming a regular file (a hub snapshot's link to its blob is one)."""
+    if not name or name in (".", "..") or "/" in name or "\\" in name or Path(name).is_absolute():
+        raise CheckpointError(f"{index_file}: shard {_short(name)} is not a file name inside the checkpoint "
+                              f"directory; indexes name their shards, never paths")
+    shard = path / name
+    if shard.exists() and not shard.is_file():
+        raise CheckpointError(f"{shard}: not a regular file (a shard must be a safetensors file)")
+    return shard
+
+
+def _short(value: object, limit: int = 120) -> str:
+    """``repr`` cut to ``limit`` characters, so a message built from a file's content stays one short line."""
+    text = repr(value) if not isinstance(value, BaseException) else str(value)
+    return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
 def _raw_header(file: Path) -> tuple[dict, int, int]:

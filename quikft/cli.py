@@ -117,8 +117,10 @@ def eval_command(model_name, ppl_datasets, tasks, limit, batch_size, backend, sp
     if refs:
         click.echo(format_table(table))
     if json_path:
+        from quikft.nn import kernel_counts
+
         report = {"job": "eval", "model": label, "dtype": choice.name, "compute_dtype": choice.to_dict(),
-                  "device": device, "ppl": results}
+                  "device": device, "kernels": kernel_counts(model), "ppl": results}
         if refs:
             report.update(backend=backend, limit=limit, tasks=[r.to_dict() for r in task_results], table=table)
         write_json(json_path, report)

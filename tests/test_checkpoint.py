@@ -185,6 +185,33 @@ def test_other_methods_and_bad_index_values_are_refused(packed_dir, tmp_path):
         load(target)
 
 
+@pytest.mark.parametrize("shard", ["../outside.safetensors", "{outside}", "sub/model.safetensors", "fifo"])
+def test_an_index_never_leads_outside_the_checkpoint(packed_dir, tmp_path, shard):
+    """An index naming a path (or something that is not a regular file) is refused by the loaders that read
+    it, in one line and before any tensor is read; the outside file is never opened."""
+    import os
+
+    from safetensors import safe_open
+
+    target = shutil.copytree(packed_dir, tmp_path / "ckpt")
+    outside = tmp_path / "outside.safetensors"
+    shutil.copy(target / "model.safetensors", outside)
+    os.mkfifo(target / "fifo")
+    with safe_open(target / "model.safetensors", framework="pt") as handle:
+        names = list(handle.keys())
+    weight_map = {name: "model.safetensors" for name in names}
+    weight_map[names[0]] = shard.format(outside=outside)
+    (target / "model.safetensors.index.json").write_text(json.dumps({"weight_map": weight_map}))
+    before = outside.stat().st_atime_ns
+    for attempt in (lambda: load(target), lambda: checkpoint.describe(target)):
+        with pytest.raises(CheckpointError, match="not a file name inside the checkpoint|not a regular file") as err:
+            attempt()
+        assert "\n" not in str(err.value) and len(str(err.value)) < 1024
+    assert outside.stat().st_atime_ns == before
+    result = CliRunner().invoke(main, ["info", str(target)])
+    assert result.exit_code == 1 and result.output.count("\n") == 1
+
+
 def test_failed_save_leaves_nothing_behind(tiny, text_file, tmp_path, monkeypatch):
     model, tokenizer = tiny
     config, quantized, _ = _quantize(model, tokenizer, text_file, bits=4, group_size=32)

@@ -28,6 +28,7 @@ def test_eval_prints_ppl_and_writes_json(tiny_dir, text_file, tmp_path):
     entry = report["ppl"][0]
     assert entry["windows"] == 3 and entry["seqlen"] == 32 and entry["ppl"] > 1
     assert report["compute_dtype"]["dtype"] == report["dtype"] and "cpu capability" in report["compute_dtype"]["reason"]
+    assert report["kernels"] == {}  # a plain (unpacked) model has no quantized layers
     assert "torch" in entry["versions"]
     assert f"ppl {entry['ppl']:.4f}" in result.output
     again = CliRunner().invoke(main, args)

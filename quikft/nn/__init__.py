@@ -14,6 +14,7 @@ from quikft.nn.kernels import (
 )
 from quikft.nn.quik_linear import (
     QuikLinear,
+    kernel_counts,
     nonsalient_columns,
     prepare_for_inference,
     quik_layers,
@@ -30,6 +31,7 @@ __all__ = [
     "available_kernels",
     "get_kernel",
     "keep_tied_head_in_bf16",
+    "kernel_counts",
     "nonsalient_columns",
     "prepare_for_inference",
     "quik_layers",

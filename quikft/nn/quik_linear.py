@@ -530,10 +530,19 @@ def prepare_for_inference(model: nn.Module, device: torch.device | str | None = 
     reference = next((p for p in model.parameters() if p.is_floating_point()), None)
     device = torch.device(device if device is not None else reference.device if reference is not None else "cpu")
     dtype = dtype or (reference.dtype if reference is not None else torch.float32)
-    counts: dict[str, int] = {}
     for layer in quik_layers(model).values():
         layer.prepare_kernel(device, dtype, release_codes=release_codes)
-        name = layer.kernel_name if layer.prefill_state is None else f"{layer.kernel_name}+{layer.prefill_kernel_name}"
+    return kernel_counts(model)
+
+
+def kernel_counts(model: nn.Module) -> dict[str, int]:
+    """How many QuikLinears run each prepared kernel (``"<decode>+<prefill>"`` where the two differ,
+    ``"unprepared"`` before a first forward): what reports record beside their timings."""
+    counts: dict[str, int] = {}
+    for layer in quik_layers(model).values():
+        name = layer.kernel_name or "unprepared"
+        if layer.prefill_state is not None:
+            name = f"{name}+{layer.prefill_kernel_name}"
         counts[name] = counts.get(name, 0) + 1
     return counts
 
