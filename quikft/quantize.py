@@ -178,8 +178,10 @@ def quantize(job: QuantizeJob, progress: bool = True) -> dict:
     # Refuse unsupported architectures (and patterns that select nothing) before any work.
     layout = arch.prepare(model, job.quant.targets, job.quant.ignore, job.quant.quantize_lm_head)
     state = QuantizeState.begin(out_dir, fingerprint(job, weights), job.resume)
-    run = _Run(job, model, tokenizer, weights, layout, state, out_dir, progress)
-    report = run.run(began, loading)
+    try:
+        report = _Run(job, model, tokenizer, weights, layout, state, out_dir, progress).run(began, loading)
+    finally:
+        state.release()  # also when the job fails: a caller in the same process may run it again
     report["out"] = str(out_dir)
     return report
 

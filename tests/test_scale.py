@@ -214,6 +214,7 @@ def test_resume_after_sigkill_is_bit_identical(llama_dir, text_corpus, tmp_path)
 def test_resume_refuses_changed_settings_and_warns_on_a_changed_thread_count(tmp_path):
     saved = {"bits": 3, "threads": 1, "transformers": "5.0"}
     state = QuantizeState.begin(tmp_path / "out", saved, resume=False)
+    state.release()  # that job was interrupted
     (state.directory / "activations-00001").mkdir()  # one block done
     (state.directory / "progress.json").write_text(json.dumps({"next_block": 1, "blocks": 4,
                                                               "activations": "activations-00001"}))
@@ -234,6 +235,7 @@ def test_resume_refuses_a_state_that_names_anything_but_its_own_activations(tmp_
     victim.mkdir()
     (victim / "precious.txt").write_text("keep me")
     state = QuantizeState.begin(tmp_path / "out", {"bits": 3}, resume=False)
+    state.release()  # that job was interrupted
     (state.directory / "activations-00001-link").symlink_to(victim)
     (state.directory / "activations-00002").mkdir()
     name = activations.format(victim=victim)
@@ -249,6 +251,20 @@ def test_resume_refuses_a_state_that_names_anything_but_its_own_activations(tmp_
     with pytest.raises(QuantizeStateError, match="is not a directory of this state"):
         QuantizeState.begin(tmp_path / "out", {"bits": 3}, resume=True)
     assert (victim / "precious.txt").read_text() == "keep me"
+
+
+def test_a_second_writer_of_one_output_is_refused_at_once(tmp_path):
+    import time
+
+    first = QuantizeState.begin(tmp_path / "out", {"bits": 3}, resume=False)
+    (first.directory / "blocks" / "block-00000.safetensors").write_bytes(b"first run's block")
+    began = time.perf_counter()
+    with pytest.raises(QuantizeStateError, match=r"out is being written by another quantize \(pid \d+\); wait"):
+        QuantizeState.begin(tmp_path / "out", {"bits": 3}, resume=False)
+    assert time.perf_counter() - began < 1
+    assert (first.directory / "blocks" / "block-00000.safetensors").read_bytes() == b"first run's block"
+    first.release()  # the first job ends
+    QuantizeState.begin(tmp_path / "out", {"bits": 3}, resume=False)
 
 
 def test_full_disk_fails_in_one_line_and_keeps_the_state(llama_dir, text_corpus, tmp_path, monkeypatch):

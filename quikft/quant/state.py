@@ -15,12 +15,13 @@ by a killed run is never used without ``--resume``, and never silently overwritt
 
 from __future__ import annotations
 
+import fcntl
 import json
 import os
 import shutil
 import warnings
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
 
 import torch
 from safetensors.torch import load_file, save_file
@@ -54,10 +55,11 @@ def directory_bytes(path: Path) -> int:
 class QuantizeState:
     """One job's state directory (see the module docstring)."""
 
-    def __init__(self, directory: Path, progress: dict | None):
+    def __init__(self, directory: Path, progress: dict | None, lock: IO | None = None):
         self.directory = directory
         self.progress = progress
         self.peak_bytes = directory_bytes(directory)
+        self._lock = lock  # held (open) for the job's life: one writer per output
 
     @property
     def blocks_dir(self) -> Path:
@@ -71,24 +73,37 @@ class QuantizeState:
     def begin(cls, out_dir: str | os.PathLike, fingerprint: dict[str, Any], resume: bool) -> QuantizeState:
         """Open the state for a resumed run (checking its fingerprint) or start an empty one."""
         directory = state_dir_for(out_dir)
+        lock = _lock_output(Path(out_dir))
+        try:
+            return cls(directory, cls._open(directory, fingerprint, resume), lock)
+        except BaseException:
+            lock.close()  # a refused run holds nothing
+            raise
+
+    @staticmethod
+    def _open(directory: Path, fingerprint: dict[str, Any], resume: bool) -> dict | None:
+        """The progress of a resumed run (checked) or None for an empty new state."""
         progress_file = directory / PROGRESS_NAME
         if progress_file.is_file():
             progress = _read_json(progress_file)
+            if not isinstance(progress, dict):
+                raise QuantizeStateError(f"{progress_file}: not a quantize progress record; delete {directory} to "
+                                         f"start over")
             done = f"{progress.get('next_block', 0)} of {progress.get('blocks', '?')} blocks done"
             if not resume:
                 raise QuantizeStateError(f"{directory} holds an interrupted quantize ({done}); rerun with --resume to "
                                          f"continue it, or delete that directory to start over")
             _check_fingerprint(directory, fingerprint)
             _check_progress(progress_file, progress)
-            return cls(directory, progress)
+            return progress
         if resume:
             raise QuantizeStateError(f"--resume: no interrupted quantize at {directory} (its state is written "
                                      f"after the first block); run without --resume")
-        # A run killed before its first commit leaves nothing worth keeping.
+        # A run killed before its first commit leaves nothing worth keeping (and this one holds the lock).
         shutil.rmtree(directory, ignore_errors=True)
         (directory / BLOCKS_DIR).mkdir(parents=True)
         write_json(directory / FINGERPRINT_NAME, fingerprint)
-        return cls(directory, None)
+        return None
 
     def commit(self, next_block: int, stores: dict[str, ActivationStore], record: dict[str, Any]) -> None:
         """Save the activations entering ``next_block`` and the RNG, then commit ``progress.json``."""
@@ -113,6 +128,13 @@ class QuantizeState:
 
     def discard(self) -> None:
         shutil.rmtree(self.directory, ignore_errors=True)
+        self.release()
+
+    def release(self) -> None:
+        """Let another job write this output (the end of the process releases it too)."""
+        if self._lock is not None:
+            self._lock.close()
+            self._lock = None
 
 
 def _read_json(path: Path) -> dict:
@@ -121,6 +143,35 @@ def _read_json(path: Path) -> dict:
     except (OSError, json.JSONDecodeError) as err:
         raise QuantizeStateError(f"{path}: unreadable quantize state ({err}); delete {path.parent} to start over") \
             from None
+
+
+def lock_path(out_dir: Path) -> Path:
+    return out_dir.with_name(f".{out_dir.name}.quantize.lock")
+
+
+def _lock_output(out_dir: Path) -> IO:
+    """An exclusive, non-blocking lock on ``out_dir`` (a hidden file beside it) for this process.
+
+    Two jobs writing one output would mix their blocks (and the second would delete the first's
+    fresh state), so the second is refused at once, naming the first. The lock is released when the
+    process ends, however it ends; the small lock file stays (removing it would race a new run).
+    """
+    path = lock_path(out_dir)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    handle = open(path, "a+")  # noqa: SIM115 -- held open for the job's life
+    try:
+        fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        handle.seek(0)
+        owner = handle.read(40).strip() or "another process"
+        handle.close()
+        raise QuantizeStateError(f"{out_dir} is being written by another quantize ({owner}); wait for it to finish "
+                                 f"or choose another --out") from None
+    handle.seek(0)
+    handle.truncate()
+    handle.write(f"pid {os.getpid()}")
+    handle.flush()
+    return handle
 
 
 def activations_name(next_block: int) -> str:
