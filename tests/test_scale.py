@@ -263,8 +263,9 @@ def test_a_second_writer_of_one_output_is_refused_at_once(tmp_path):
         QuantizeState.begin(tmp_path / "out", {"bits": 3}, resume=False)
     assert time.perf_counter() - began < 1
     assert (first.directory / "blocks" / "block-00000.safetensors").read_bytes() == b"first run's block"
-    first.release()  # the first job ends
-    QuantizeState.begin(tmp_path / "out", {"bits": 3}, resume=False)
+    first.release()  # the first job ends, and leaves no lock file behind
+    assert not any(p.name.endswith(".lock") for p in tmp_path.iterdir())
+    QuantizeState.begin(tmp_path / "out", {"bits": 3}, resume=False).release()
 
 
 def test_full_disk_fails_in_one_line_and_keeps_the_state(llama_dir, text_corpus, tmp_path, monkeypatch):

@@ -15,6 +15,7 @@ by a killed run is never used without ``--resume``, and never silently overwritt
 
 from __future__ import annotations
 
+import contextlib
 import fcntl
 import json
 import os
@@ -33,6 +34,7 @@ PROGRESS_NAME = "progress.json"
 FINGERPRINT_NAME = "fingerprint.json"
 BLOCKS_DIR = "blocks"
 RNG_NAME = "rng.safetensors"
+STATE_SUFFIX = ".quantize-state"
 # Fingerprint entries that change the output only in rounding: a resume that differs in them warns.
 # GPTQ's results depend on torch's thread count (the reductions' order; on the default model 1 and
 # 2 threads gave different codes in most tensors and wikitext2 ppl 26.99 vs 26.81, both valid).
@@ -45,7 +47,7 @@ class QuantizeStateError(ValueError):
 
 def state_dir_for(out_dir: str | os.PathLike) -> Path:
     out_dir = Path(out_dir)
-    return out_dir.with_name(f"{out_dir.name}.quantize-state")
+    return out_dir.with_name(f"{out_dir.name}{STATE_SUFFIX}")
 
 
 def directory_bytes(path: Path) -> int:
@@ -60,6 +62,7 @@ class QuantizeState:
         self.progress = progress
         self.peak_bytes = directory_bytes(directory)
         self._lock = lock  # held (open) for the job's life: one writer per output
+        self._lock_path = lock_path(directory.with_name(directory.name.removesuffix(STATE_SUFFIX)))
 
     @property
     def blocks_dir(self) -> Path:
@@ -77,7 +80,9 @@ class QuantizeState:
         try:
             return cls(directory, cls._open(directory, fingerprint, resume), lock)
         except BaseException:
-            lock.close()  # a refused run holds nothing
+            with contextlib.suppress(FileNotFoundError):  # a refused run holds and leaves nothing
+                lock_path(Path(out_dir)).unlink()
+            lock.close()
             raise
 
     @staticmethod
@@ -133,6 +138,8 @@ class QuantizeState:
     def release(self) -> None:
         """Let another job write this output (the end of the process releases it too)."""
         if self._lock is not None:
+            with contextlib.suppress(FileNotFoundError):
+                self._lock_path.unlink()  # while still holding it (see _lock_output)
             self._lock.close()
             self._lock = None
 
@@ -153,25 +160,38 @@ def _lock_output(out_dir: Path) -> IO:
     """An exclusive, non-blocking lock on ``out_dir`` (a hidden file beside it) for this process.
 
     Two jobs writing one output would mix their blocks (and the second would delete the first's
-    fresh state), so the second is refused at once, naming the first. The lock is released when the
-    process ends, however it ends; the small lock file stays (removing it would race a new run).
+    fresh state), so the second is refused at once, naming the first. The holder removes the file
+    when it releases the lock (:meth:`QuantizeState.release`); a lock taken on a file that was
+    removed meanwhile is retaken on the new one, so two jobs never hold "the" lock at once. A killed
+    job's file stays and is simply locked again by the next run.
     """
     path = lock_path(out_dir)
     path.parent.mkdir(parents=True, exist_ok=True)
-    handle = open(path, "a+")  # noqa: SIM115 -- held open for the job's life
+    for _ in range(3):
+        handle = open(path, "a+")  # noqa: SIM115 -- held open for the job's life
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            handle.seek(0)
+            owner = handle.read(40).strip() or "another process"
+            handle.close()
+            raise QuantizeStateError(f"{out_dir} is being written by another quantize ({owner}); wait for it to "
+                                     f"finish or choose another --out") from None
+        if _same_file(handle, path):
+            handle.seek(0)
+            handle.truncate()
+            handle.write(f"pid {os.getpid()}")
+            handle.flush()
+            return handle
+        handle.close()  # the previous holder removed it between our open and our lock
+    raise QuantizeStateError(f"{out_dir}: could not lock {path}; retry")
+
+
+def _same_file(handle: IO, path: Path) -> bool:
     try:
-        fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except OSError:
-        handle.seek(0)
-        owner = handle.read(40).strip() or "another process"
-        handle.close()
-        raise QuantizeStateError(f"{out_dir} is being written by another quantize ({owner}); wait for it to finish "
-                                 f"or choose another --out") from None
-    handle.seek(0)
-    handle.truncate()
-    handle.write(f"pid {os.getpid()}")
-    handle.flush()
-    return handle
+        return os.fstat(handle.fileno()).st_ino == os.stat(path).st_ino
+    except FileNotFoundError:
+        return False
 
 
 def activations_name(next_block: int) -> str:
