@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import reprlib
 import types
 import typing
 from dataclasses import asdict, dataclass, field, fields
@@ -43,6 +44,17 @@ RECOVER_DTYPES = ("auto", "bf16", "fp32")
 SHARDING_MODES = ("ddp", "fsdp2")  # how several recovery processes split the model (quikft.sharding)
 
 
+_BRIEF = reprlib.Repr()
+_BRIEF.maxlevel, _BRIEF.maxlist, _BRIEF.maxtuple, _BRIEF.maxdict, _BRIEF.maxset = 2, 4, 4, 4, 4
+_BRIEF.maxstring, _BRIEF.maxother, _BRIEF.maxlong = 60, 60, 40
+
+
+def brief(value: Any) -> str:
+    """A short repr of a user's value for an error message: bounded in length and in the work it takes
+    (a YAML preset's aliases can make a value whose full repr is gigabytes)."""
+    return _BRIEF.repr(value)
+
+
 class ConfigError(ValueError):
     """A setting that cannot work; the message is one line naming the setting (``setting``, when one)."""
 
@@ -54,7 +66,7 @@ class ConfigError(ValueError):
 def check_bits(bits: int, name: str = "bits") -> None:
     """Raise unless ``bits`` is one of the supported widths (an int: ``4.0`` is refused)."""
     if type(bits) is not int or bits not in BITS:
-        raise ConfigError(f"{name} must be one of {', '.join(map(str, BITS))}; got {bits!r}", name)
+        raise ConfigError(f"{name} must be one of {', '.join(map(str, BITS))}; got {brief(bits)}", name)
 
 
 def check_metric_norms(tau: float | None, rho: float | None) -> None:
@@ -82,7 +94,7 @@ def _coerce(name: str, value: Any, kind: Any) -> Any:
         if isinstance(value, str):
             value = (value,)
         if not isinstance(value, list | tuple) or not all(isinstance(item, str) for item in value):
-            raise ConfigError(f"setting {name} must be a list of strings; got {value!r}", name)
+            raise ConfigError(f"setting {name} must be a list of strings; got {brief(value)}", name)
         return tuple(value)
     if kind is float:
         # YAML 1.1 reads 1e-4 and inf (without a dot) as strings: accept numbers spelled so.
@@ -95,7 +107,7 @@ def _coerce(name: str, value: Any, kind: Any) -> Any:
             return float(value)
     elif kind is int and type(value) is int or kind in (bool, str) and isinstance(value, kind):
         return value
-    raise ConfigError(f"setting {name} must be {_type_name(kind)}; got {value!r} ({type(value).__name__})", name)
+    raise ConfigError(f"setting {name} must be {_type_name(kind)}; got {brief(value)} ({type(value).__name__})", name)
 
 
 def _check_types(config: Any) -> None:
@@ -121,7 +133,7 @@ def _non_negative(config: Any, names: tuple[str, ...]) -> None:
 
 def _one_of(name: str, value: str, allowed: tuple[str, ...], what: str | None = None) -> None:
     if value not in allowed:
-        raise ConfigError(f"unknown {what or name} {value!r}; use one of {', '.join(allowed)}", name)
+        raise ConfigError(f"unknown {what or name} {brief(value)}; use one of {', '.join(allowed)}", name)
 
 
 # ------------------------------------------------------------------------------------ quantize

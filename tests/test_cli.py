@@ -1,5 +1,6 @@
 import json
 
+import pytest
 from click.testing import CliRunner
 
 from quikft.cli import main
@@ -72,3 +73,22 @@ def test_eval_auto_dtype_follows_the_cpu(tiny_dir, text_file, tmp_path, monkeypa
     assert CliRunner().invoke(main, args).exit_code == 0
     report = json.loads(out.read_text())
     assert report["dtype"] == "float32" and "AVX2" in report["compute_dtype"]["reason"] and report["device"] == "cpu"
+
+
+def test_an_error_about_a_huge_value_stays_short_and_quick(tmp_path):
+    """A YAML preset's aliases build values whose full repr is gigabytes; the one-line error shows a bounded
+    repr, built in bounded time."""
+    import time
+
+    lines = ['_x0: &x0 ["lol", "lol", "lol", "lol", "lol", "lol", "lol", "lol", "lol"]']
+    lines += [f"_x{i}: &x{i} [{', '.join([f'*x{i - 1}'] * 9)}]" for i in range(1, 9)]
+    preset = tmp_path / "bomb.yaml"
+    preset.write_text("\n".join(lines) + "\n")
+    from quikft.config import ConfigError, QuantConfig, load_yaml
+
+    value = load_yaml(preset)["_x8"]  # 9^9 * 9 strings if expanded
+    began = time.perf_counter()
+    with pytest.raises(ConfigError, match="setting bits must be") as err:
+        QuantConfig(bits=value)
+    assert len(str(err.value)) < 1024 and "\n" not in str(err.value)
+    assert time.perf_counter() - began < 1
