@@ -71,7 +71,9 @@ REPORT_NAME = "quantize_report.json"
 SALIENT_NAME = "salient_indices.safetensors"
 EVAL_DATASET = "wikitext2"
 # Job settings that do not change the output tensors (a resumed run may differ in them).
-NOT_FINGERPRINTED = ("out", "overwrite", "resume", "offload_activations", "device")
+# "model" as spelled (an alias, a relative path) is not the model: model_path (resolved) and the
+# weights' identity are.
+NOT_FINGERPRINTED = ("out", "overwrite", "resume", "offload_activations", "device", "model")
 
 
 def default_out_dir(job: QuantizeJob) -> Path:
@@ -138,8 +140,9 @@ def fingerprint(job: QuantizeJob, weights: CheckpointWeights | None) -> dict:
     config_file = path / "config.json"
     identity = hashlib.sha256(config_file.read_bytes()).hexdigest() if config_file.is_file() else str(path)
     versions = library_versions()
-    return {**json.loads(json.dumps(settings, default=str)), "model_path": str(path),
+    return {**json.loads(json.dumps(settings, default=str)), "model_path": str(path.resolve()),
             "model_config_sha256": identity, "model_bytes": weights.nbytes if weights else None,
+            "model_weights": weights.identity() if weights else None,
             "device_type": torch.device(resolve_device(job.device)).type, "threads": torch.get_num_threads(),
             "torch": versions["torch"], "transformers": versions["transformers"]}
 

@@ -17,6 +17,8 @@ caller loads the whole model instead.
 from __future__ import annotations
 
 import contextlib
+import hashlib
+import json
 import os
 from collections.abc import Iterable
 from pathlib import Path
@@ -29,6 +31,7 @@ from quikft.checkpoint import (
     TensorInfo,
     materialize_non_persistent,
     read_headers,
+    read_metadata,
     tied_weight_keys,
     weight_files,
 )
@@ -72,6 +75,20 @@ class CheckpointWeights:
     @property
     def nbytes(self) -> int:
         return sum(file.stat().st_size for file in self.files)
+
+    def identity(self) -> str:
+        """A hash of what the stored weights are: per file its name, size, modification time and header
+        (names, dtypes, shapes, offsets, and the checksums quikft records), so weights re-saved in place
+        with the same shapes (a fine-tune, a re-download) no longer look like the same model."""
+        digest = hashlib.sha256()
+        for file in self.files:
+            stat = file.stat()
+            digest.update(f"{file.name}\0{stat.st_size}\0{stat.st_mtime_ns}\0".encode())
+            entries = {name: [str(info.dtype), list(info.shape), info.offset]
+                       for name, info in read_headers([file]).items()}
+            digest.update(json.dumps({"tensors": entries, "metadata": read_metadata(file)}, sort_keys=True,
+                                     default=str).encode())
+        return digest.hexdigest()
 
     def skeleton(self, trust_remote_code: bool = False) -> nn.Module:
         """The model the checkpoint's config describes, on the meta device, in the stored dtype."""

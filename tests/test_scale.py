@@ -319,3 +319,29 @@ def test_checkpoint_that_cannot_stream_loads_whole_and_says_so(tokenizer, text_c
                                  "provides model.norm.weight")
     _in_memory(config, tmp_path)
     _assert_same_tensors(tmp_path / "out", tmp_path / "memory")
+
+
+def test_the_fingerprint_sees_weights_changed_in_place(llama_dir, text_corpus, tmp_path):
+    """A resume must not stitch blocks of two different models: weights re-saved into the same directory
+    with the same shapes change the fingerprint, another spelling of the same path does not."""
+    import shutil
+
+    from safetensors.torch import save_file
+
+    from quikft.quantize import fingerprint
+    from quikft.weights import CheckpointWeights
+
+    model = shutil.copytree(llama_dir, tmp_path / "model")
+    job = _config(model, text_corpus, tmp_path / "out")
+    before = fingerprint(job, CheckpointWeights(model))
+    respelled = _config(tmp_path / "model" / ".." / "model", text_corpus, tmp_path / "out")
+    assert fingerprint(respelled, CheckpointWeights(model)) == before
+    (file,) = sorted(model.glob("*.safetensors"))
+    tensors = load_file(file)
+    name = next(iter(tensors))
+    tensors[name] = tensors[name] + 1  # a fine-tune: same names, shapes and sizes
+    save_file(tensors, file, metadata={"format": "pt"})
+    after = fingerprint(job, CheckpointWeights(model))
+    assert after["model_weights"] != before["model_weights"]
+    assert {k: v for k, v in after.items() if k != "model_weights"} == \
+        {k: v for k, v in before.items() if k != "model_weights"}
