@@ -141,9 +141,12 @@ def eval_command(model_name, ppl_datasets, tasks, limit, batch_size, backend, sp
 @_fail_cleanly
 def generate(prompt, model_name, max_new_tokens, temperature, chat, seed, dtype, device, trust_remote_code):
     """Generate a continuation of PROMPT."""
-    from quikft.generation import generate_text
+    from quikft.generation import check_generation, generate_text
+    from quikft.hardware import check_device
     from quikft.models import load_model
 
+    check_generation(prompt, max_new_tokens, temperature)
+    check_device(device)
     model, tokenizer = load_model(model_name, dtype=dtype, device=device, trust_remote_code=bool(trust_remote_code))
     click.echo(generate_text(model, tokenizer, prompt, max_new_tokens, temperature, chat, seed))
 

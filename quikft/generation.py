@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import torch
 
 
@@ -14,12 +16,21 @@ def build_prompt_ids(tokenizer, prompt: str, chat: bool = True) -> torch.Tensor:
     return tokenizer(prompt, return_tensors="pt")["input_ids"]
 
 
+def check_generation(prompt: str, max_new_tokens: int, temperature: float) -> None:
+    """One-line errors for generation settings that cannot work, before a model is loaded."""
+    if not prompt.strip():
+        raise ValueError("the prompt is empty; give the text to continue")
+    if max_new_tokens <= 0:
+        raise ValueError(f"--max-new-tokens must be positive (got {max_new_tokens})")
+    if not math.isfinite(temperature) or temperature < 0:
+        raise ValueError(f"--temperature must be a finite number >= 0 (0 decodes greedily); got {temperature}")
+
+
 @torch.inference_mode()
 def generate_text(model, tokenizer, prompt: str, max_new_tokens: int = 64, temperature: float = 0.0,
                   chat: bool = True, seed: int = 0) -> str:
     """Greedy (temperature 0) or sampled continuation of ``prompt``, without the prompt."""
-    if max_new_tokens <= 0:
-        raise ValueError(f"max_new_tokens must be positive (got {max_new_tokens})")
+    check_generation(prompt, max_new_tokens, temperature)
     torch.manual_seed(seed)
     ids = build_prompt_ids(tokenizer, prompt, chat).to(next(model.parameters()).device)
     sampling = {"do_sample": True, "temperature": temperature} if temperature > 0 else {"do_sample": False}

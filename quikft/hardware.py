@@ -96,6 +96,13 @@ def default_device() -> str:
     return "cuda" if torch.cuda.is_available() else "cpu"
 
 
+def check_device(name: str | None) -> None:
+    """A one-line error for a device this machine does not have (before any model is loaded)."""
+    if name not in (None, AUTO) and torch.device(name).type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"--device {name}: this machine has no CUDA device (or torch was built without CUDA); "
+                         f"use --device cpu or auto")
+
+
 def resolve_device(name: str | None) -> str:
     """``auto``/None to :func:`default_device`; anything else as given."""
     return default_device() if name in (None, AUTO) else name

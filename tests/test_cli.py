@@ -92,3 +92,28 @@ def test_an_error_about_a_huge_value_stays_short_and_quick(tmp_path):
         QuantConfig(bits=value)
     assert len(str(err.value)) < 1024 and "\n" not in str(err.value)
     assert time.perf_counter() - began < 1
+
+
+@pytest.mark.parametrize("args,message", [
+    (["--temperature", "nan"], "--temperature must be a finite number >= 0"),
+    (["--temperature", "-1"], "--temperature must be a finite number >= 0"),
+    (["--max-new-tokens", "0"], "--max-new-tokens must be positive"),
+    (["--device", "cuda"], "no CUDA device"),
+])
+def test_generate_refuses_bad_settings_in_one_line_before_loading(args, message, monkeypatch):
+    import torch
+
+    import quikft.models
+
+    monkeypatch.setattr(quikft.models, "load_model", lambda *a, **k: pytest.fail("the model was loaded"))
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    result = CliRunner().invoke(main, ["generate", "Hello", *args])
+    assert result.exit_code != 0 and message in result.output and result.output.count("\n") == 1
+
+
+def test_generate_refuses_an_empty_prompt(monkeypatch):
+    import quikft.models
+
+    monkeypatch.setattr(quikft.models, "load_model", lambda *a, **k: pytest.fail("the model was loaded"))
+    result = CliRunner().invoke(main, ["generate", "  "])
+    assert result.exit_code != 0 and "the prompt is empty" in result.output
