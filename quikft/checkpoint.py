@@ -56,6 +56,7 @@ from torch import Tensor, nn
 
 from quikft import arch
 from quikft.atomic import atomic_directory
+from quikft.config import BITS, REST_DTYPES
 from quikft.hardware import compute_dtype, default_device, resolve_dtype
 from quikft.nn.kernels import is_scope_reason
 from quikft.nn.quik_linear import QuikLinear, prepare_for_inference
@@ -323,7 +324,7 @@ def validate_quantization_config(qconfig: Mapping[str, Any], source: str | os.Pa
     if method != QUANT_METHOD:
         raise CheckpointError(f"{source}: quantization_config.quant_method is {method!r}, not {QUANT_METHOD!r}")
     version = qconfig.get("format_version")
-    if version not in READABLE_VERSIONS:
+    if isinstance(version, bool) or version not in READABLE_VERSIONS:
         raise CheckpointError(f"{source}: quikft format_version {version!r} is not supported by this quikft "
                               f"(it reads versions {', '.join(map(str, READABLE_VERSIONS))}); upgrade quikft")
     missing = [key for key in REQUIRED_KEYS if key not in qconfig]
@@ -331,6 +332,30 @@ def validate_quantization_config(qconfig: Mapping[str, Any], source: str | os.Pa
         raise CheckpointError(f"{source}: quantization_config lacks {', '.join(missing)}")
     if not isinstance(qconfig["modules"], list) or not qconfig["modules"]:
         raise CheckpointError(f"{source}: quantization_config.modules must be a non-empty list of layer names")
+    _check_declared_values(qconfig, source)
+
+
+def _check_declared_values(qconfig: Mapping[str, Any], source: str | os.PathLike) -> None:
+    """The scalar settings a checkpoint declares have the types and ranges quantize writes (``info``
+    prints them and loaders build layers from them, so a crafted value must not pass as another)."""
+    def integer(key: str) -> Any:
+        value = qconfig.get(key)
+        return value if isinstance(value, int) and not isinstance(value, bool) else None
+
+    bits, group_size, salient = integer("bits"), integer("group_size"), integer("salient")
+    problems = []
+    if bits not in BITS:
+        problems.append(f"bits {_short(qconfig.get('bits'))} (one of {', '.join(map(str, BITS))})")
+    if group_size is None or not (group_size == -1 or group_size > 0):
+        problems.append(f"group_size {_short(qconfig.get('group_size'))} (a positive size or -1)")
+    if salient is None or salient < 0:
+        problems.append(f"salient {_short(qconfig.get('salient'))} (a count >= 0)")
+    if not isinstance(qconfig.get("sym"), bool):
+        problems.append(f"sym {_short(qconfig.get('sym'))} (true or false)")
+    if "dtype_rest" in qconfig and qconfig["dtype_rest"] not in REST_DTYPES:
+        problems.append(f"dtype_rest {_short(qconfig['dtype_rest'])} (one of {', '.join(REST_DTYPES)})")
+    if problems:
+        raise CheckpointError(f"{source}: quantization_config declares {'; '.join(problems)}")
 
 
 def weight_files(path: str | os.PathLike) -> list[Path]:

@@ -4,6 +4,7 @@ import copy
 import json
 import math
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -405,3 +406,22 @@ def test_from_pretrained_loads_float32_where_bf16_is_not_native(tiny, text_file,
         hf = _from_pretrained(out)
     assert hf.dtype == torch.float32
     assert all(m.kernel_name is not None for m in hf.modules() if isinstance(m, QuikLinear))
+
+
+@pytest.mark.parametrize("key,value,named", [
+    ("salient", -1, "salient -1"), ("salient", "many", "salient 'many'"), ("dtype_rest", "int3", "dtype_rest 'int3'"),
+    ("format_version", True, "format_version True"), ("sym", "no", "sym 'no'"), ("bits", 5, "bits 5"),
+    ("group_size", 0, "group_size 0"),
+])
+def test_declared_settings_are_checked_where_they_are_read(packed_dir, tmp_path, key, value, named):
+    """A crafted quantization_config cannot pass one type for another (``sym: "no"`` as true, ``true`` as
+    format 1) or print an unchecked value: every loader and info refuse it in one line."""
+    target = shutil.copytree(packed_dir, tmp_path / "ckpt")
+    config = json.loads((target / "config.json").read_text())
+    config["quantization_config"][key] = value
+    (target / "config.json").write_text(json.dumps(config))
+    for attempt in (lambda: load(target), lambda: checkpoint.describe(target)):
+        with pytest.raises(CheckpointError, match=re.escape(named)):
+            attempt()
+    result = CliRunner().invoke(main, ["info", str(target)])
+    assert result.exit_code == 1 and result.output.count("\n") == 1 and named in result.output
