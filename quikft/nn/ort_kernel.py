@@ -22,14 +22,19 @@ Two kernels, two activation precisions (``accuracy_level``):
 - ``cpu-ort-int8``: activations quantized by ORT to int8 per block (level 4), integer dot
   products: 4-8x faster than dense fp32 on AVX2 at 4096x4096; the output moves by about 6e-3
   relative. It is a lower-precision policy, allowed by default only because it passed the
-  perplexity gate (see ``ACTIVATION_POLICY`` in :mod:`quikft.nn.kernels`).
+  perplexity gate (see ``DEFAULT_ACTIVATIONS`` in :mod:`quikft.nn.kernels`).
 
 Memory. ONNX Runtime prepacks the weight into its own layout when the session is created and
-keeps its copy of the initializers besides (about 2 bytes of process memory per byte of codes,
-measured with RSS); those bytes are not torch buffers, so ``KernelState.hidden_bytes`` records
-them and ``quikft info``/the benchmark count them. The layer keeps ``qweight`` (the portable
-codes) because the prepacked layout cannot be read back. ONNX Runtime's intra-op pool is sized
-to torch's thread count with spinning off, so two thread pools never spin against each other.
+keeps its copy of the initializers besides (2.4-2.7 bytes of process memory per byte of 4-bit
+codes, measured with RSS); those bytes are not torch buffers, so ``KernelState.hidden_bytes``
+records them (twice the arrays handed over) and the benchmark counts them. The layer keeps
+``qweight`` (the portable codes) because the prepacked layout cannot be read back; the salient
+weights are held as an exact fp32 copy (the layer's fp16 buffer is dropped, see
+:func:`~quikft.nn.kernels.salient_fp32`). ONNX Runtime's intra-op pool runs on the calling thread
+for layers below :data:`PARALLEL_MIN_WEIGHTS` and on torch's thread count above, with spinning
+off, so two thread pools never spin against each other. The bound input/output buffers of a
+one-row call stay between calls, which makes one layer's forward unsafe to run from two threads
+at once.
 """
 
 from __future__ import annotations
