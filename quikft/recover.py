@@ -240,7 +240,9 @@ class LoraMode(RecoveryMode):
 
     def finish(self, job: Job, config: RecoverConfig, staging: Path, label: str) -> dict | None:
         ppl_after = _quick_ppl(job.model, job.tokenizer, config, label)
-        job.model.save_pretrained(staging / "adapter")
+        from quikft.integrations.peft import save_lora
+
+        save_lora(job.model, staging / "adapter")
         return ppl_after
 
 

@@ -87,3 +87,27 @@ def test_a_model_without_packed_layers_is_refused(tiny):
     model, _ = tiny
     with pytest.raises(ValueError, match="QuikLinear"):
         add_lora(model)
+
+
+def test_an_adapter_refuses_a_base_it_was_not_trained_on(packed, tmp_path):
+    from quikft.integrations.peft import save_lora
+    from quikft.nn import quik_layers
+
+    model = add_lora(load(packed, dtype=torch.float32), rank=4)
+    _randomize_b(model)
+    save_lora(model, tmp_path / "adapter")
+    load_lora(tmp_path / "adapter", load(packed, dtype=torch.float32))  # its own base: fine
+    other = load(packed, dtype=torch.float32)
+    layer = next(iter(quik_layers(other).values()))
+    layer.clear_cache()
+    with torch.no_grad():
+        layer.salient_weight.add_(1)  # another quantization of the same shapes
+    with pytest.raises(ValueError, match="trained on another packed base") as err:
+        load_lora(tmp_path / "adapter", other)
+    assert "\n" not in str(err.value)
+    fewer = load(packed, dtype=torch.float32)
+    name = next(iter(quik_layers(fewer)))
+    parent, _, child = name.rpartition(".")
+    setattr(fewer.get_submodule(parent), child, nn.Identity())
+    with pytest.raises(ValueError, match=r"trained on a base with \d+ packed layers; this model has"):
+        load_lora(tmp_path / "adapter", fewer)

@@ -19,6 +19,7 @@ is re-registered on load).
 
 from __future__ import annotations
 
+import hashlib
 import json
 import warnings
 from pathlib import Path
@@ -96,11 +97,53 @@ def _keep_codes(model: nn.Module) -> None:
         layer.restore_codes()
 
 
+BASE_FILE = "quikft_base.json"  # beside adapter_config.json: which packed base the adapter was trained on
+
+
+def base_identity(model: nn.Module) -> str:
+    """A hash of the packed layers an adapter sits on (every stored tensor, in module order): another
+    quantization of the same model (a seed, ``--overwrite``) or another model of the same shapes differs."""
+    digest = hashlib.sha256()
+    for layer in quik_layers(model).values():
+        for name, tensor in sorted(layer.state_dict().items()):
+            digest.update(f"{name}:{tuple(tensor.shape)}:{tensor.dtype}".encode())
+            digest.update(tensor.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()
+
+
+def save_lora(model: PeftModel, directory: str | Path) -> None:
+    """``save_pretrained`` plus the identity of the packed base, which :func:`load_lora` checks."""
+    directory = Path(directory)
+    model.save_pretrained(str(directory))
+    (directory / BASE_FILE).write_text(json.dumps({"base_identity": base_identity(model),
+                                                   "layers": len(quik_layers(model))}) + "\n")
+
+
+def _check_base(adapter: Path, model: nn.Module) -> None:
+    recorded = adapter / BASE_FILE
+    if not recorded.is_file():
+        return  # saved by plain save_pretrained (or before the check existed): nothing to compare
+    try:
+        saved = json.loads(recorded.read_text())
+        identity, layers = str(saved["base_identity"]), int(saved["layers"])
+    except (ValueError, KeyError, TypeError):
+        raise ValueError(f"{recorded}: unreadable; save the adapter again (quikft.integrations.peft.save_lora)") \
+            from None
+    found = len(quik_layers(model))
+    if found != layers:
+        raise ValueError(f"{adapter} was trained on a base with {layers} packed layers; this model has {found}")
+    if base_identity(model) != identity:
+        raise ValueError(f"{adapter} was trained on another packed base (its layers differ from this model's: "
+                         f"another quantization or model); load the checkpoint it was trained on")
+
+
 def load_lora(adapter: str | Path, model: nn.Module | None = None, trainable: bool = False, **load_kwargs) -> PeftModel:
     """The packed model with the adapter saved in ``adapter`` on top.
 
     ``model`` defaults to the packed checkpoint the adapter was trained on (its
-    ``base_model_name_or_path``), loaded with :func:`quikft.load` and ``load_kwargs``.
+    ``base_model_name_or_path``), loaded with :func:`quikft.load` and ``load_kwargs``. An adapter
+    saved by :func:`save_lora` (as ``recover --mode lora`` does) refuses, in one line, a base whose
+    packed layers are not the ones it was trained on.
     """
     adapter = Path(adapter)
     if not (adapter / "adapter_config.json").is_file():
@@ -113,6 +156,7 @@ def load_lora(adapter: str | Path, model: nn.Module | None = None, trainable: bo
         if not base:
             raise ValueError(f"{adapter}/adapter_config.json does not name its base model; pass model=")
         model = load(base, **{"dtype": torch.float32, **load_kwargs})
+    _check_base(adapter, model)
     config = register(LoraConfig.from_pretrained(str(adapter)))
     _keep_codes(model)
     return PeftModel.from_pretrained(model, str(adapter), config=config, is_trainable=trainable)
