@@ -408,7 +408,7 @@ def _raw_header(file: Path) -> tuple[dict, int, int]:
                                   f"file of {size})")
         try:
             header = json.loads(handle.read(header_len))
-        except (json.JSONDecodeError, UnicodeDecodeError):
+        except (json.JSONDecodeError, UnicodeDecodeError, RecursionError):  # RecursionError: nested 100k deep
             raise CheckpointError(f"{file}: corrupt safetensors header") from None
     if not isinstance(header, dict):
         raise CheckpointError(f"{file}: corrupt safetensors header")

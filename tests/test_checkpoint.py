@@ -425,3 +425,13 @@ def test_declared_settings_are_checked_where_they_are_read(packed_dir, tmp_path,
             attempt()
     result = CliRunner().invoke(main, ["info", str(target)])
     assert result.exit_code == 1 and result.output.count("\n") == 1 and named in result.output
+
+
+def test_a_header_nested_too_deep_is_a_corrupt_header(packed_dir, tmp_path):
+    import struct
+
+    target = shutil.copytree(packed_dir, tmp_path / "ckpt")
+    header = b"[" * 100_000 + b"]" * 100_000
+    (target / "model.safetensors").write_bytes(struct.pack("<Q", len(header)) + header)
+    with pytest.raises(CheckpointError, match="corrupt safetensors header"):
+        load(target)
