@@ -163,9 +163,18 @@ def eval_windows(model, tokenizer, job: QuantizeJob) -> tuple[list[torch.Tensor]
     return [ids[s:s + seqlen].unsqueeze(0) for s in starts], seqlen, ids.numel() // seqlen
 
 
+def check_cache() -> None:
+    """``$QUIKFT_CACHE`` must be a directory (or creatable): the job writes its reference ppl there at the end."""
+    root = cache_root()
+    existing = next((p for p in (root, *root.parents) if p.exists()), None)
+    if existing is not None and not existing.is_dir():
+        raise ValueError(f"QUIKFT_CACHE={root}: {existing} is not a directory; point QUIKFT_CACHE at a directory")
+
+
 def check(job: QuantizeJob) -> Path:
     """Everything that can be checked before the model loads; returns the output directory."""
     job.validate()
+    check_cache()
     check_source(job.quant.calib, "--calib")
     check_seqlen(job.model, job.quant.seqlen, trust_remote_code=job.trust_remote_code)
     out_dir = Path(job.out) if job.out else default_out_dir(job)
