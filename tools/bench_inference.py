@@ -92,7 +92,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     args = parser.parse_args(argv)
     if args.prompt_len < 1 or args.new_tokens < 2 or args.repeats < 1 or args.rounds < 1:
         parser.error("--prompt-len, --repeats and --rounds must be >= 1 and --new-tokens >= 2")
-    if args.shape == "checkpoint" and not args.packed:
+    if args.shape == "checkpoint" and not args.packed and not args.worker:
         parser.error("--packed DIR is required (or --shape llama-1b)")
     return args
 
