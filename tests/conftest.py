@@ -136,7 +136,7 @@ def random_quik(out_features=24, in_features=40, k=6, bits=3, seed=0, bias=False
     salient = torch.sort(torch.randperm(in_features)[:k]).values
     r = rtn_quantize(weight, salient, bits, group_size=16, sym=False, clip_search=False)
     return QuikLinear.from_quantized(r.codes, r.scales, r.zeros, r.g_idx, r.salient, round_to_fp16(r.salient_weight),
-                                     torch.randn(out_features) if bias else None, bits, 16)
+                                     torch.randn(out_features) if bias else None, bits, 16, kernel="torch")
 
 
 def recover_config(model, corpus: dict[str, str], out: Path, **changes):

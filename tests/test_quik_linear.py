@@ -142,7 +142,7 @@ def test_matches_the_quantizer_bit_for_bit(method: str, k: int) -> None:
     else:
         result = rtn_quantize(weight, salient, 3, group_size=GROUP)
     layer = QuikLinear.from_quantized(result.codes, result.scales, result.zeros, result.g_idx, result.salient,
-                                      result.salient_weight, None, 3, GROUP)
+                                      result.salient_weight, None, 3, GROUP, kernel="torch")
     assert torch.equal(layer.dequantize_weight(), result.dequantized_base())
     assert torch.equal(layer.effective_weight(), result.weight)
     inputs = torch.randn(2, 7, IN, generator=gen)
