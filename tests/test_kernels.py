@@ -153,7 +153,8 @@ def test_unsupported_layouts_are_refused_with_a_reason():
     x = exact_input(2, 100)
     y = layer(x.bfloat16())  # the measured choice runs it with a kernel that accepts it
     assert layer.kernel_name != "cpu-int4"
-    assert_bf16_close(y, expected(layer, x), ulps=4)
+    exact = expected(layer, x).value  # (each kernel's own bound: tests/test_kernel_conformance.py)
+    assert float((y.double() - exact).norm() / exact.norm()) < 2e-2
     layer.kernel = "cpu-int4"
     with pytest.raises(RuntimeError, match="multiples of 32"):
         layer(x.bfloat16())
