@@ -56,7 +56,7 @@ from torch import Tensor, nn
 
 from quikft import arch
 from quikft.atomic import atomic_directory
-from quikft.config import BITS, REST_DTYPES
+from quikft.config import BITS, REST_DTYPES, brief
 from quikft.hardware import compute_dtype, default_device, resolve_dtype
 from quikft.nn.kernels import is_scope_reason
 from quikft.nn.quik_linear import QuikLinear, prepare_for_inference
@@ -345,15 +345,15 @@ def _check_declared_values(qconfig: Mapping[str, Any], source: str | os.PathLike
     bits, group_size, salient = integer("bits"), integer("group_size"), integer("salient")
     problems = []
     if bits not in BITS:
-        problems.append(f"bits {_short(qconfig.get('bits'))} (one of {', '.join(map(str, BITS))})")
+        problems.append(f"bits {brief(qconfig.get('bits'))} (one of {', '.join(map(str, BITS))})")
     if group_size is None or not (group_size == -1 or group_size > 0):
-        problems.append(f"group_size {_short(qconfig.get('group_size'))} (a positive size or -1)")
+        problems.append(f"group_size {brief(qconfig.get('group_size'))} (a positive size or -1)")
     if salient is None or salient < 0:
-        problems.append(f"salient {_short(qconfig.get('salient'))} (a count >= 0)")
+        problems.append(f"salient {brief(qconfig.get('salient'))} (a count >= 0)")
     if not isinstance(qconfig.get("sym"), bool):
-        problems.append(f"sym {_short(qconfig.get('sym'))} (true or false)")
+        problems.append(f"sym {brief(qconfig.get('sym'))} (true or false)")
     if "dtype_rest" in qconfig and qconfig["dtype_rest"] not in REST_DTYPES:
-        problems.append(f"dtype_rest {_short(qconfig['dtype_rest'])} (one of {', '.join(REST_DTYPES)})")
+        problems.append(f"dtype_rest {brief(qconfig['dtype_rest'])} (one of {', '.join(REST_DTYPES)})")
     if problems:
         raise CheckpointError(f"{source}: quantization_config declares {'; '.join(problems)}")
 
@@ -366,7 +366,7 @@ def weight_files(path: str | os.PathLike) -> list[Path]:
         try:
             weight_map = json.loads(index_file.read_text())["weight_map"]
         except (json.JSONDecodeError, KeyError, TypeError) as err:
-            raise CheckpointError(f"{index_file}: not a valid safetensors index ({_short(err)})") from None
+            raise CheckpointError(f"{index_file}: not a valid safetensors index ({brief(err)})") from None
         if not isinstance(weight_map, dict) or not all(isinstance(v, str) for v in weight_map.values()):
             raise CheckpointError(f"{index_file}: weight_map must map tensor names to file names")
         return [_shard(path, name, index_file) for name in sorted(set(weight_map.values()))]
@@ -379,18 +379,12 @@ def _shard(path: Path, name: str, index_file: Path) -> Path:
     """A shard the index names: a plain file name inside the checkpoint directory (never a path that
     leaves it), naming a regular file (a hub snapshot's link to its blob is one)."""
     if not name or name in (".", "..") or "/" in name or "\\" in name or Path(name).is_absolute():
-        raise CheckpointError(f"{index_file}: shard {_short(name)} is not a file name inside the checkpoint "
+        raise CheckpointError(f"{index_file}: shard {brief(name)} is not a file name inside the checkpoint "
                               f"directory; indexes name their shards, never paths")
     shard = path / name
     if shard.exists() and not shard.is_file():
         raise CheckpointError(f"{shard}: not a regular file (a shard must be a safetensors file)")
     return shard
-
-
-def _short(value: object, limit: int = 120) -> str:
-    """``repr`` cut to ``limit`` characters, so a message built from a file's content stays one short line."""
-    text = repr(value) if not isinstance(value, BaseException) else str(value)
-    return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
 def _raw_header(file: Path) -> tuple[dict, int, int]:

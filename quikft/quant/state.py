@@ -28,6 +28,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from quikft.atomic import write_json
+from quikft.config import brief
 from quikft.quant.activations import ActivationStore
 
 PROGRESS_NAME = "progress.json"
@@ -208,21 +209,15 @@ def _check_progress(progress_file: Path, progress: Any) -> None:
     blocks = progress.get("blocks") if isinstance(progress, dict) else None
     if (not isinstance(next_block, int) or isinstance(next_block, bool) or next_block < 1
             or (isinstance(blocks, int) and next_block > blocks)):
-        raise QuantizeStateError(f"{progress_file}: next_block {_short(next_block)} is not a finished block "
+        raise QuantizeStateError(f"{progress_file}: next_block {brief(next_block)} is not a finished block "
                                  f"count; {start_over}")
     expected = activations_name(next_block)
     if progress.get("activations") != expected:
-        raise QuantizeStateError(f"{progress_file}: names activations {_short(progress.get('activations'))} for "
+        raise QuantizeStateError(f"{progress_file}: names activations {brief(progress.get('activations'))} for "
                                  f"block {next_block}, not {expected}; {start_over}")
     activations = directory / expected
     if activations.is_symlink() or not activations.is_dir():
         raise QuantizeStateError(f"{activations} is not a directory of this state; {start_over}")
-
-
-def _short(value: Any, limit: int = 80) -> str:
-    """``repr(value)`` cut to ``limit`` characters: messages built from a file's values stay one short line."""
-    text = repr(value)
-    return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
 def _check_fingerprint(directory: Path, fingerprint: dict[str, Any]) -> None:
