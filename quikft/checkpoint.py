@@ -302,16 +302,24 @@ def is_packed_checkpoint(path: str | os.PathLike) -> bool:
     return isinstance(qconfig, dict) and qconfig.get("quant_method") == QUANT_METHOD
 
 
-def read_quantization_config(path: str | os.PathLike) -> dict:
-    """The validated ``quantization_config`` of the checkpoint directory ``path``."""
+def read_model_config(path: str | os.PathLike) -> dict:
+    """The ``config.json`` of the checkpoint directory ``path``, as JSON (an object)."""
     config_file = Path(path) / CONFIG_NAME
     if not config_file.is_file():
         raise CheckpointError(f"{config_file}: not found; is {path} a checkpoint directory?")
     try:
         config = json.loads(config_file.read_text())
-    except json.JSONDecodeError as err:
-        raise CheckpointError(f"{config_file}: not valid JSON ({err})") from None
-    qconfig = config.get("quantization_config")
+    except (json.JSONDecodeError, UnicodeDecodeError, RecursionError) as err:
+        raise CheckpointError(f"{config_file}: not valid JSON ({brief(err)})") from None
+    if not isinstance(config, dict):
+        raise CheckpointError(f"{config_file}: not a model config (a JSON object)")
+    return config
+
+
+def read_quantization_config(path: str | os.PathLike) -> dict:
+    """The validated ``quantization_config`` of the checkpoint directory ``path``."""
+    config_file = Path(path) / CONFIG_NAME
+    qconfig = read_model_config(path).get("quantization_config")
     if not isinstance(qconfig, dict):
         raise CheckpointError(f"{config_file}: no quantization_config; this is not a quikft packed checkpoint")
     validate_quantization_config(qconfig, config_file)
@@ -356,6 +364,51 @@ def _check_declared_values(qconfig: Mapping[str, Any], source: str | os.PathLike
         problems.append(f"dtype_rest {brief(qconfig['dtype_rest'])} (one of {', '.join(REST_DTYPES)})")
     if problems:
         raise CheckpointError(f"{source}: quantization_config declares {'; '.join(problems)}")
+
+
+# Config entries that size the model a config builds, and never hold a negative value in any family.
+SIZE_KEYS = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
+             "num_key_value_heads", "head_dim", "moe_intermediate_size", "max_position_embeddings")
+EXPERT_COUNT_KEYS = ("num_experts", "num_local_experts", "n_routed_experts", "n_shared_experts")
+
+
+def check_model_config(config: Mapping[str, Any], qconfig: Mapping[str, Any],
+                       tensors: Mapping[str, TensorInfo] | None, source: str | os.PathLike) -> None:
+    """The sizes ``config.json`` declares, checked before the model it describes is built: building
+    runs the family's code on them (a negative vocabulary fails inside torch), and its cost grows
+    with the layer and expert counts (a million layers took minutes and gigabytes before any check).
+    With the stored ``tensors``, the model may have no more layers or experts than they can fill."""
+    sections = [config, *(v for k, v in config.items() if k.endswith("_config") and isinstance(v, Mapping)
+                          and k != "quantization_config")]
+    for section in sections:
+        for key in (*SIZE_KEYS, *EXPERT_COUNT_KEYS):
+            value = section.get(key)
+            if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value < 0):
+                raise CheckpointError(f"{source}: {key} is {brief(value)}; a size must be a count >= 0")
+    if tensors is None:
+        return
+    prefix, stored = stored_blocks(qconfig, tensors)
+    for section in sections:
+        layers = section.get("num_hidden_layers")
+        if layers is not None and prefix and layers > len(stored):
+            raise CheckpointError(f"{source}: num_hidden_layers is {layers}, but the weights hold {len(stored)} "
+                                  f"blocks under {prefix}")
+        for key in EXPERT_COUNT_KEYS:
+            if (section.get(key) or 0) > len(tensors):  # every expert stores at least one tensor
+                raise CheckpointError(f"{source}: {key} is {section[key]}, more experts than the weights hold "
+                                      f"tensors ({len(tensors)})")
+
+
+def stored_blocks(qconfig: Mapping[str, Any], tensors: Mapping[str, TensorInfo]) -> tuple[str, set[int]]:
+    """The decoder blocks' name prefix (from the first quantized module's name, e.g. ``model.layers``)
+    and the block numbers the stored tensors hold under it."""
+    parts = str(next(iter(qconfig.get("modules") or []), "")).split(".")
+    index = next((i for i, part in enumerate(parts) if part.isdigit()), None)
+    if index is None:
+        return "", set()
+    prefix = ".".join(parts[:index])
+    blocks = {name[len(prefix) + 1:].split(".", 1)[0] for name in tensors if name.startswith(f"{prefix}.")}
+    return prefix, {int(block) for block in blocks if block.isdigit()}
 
 
 def weight_files(path: str | os.PathLike) -> list[Path]:
@@ -417,8 +470,25 @@ def read_header(file: str | os.PathLike) -> dict[str, TensorInfo]:
     """
     file = Path(file)
     header, data_start, data_size = _raw_header(file)
-    return {name: _tensor_info(file, name, entry, data_start, data_size)
-            for name, entry in header.items() if name != "__metadata__"}
+    tensors = {name: _tensor_info(file, name, entry, data_start, data_size)
+               for name, entry in header.items() if name != "__metadata__"}
+    _check_tiling(file, tensors, data_start, data_size)
+    return tensors
+
+
+def _check_tiling(file: Path, tensors: Mapping[str, TensorInfo], data_start: int, data_size: int) -> None:
+    """The tensors' bytes follow one another without gap or overlap, as safetensors requires (its own
+    reader refuses such a file later with a traceback; two names sharing bytes would alias)."""
+    expected = data_start
+    for name, info in sorted(tensors.items(), key=lambda item: (item[1].offset, item[1].nbytes)):
+        if info.offset != expected:
+            where = "overlaps the tensor before it" if info.offset < expected else "leaves a gap before it"
+            raise CheckpointError(f"{file}: corrupt header: tensor {name} starts at data byte "
+                                  f"{info.offset - data_start}, which {where} (expected {expected - data_start})")
+        expected += info.nbytes
+    if expected != data_start + data_size:
+        raise CheckpointError(f"{file}: corrupt safetensors file: {data_start + data_size - expected} bytes after "
+                              f"its last tensor")
 
 
 def read_metadata(file: str | os.PathLike) -> dict[str, str] | None:
@@ -435,6 +505,8 @@ def _tensor_info(file: Path, name: str, entry: Any, data_start: int, data_size: 
     except (KeyError, TypeError, ValueError):
         raise CheckpointError(f"{file}: corrupt header entry for tensor {name}") from None
     info = TensorInfo(file, dtype, shape, data_start + begin)
+    if begin < 0 or end < begin or any(n < 0 for n in shape):
+        raise CheckpointError(f"{file}: corrupt header entry for tensor {name} (negative size or offset)")
     if end > data_size:
         raise CheckpointError(f"{file}: truncated safetensors file: tensor {name} ends at data byte {end}, "
                               f"the file holds {data_size}")
@@ -631,6 +703,7 @@ def _checked_skeleton(path: Path, dtype: torch.dtype, trust_remote_code: bool
     qconfig = read_quantization_config(path)
     files = weight_files(path)
     tensors = read_headers(files)
+    check_model_config(read_model_config(path), qconfig, tensors, path / CONFIG_NAME)
     model = _skeleton(AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code), dtype,
                       trust_remote_code)
     # Empty layers on the meta device: the stored tensors replace their buffers (assign=True).

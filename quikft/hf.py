@@ -40,11 +40,13 @@ from quikft.checkpoint import (
     QUANT_METHOD,
     CheckpointError,
     check_layer_values,
+    check_model_config,
     check_tensors,
     finish_loading,
     read_headers,
     swap_in_quik_layers,
     validate_quantization_config,
+    weight_files,
     weights_source,
 )
 from quikft.hardware import compute_dtype, default_device
@@ -75,6 +77,19 @@ class QuikftHfQuantizer(HfQuantizer):
     def validate_environment(self, *args: Any, **kwargs: Any) -> None:
         if not self.pre_quantized:
             raise ValueError("quikft cannot quantize while loading; run `quikft quantize` and load its output")
+
+    def update_attn_implementation(self, config: Any) -> Any:
+        """Called with the model's config before the model is built: the checks quikft.load makes before
+        building (the declared sizes; for a local directory, against the stored headers), so a crafted
+        config is refused with the same message before transformers builds a million layers."""
+        directory = Path(str(getattr(config, "name_or_path", "") or ""))
+        local = directory.is_dir() and (directory / CONFIG_NAME).is_file()
+        source = directory / CONFIG_NAME if local else CONFIG_NAME
+        qconfig = self.quantization_config.to_dict()
+        validate_quantization_config(qconfig, source)
+        tensors = read_headers(weight_files(directory)) if local else None
+        check_model_config(config.to_dict(), qconfig, tensors, source)
+        return super().update_attn_implementation(config)
 
     def update_dtype(self, dtype: torch.dtype) -> torch.dtype:
         choice = compute_dtype(default_device())

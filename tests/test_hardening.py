@@ -226,6 +226,37 @@ def _qconfig(**changes):
     return damage
 
 
+def _model_config(**changes):
+    def damage(directory: Path) -> None:
+        config = json.loads((directory / "config.json").read_text())
+        config.update(changes)
+        (directory / "config.json").write_text(json.dumps(config))
+    return damage
+
+
+def _header(change):
+    """Rewrite one header of model.safetensors in place (same length: compact JSON, space-padded)."""
+    def damage(directory: Path) -> None:
+        path = directory / "model.safetensors"
+        data = path.read_bytes()
+        length = int.from_bytes(data[:8], "little")
+        header = json.loads(data[8:8 + length])
+        change(header)
+        text = json.dumps(header, separators=(",", ":")).encode()
+        assert len(text) <= length
+        path.write_bytes(data[:8] + text.ljust(length) + data[8 + length:])
+    return damage
+
+
+def _offsets(name, begin_at=None, shift=0):
+    """Move a tensor's data offsets: to start at ``begin_at`` (same size), or by ``shift`` bytes."""
+    def change(header):
+        begin, end = header[f"{DOWN}.{name}"]["data_offsets"]
+        start = begin + shift if begin_at is None else begin_at
+        header[f"{DOWN}.{name}"]["data_offsets"] = [start, start + end - begin]
+    return change
+
+
 def _set(index, value):
     def change(t):
         t = t.clone()
@@ -250,6 +281,14 @@ VALUE_CORRUPTIONS = {
     "bits": (_qconfig(bits=4), r"tensor \S+\.qweight has shape \[\d+, \d+\], expected"),
     "group_size": (_qconfig(group_size=16), r"\.scales has \d+ groups; \d+ quantized columns in groups of 16 make"),
     "sym": (_qconfig(sym=True), r"\.qzeros must all be 4 in a symmetric \(sym\) checkpoint"),
+    # Checked before the model the config describes is built (a million layers took minutes and gigabytes).
+    "million_layers": (_model_config(num_hidden_layers=1_000_000),
+                       r"config\.json: num_hidden_layers is 1000000, but the weights hold 2 blocks under model\.layers"),
+    "negative_vocab": (_model_config(vocab_size=-5), r"config\.json: vocab_size is -5; a size must be a count >= 0"),
+    "million_experts": (_model_config(num_local_experts=10**6), r"num_local_experts is 1000000, more experts than"),
+    "negative_offset": (_header(_offsets("scales", begin_at=-2)), rf"corrupt header entry for tensor {DOWN}\.scales"),
+    "overlapping_offsets": (_header(_offsets("scales", shift=-2)), r"corrupt header: tensor \S+ starts at data byte \d+, "
+                                                              r"which overlaps the tensor before it"),
 }
 ALL_CORRUPTIONS = {**{f"header-{case}": (lambda d, f=f, damage=damage: damage(d / f), message)
                       for case, (f, damage, message) in CORRUPTIONS.items()},
