@@ -200,8 +200,11 @@ def _share(directory: Path) -> None:
     """Give a finished output the permissions of a normally created one (mkdtemp/mkstemp use 0700/0600)."""
     mask = _umask()
     directory.chmod(0o777 & ~mask)
-    for path in directory.rglob("*"):
-        path.chmod((0o777 if path.is_dir() else 0o666) & ~mask)
+    for root, dirs, files in os.walk(directory):  # never into a linked directory
+        for name in [*dirs, *files]:
+            path = Path(root, name)
+            if not path.is_symlink():  # a chmod through a link would change a file outside the output
+                path.chmod((0o777 if path.is_dir() else 0o666) & ~mask)
 
 
 # ------------------------------------------------------------------------------------ signals

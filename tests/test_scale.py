@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 import torch
 from families import build_family
-from safetensors.torch import load_file
+from safetensors.torch import load_file, save_file
 
 from quikft.checkpoint import load, save_packed
 from quikft.config import QuantizeJob, from_settings
@@ -24,6 +24,7 @@ from quikft.data import calibration_windows
 from quikft.eval.ppl import quick_ppl
 from quikft.models import load_model
 from quikft.quant import streaming
+from quikft.quant.activations import ActivationStore
 from quikft.quant.pipeline import quantize_model
 from quikft.quant.state import QuantizeState, QuantizeStateError, state_dir_for
 from quikft.quant.streaming import round_floating
@@ -213,11 +214,7 @@ def test_resume_after_sigkill_is_bit_identical(llama_dir, text_corpus, tmp_path)
 
 def test_resume_refuses_changed_settings_and_warns_on_a_changed_thread_count(tmp_path):
     saved = {"bits": 3, "threads": 1, "transformers": "5.0"}
-    state = QuantizeState.begin(tmp_path / "out", saved, resume=False)
-    state.release()  # that job was interrupted
-    (state.directory / "activations-00001").mkdir()  # one block done
-    (state.directory / "progress.json").write_text(json.dumps({"next_block": 1, "blocks": 4,
-                                                              "activations": "activations-00001"}))
+    _interrupted_state(tmp_path / "out", saved, blocks=1)
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # a refused resume does not also warn about the thread count
         with pytest.raises(QuantizeStateError, match="used transformers='5.0', this one transformers='5.1'; rerun"):
@@ -225,6 +222,112 @@ def test_resume_refuses_changed_settings_and_warns_on_a_changed_thread_count(tmp
     with pytest.warns(UserWarning, match="used threads=1, this one threads=2; .* OMP_NUM_THREADS=1 for a bit-identical"):
         resumed = QuantizeState.begin(tmp_path / "out", {**saved, "threads": 2}, resume=True)
     assert resumed.next_block == 1
+
+
+def _interrupted_state(out: Path, fingerprint: dict, blocks: int) -> QuantizeState:
+    """The state of a job interrupted after ``blocks`` of 4 blocks, each with a shard and activations."""
+    state = QuantizeState.begin(out, fingerprint, resume=False)
+    store = ActivationStore("none", "cpu")
+    store.append(torch.arange(6.0))
+    for index in range(blocks):
+        shard = state.blocks_dir / f"block-{index:05d}.safetensors"
+        save_file({"w": torch.full((4,), float(index))}, shard)
+        state.commit(index + 1, {"calibration": store}, {"blocks": 4}, [shard])
+    state.release()
+    return state
+
+
+def _swap(state: QuantizeState, victim: Path) -> None:
+    shard = state.blocks_dir / "block-00000.safetensors"
+    shard.write_bytes((state.blocks_dir / "block-00001.safetensors").read_bytes())
+
+
+def _truncate(state: QuantizeState, victim: Path) -> None:
+    shard = state.blocks_dir / "block-00001.safetensors"
+    shard.write_bytes(shard.read_bytes()[:-4])
+
+
+def _link_shard(state: QuantizeState, victim: Path) -> None:
+    shard = state.blocks_dir / "block-00000.safetensors"
+    victim.write_bytes(shard.read_bytes())  # the same bytes: only the link gives it away
+    victim.chmod(0o600)
+    shard.unlink()
+    shard.symlink_to(victim)
+
+
+def _activation(change):
+    def damage(state: QuantizeState, victim: Path) -> None:
+        batch = state.directory / "activations-00002" / "calibration" / "00000.safetensors"
+        change(batch, victim)
+    return damage
+
+
+def _link_batch(batch: Path, victim: Path) -> None:
+    victim.write_bytes(batch.read_bytes())
+    batch.unlink()
+    batch.symlink_to(victim)
+
+
+STATE_DAMAGE = {
+    "swapped_shard": (_swap, r"block-00000\.safetensors does not match its recorded sha256"),
+    "truncated_shard": (_truncate, r"block-00001\.safetensors does not match its recorded sha256"),
+    "missing_shard": (lambda state, victim: (state.blocks_dir / "block-00001.safetensors").unlink(),
+                      r"block-00001\.safetensors is missing"),
+    "linked_shard": (_link_shard, r"block-00000\.safetensors is not a regular file"),
+    "truncated_activations": (_activation(lambda batch, victim: batch.write_bytes(batch.read_bytes()[:-8])),
+                              r"calibration/00000\.safetensors' is not as this state wrote it"),
+    "linked_activations": (_activation(_link_batch), r"calibration/00000\.safetensors' is not as this state wrote"),
+    "extra_activations": (_activation(lambda batch, victim: batch.with_name("00001.safetensors").write_bytes(b"x")),
+                          r"calibration/00001\.safetensors' is not as this state wrote it"),
+    "no_checksums": (lambda state, victim: _edit_progress(state, lambda p: p.pop("shards")),
+                     r"no checksums for the 2 finished blocks"),
+    "stale_activations": (lambda state, victim: _edit_progress(state, lambda p: p.update(next_block=1)),
+                          r"names activations 'activations-00002' for block 1, not activations-00001"),
+}
+
+
+def _edit_progress(state: QuantizeState, change) -> None:
+    progress = json.loads((state.directory / "progress.json").read_text())
+    change(progress)
+    (state.directory / "progress.json").write_text(json.dumps(progress))
+
+
+@pytest.mark.parametrize("case", sorted(STATE_DAMAGE))
+def test_resume_refuses_a_state_whose_files_changed_before_reading_them(tmp_path, case):
+    """A resume is refused before any quantization when a finished block's shard or the activations
+    are not as the interrupted run wrote them; nothing outside the state is touched (a linked file's
+    mode stays 0600: the output's chmod never follows a link)."""
+    state = _interrupted_state(tmp_path / "out", {"bits": 3}, blocks=2)
+    victim = tmp_path / "victim.bin"
+    damage, message = STATE_DAMAGE[case]
+    damage(state, victim)
+    before = victim.read_bytes() if victim.exists() else None
+    with pytest.raises(QuantizeStateError, match=message) as err:
+        QuantizeState.begin(tmp_path / "out", {"bits": 3}, resume=True)
+    assert "the quantize state is inconsistent; delete" in str(err.value) and "\n" not in str(err.value)
+    if before is not None:
+        assert victim.read_bytes() == before and victim.stat().st_mode & 0o777 in (0o600, 0o644)
+    assert not (tmp_path / "out").exists()
+
+
+def test_an_intact_state_resumes_and_a_finished_runs_leftover_is_removed(tmp_path):
+    _interrupted_state(tmp_path / "out", {"bits": 3}, blocks=2)
+    resumed = QuantizeState.begin(tmp_path / "out", {"bits": 3}, resume=True)
+    assert resumed.next_block == 2
+    resumed.release()
+    # a run killed after renaming its complete output into place, before removing its state
+    finished = _interrupted_state(tmp_path / "done", {"bits": 3}, blocks=4)
+    (tmp_path / "done").mkdir()
+    (tmp_path / "done" / "quantize_report.json").write_text("{}")
+    fresh = QuantizeState.begin(tmp_path / "done", {"bits": 3}, resume=False)
+    assert fresh.next_block == 0 and not list(fresh.blocks_dir.iterdir())
+    fresh.release()
+    # an output older than the state is a previous run's: the finished blocks are kept for --resume
+    (tmp_path / "older").mkdir()
+    _interrupted_state(tmp_path / "older", {"bits": 3}, blocks=4)
+    with pytest.raises(QuantizeStateError, match="holds an interrupted quantize .4 of 4 blocks done.; rerun with"):
+        QuantizeState.begin(tmp_path / "older", {"bits": 3}, resume=False)
+    assert finished.directory.exists()
 
 
 @pytest.mark.parametrize("activations", ["{victim}", "../victim", "activations-00002", "activations-00001-link"])

@@ -17,9 +17,12 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
+import hashlib
 import json
 import os
+import re
 import shutil
+import stat
 import warnings
 from pathlib import Path
 from typing import IO, Any
@@ -36,6 +39,12 @@ FINGERPRINT_NAME = "fingerprint.json"
 BLOCKS_DIR = "blocks"
 RNG_NAME = "rng.safetensors"
 STATE_SUFFIX = ".quantize-state"
+# progress.json: per finished block, its files in blocks/ with their sha256 (the output is built from
+# them, so a swapped or damaged one must be refused before it is carried into a checkpoint); the
+# activations' files with their sizes (hashing gigabytes every block would cost more than it guards).
+SHARDS_KEY = "shards"
+ACTIVATION_FILES_KEY = "activation_files"
+PLAIN_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]*")
 # Fingerprint entries that change the output only in rounding: a resume that differs in them warns.
 # GPTQ's results depend on torch's thread count (the reductions' order; on the default model 1 and
 # 2 threads gave different codes in most tensors and wikitext2 ppl 26.99 vs 26.81, both valid).
@@ -96,6 +105,10 @@ class QuantizeState:
                 raise QuantizeStateError(f"{progress_file}: not a quantize progress record; delete {directory} to "
                                          f"start over")
             done = f"{progress.get('next_block', 0)} of {progress.get('blocks', '?')} blocks done"
+            if _finished_leftover(directory, progress):
+                # Killed between the output's rename and the state's removal: the output is complete.
+                shutil.rmtree(directory)
+                return QuantizeState._open(directory, fingerprint, resume)
             if not resume:
                 raise QuantizeStateError(f"{directory} holds an interrupted quantize ({done}); rerun with --resume to "
                                          f"continue it, or delete that directory to start over")
@@ -111,15 +124,19 @@ class QuantizeState:
         write_json(directory / FINGERPRINT_NAME, fingerprint)
         return None
 
-    def commit(self, next_block: int, stores: dict[str, ActivationStore], record: dict[str, Any]) -> None:
-        """Save the activations entering ``next_block`` and the RNG, then commit ``progress.json``."""
+    def commit(self, next_block: int, stores: dict[str, ActivationStore], record: dict[str, Any],
+               written: list[Path]) -> None:
+        """Save the activations entering ``next_block`` and the RNG, then commit ``progress.json``
+        with the sha256 of the files the finished block ``written`` to ``blocks/``."""
         activations = self.directory / activations_name(next_block)
         shutil.rmtree(activations, ignore_errors=True)
         for name, store in stores.items():
             store.persist(activations / name)
         save_file({"torch": torch.get_rng_state()}, activations / RNG_NAME)
         previous = self.progress.get("activations") if self.progress else None
-        self.progress = {**record, "next_block": next_block, "activations": activations.name}
+        shards = [*(self.progress or {}).get(SHARDS_KEY, []), {path.name: _sha256(path) for path in written}]
+        self.progress = {**record, "next_block": next_block, "activations": activations.name, SHARDS_KEY: shards,
+                         ACTIVATION_FILES_KEY: _sizes(activations)}
         write_json(self.directory / PROGRESS_NAME, self.progress)
         self.peak_bytes = max(self.peak_bytes, directory_bytes(self.directory))
         if previous and previous != activations.name:
@@ -143,6 +160,17 @@ class QuantizeState:
                 self._lock_path.unlink()  # while still holding it (see _lock_output)
             self._lock.close()
             self._lock = None
+
+
+def _finished_leftover(directory: Path, progress: dict) -> bool:
+    """The state of a run that finished every block and wrote its output after its last commit (the
+    output directory is renamed into place after every block is committed, so an output newer than
+    ``progress.json`` is that run's, complete; an older one is a previous run's)."""
+    out_dir = directory.with_name(directory.name.removesuffix(STATE_SUFFIX))
+    blocks = progress.get("blocks")
+    return (isinstance(blocks, int) and progress.get("next_block") == blocks and out_dir.is_dir()
+            and not out_dir.is_symlink()
+            and out_dir.stat().st_mtime_ns >= (directory / PROGRESS_NAME).stat().st_mtime_ns)
 
 
 def _read_json(path: Path) -> dict:
@@ -218,6 +246,61 @@ def _check_progress(progress_file: Path, progress: Any) -> None:
     activations = directory / expected
     if activations.is_symlink() or not activations.is_dir():
         raise QuantizeStateError(f"{activations} is not a directory of this state; {start_over}")
+    _check_files(directory, progress, start_over)
+
+
+def _check_files(directory: Path, progress: dict, start_over: str) -> None:
+    """Every file the state records is a regular file of this state as it was written: the finished
+    blocks' shards by sha256, the activations by size; the activations hold nothing else."""
+    shards = progress.get(SHARDS_KEY)
+    if not isinstance(shards, list) or len(shards) != progress["next_block"] \
+            or not all(isinstance(block, dict) and block for block in shards):
+        raise QuantizeStateError(f"{directory / PROGRESS_NAME}: no checksums for the {progress['next_block']} "
+                                 f"finished blocks; {start_over}")
+    for block in shards:
+        for name, digest in block.items():
+            path = _state_file(directory / BLOCKS_DIR, name, start_over)
+            if _sha256(path) != digest:
+                raise QuantizeStateError(f"{path} does not match its recorded sha256 (changed since it was "
+                                         f"written); {start_over}")
+    activations = directory / progress["activations"]
+    recorded, found = progress.get(ACTIVATION_FILES_KEY), _sizes(activations)
+    if not isinstance(recorded, dict):
+        raise QuantizeStateError(f"{directory / PROGRESS_NAME}: no record of the activations' files; {start_over}")
+    if found != recorded:  # a file missing, added, truncated, or replaced by a link
+        name = min(key for key in set(found) | set(recorded) if found.get(key) != recorded.get(key))
+        raise QuantizeStateError(f"{activations}: {brief(name)} is not as this state wrote it; {start_over}")
+
+
+def _state_file(parent: Path, name: Any, start_over: str) -> Path:
+    """``parent/name`` for a plain ``name`` that is a regular file of the state (never a link)."""
+    path = parent / str(name)
+    if not isinstance(name, str) or not PLAIN_NAME.fullmatch(name):
+        raise QuantizeStateError(f"{parent}: the state names {brief(name)}, not a file of this state; {start_over}")
+    try:
+        mode = path.lstat().st_mode
+    except FileNotFoundError:
+        raise QuantizeStateError(f"{path} is missing; {start_over}") from None
+    if not stat.S_ISREG(mode):
+        raise QuantizeStateError(f"{path} is not a regular file (a link or device); {start_over}")
+    return path
+
+
+def _sha256(path: Path) -> str:
+    with open(path, "rb") as handle:
+        return hashlib.file_digest(handle, "sha256").hexdigest()
+
+
+def _sizes(directory: Path) -> dict[str, int]:
+    """Every entry below ``directory`` by relative name: a file's size, -1 for anything else (a
+    link, a device), so that a state holding one is never equal to the record."""
+    sizes = {}
+    for root, dirs, files in os.walk(directory):
+        for name in [*files, *(d for d in dirs if Path(root, d).is_symlink())]:
+            path = Path(root, name)
+            mode = path.lstat().st_mode
+            sizes[path.relative_to(directory).as_posix()] = path.lstat().st_size if stat.S_ISREG(mode) else -1
+    return sizes
 
 
 def _check_fingerprint(directory: Path, fingerprint: dict[str, Any]) -> None:

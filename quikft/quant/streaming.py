@@ -25,6 +25,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import stat
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -58,7 +59,7 @@ from quikft.quant.pipeline import (
     patched_forwards,
     run_block,
 )
-from quikft.quant.state import QuantizeState
+from quikft.quant.state import QuantizeState, QuantizeStateError
 from quikft.runinfo import return_freed_memory
 from quikft.weights import CheckpointWeights, release
 
@@ -119,11 +120,12 @@ class BlockShards:
             check_layer_grid(name, result, self.settings)
         return cast_unquantized(pack_into(state, results), results, self.rest_dtype)
 
-    def write_block(self, index: int, prefix: str, block: nn.Module, results: dict[str, QuantResult]) -> int:
-        state = self.state_of(block, prefix, results)
-        size = _save_atomic(state, self.block_file(index))
+    def write_block(self, index: int, prefix: str, block: nn.Module, results: dict[str, QuantResult]
+                    ) -> list[Path]:
+        """Write block ``index``'s shard and salient indices; returns the files written."""
+        _save_atomic(self.state_of(block, prefix, results), self.block_file(index))
         _save_atomic({name: r.salient.to(torch.int32) for name, r in results.items()}, self.salient_file(index))
-        return size
+        return [self.block_file(index), self.salient_file(index)]
 
     def assemble(self, staging: Path, blocks: int, rest: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         """Move the block shards into ``staging`` under ``save_pretrained``'s names, write the rest
@@ -137,6 +139,9 @@ class BlockShards:
         salient: dict[str, torch.Tensor] = {}
         for index in range(blocks):
             source = self.block_file(index)
+            if not stat.S_ISREG(source.lstat().st_mode):  # checked on resume too: never carry a link out
+                raise QuantizeStateError(f"{source} is not a regular file; delete {self.directory.parent} to start "
+                                         f"over")
             keys = _header_keys(source)
             # A link, not a move: if the output fails now, the state still holds every finished block.
             with _writing(staging / names[index + 1]):
@@ -296,7 +301,7 @@ class StreamingHooks(BlockHooks):
         prefix = self.layout.block_name(index)
         self.evals.advance(QUANTIZED, block, index)
         before = self.state.peak_bytes
-        self.shards.write_block(index, prefix, block, results)
+        written = self.shards.write_block(index, prefix, block, results)
         if SAVED in self.evals.inputs:
             # As saved: packed layers keep their fake-quantized weights and fp32 biases; the rest is rounded.
             round_floating(block, self.rest_dtype, prefix=prefix,
@@ -305,7 +310,7 @@ class StreamingHooks(BlockHooks):
         # The loop's own time (resumed runs add theirs): the evaluation streams are reported apart.
         out.seconds += time.perf_counter() - self._began - (sum(self.evals.seconds.values()) - self._eval_before)
         stores = {CALIBRATION: self.calibration.batches, **self.evals.stores()}
-        self.state.commit(index + 1, stores, self.record(out))
+        self.state.commit(index + 1, stores, self.record(out), written)
         self.block_state_bytes.append(max(0, self.state.peak_bytes - before))
 
     def release(self, index: int, block: nn.Module) -> None:
