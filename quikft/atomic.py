@@ -12,16 +12,18 @@ one stopped with Ctrl-C.
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import glob
 import json
 import os
 import shutil
 import signal
+import stat
 import tempfile
 import threading
 from collections.abc import Iterable, Iterator
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
 
 
 class OutputError(ValueError):
@@ -122,6 +124,72 @@ def prepare_output(target: str | os.PathLike, marker: str, overwrite: bool = Fal
     check_output(target, marker, overwrite, inputs)
     remove_stale_partials(target)
     return target
+
+
+# ------------------------------------------------------------------------------------ one writer per output
+
+def lock_path(out_dir: str | os.PathLike) -> Path:
+    out_dir = Path(out_dir)
+    return out_dir.with_name(f".{out_dir.name}.lock")
+
+
+class OutputLock:
+    """An exclusive, non-blocking lock on an output directory (a hidden file beside it) held by one job.
+
+    Two jobs writing one output (or its resumable state) would mix their results and delete each
+    other's fresh state, so the second is refused at once, naming the first's job and pid. The
+    holder removes the file when it releases the lock; a lock taken on a file that was removed
+    meanwhile is retaken on the new one, so two jobs never hold "the" lock at once. A killed job's
+    file stays and is simply locked again by the next run (the kernel drops a dead process's locks).
+    """
+
+    def __init__(self, out_dir: str | os.PathLike, job: str):
+        self.out_dir, self.path = Path(out_dir), lock_path(out_dir)
+        self._handle: IO | None = self._acquire(f"{job} (pid {os.getpid()})")
+
+    def _acquire(self, owner: str) -> IO:
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        for _ in range(3):
+            handle = open(self.path, "a+")  # noqa: SIM115 -- held open for the job's life
+            try:
+                fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except OSError:
+                handle.seek(0)
+                other = handle.read(80).strip() or "process"
+                handle.close()
+                raise OutputError(f"{self.out_dir} is being written by another {other}; wait for it to finish or "
+                                  f"choose another --out") from None
+            if _same_file(handle, self.path):
+                handle.seek(0)
+                handle.truncate()
+                handle.write(owner)
+                handle.flush()
+                return handle
+            handle.close()  # the previous holder removed it between our open and our lock
+        raise OutputError(f"{self.out_dir}: could not lock {self.path}; retry")
+
+    def release(self) -> None:
+        """Let another job write this output (the end of the process releases it too)."""
+        if self._handle is not None:
+            with contextlib.suppress(FileNotFoundError):
+                self.path.unlink()  # while still holding it (see the class docstring)
+            self._handle.close()
+            self._handle = None
+
+
+def _same_file(handle: IO, path: Path) -> bool:
+    try:
+        return os.fstat(handle.fileno()).st_ino == os.stat(path).st_ino
+    except FileNotFoundError:
+        return False
+
+
+def is_regular_file(path: str | os.PathLike) -> bool:
+    """A regular file itself, not a link to one (state files are read and carried only as such)."""
+    try:
+        return stat.S_ISREG(os.lstat(path).st_mode)
+    except FileNotFoundError:
+        return False
 
 
 # ------------------------------------------------------------------------------------ staging

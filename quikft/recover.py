@@ -39,7 +39,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from quikft import arch, sharding, train_state
-from quikft.atomic import atomic_directory, prepare_output, write_json
+from quikft.atomic import OutputLock, atomic_directory, prepare_output, write_json
 from quikft.checkpoint import is_packed_checkpoint, write_packed, write_quik_model
 from quikft.config import ConfigError, QuantConfig, RecoverConfig, build_config
 from quikft.data import calibration_windows, check_source
@@ -264,6 +264,17 @@ def recover(config: RecoverConfig, progress: bool = True) -> dict:
     """Run the whole recovery job for ``config``; returns the report (rank 0) that is also saved."""
     run = plan(config)
     accelerator = _accelerator(cpu=run.device == "cpu")
+    # One writer per output: its state and output stay this run's until it ends (or dies).
+    lock = OutputLock(run.out_dir, "recover") if accelerator.is_main_process else None
+    try:
+        return _recover(run, accelerator, progress)
+    finally:
+        if lock is not None:
+            lock.release()
+
+
+def _recover(run: Run, accelerator, progress: bool) -> dict:
+    config = run.config
     main = accelerator.is_main_process
     began = time.perf_counter()
     _seed_everything(config.seed + accelerator.process_index)

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import json
 import random
+import re
 import shutil
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -31,13 +32,14 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
-from quikft.atomic import write_text
+from quikft.atomic import is_regular_file, write_text
 
 MANIFEST = "latest.json"
 LOG_NAME = "log.jsonl"
 STATE_JSON = "state.json"
 TRAINABLE = "trainable.safetensors"
 OPTIMIZER = "optimizer.safetensors"
+STEP_DIR = re.compile(r"step-\d{8}")
 
 
 class StateError(ValueError):
@@ -79,7 +81,10 @@ def _save_tensors(tensors: Mapping[str, torch.Tensor], path: Path) -> None:
 
 
 def _remove_dir(path: Path) -> None:
-    shutil.rmtree(path, ignore_errors=True)
+    if path.is_symlink():  # a link planted in the state goes, never what it points at
+        path.unlink()
+    else:
+        shutil.rmtree(path, ignore_errors=True)
 
 
 def step_dir(state_dir: Path, step: int) -> Path:
@@ -170,13 +175,21 @@ def _unreadable(path: Path, state_dir: Path, reason: str) -> StateError:
 
 
 def _read_json(path: Path, state_dir: Path) -> Any:
+    _check_regular(path, state_dir)
     try:
         return json.loads(path.read_text())
     except (OSError, json.JSONDecodeError, UnicodeDecodeError) as err:
         raise _unreadable(path, state_dir, err.__class__.__name__) from None
 
 
+def _check_regular(path: Path, state_dir: Path) -> None:
+    """State files are read only as regular files of the state (a link could point anywhere)."""
+    if (path.exists() or path.is_symlink()) and not is_regular_file(path):
+        raise _unreadable(path, state_dir, "not a regular file")
+
+
 def _load_tensors(path: Path, state_dir: Path) -> dict[str, torch.Tensor]:
+    _check_regular(path, state_dir)
     try:
         return load_file(path)
     except (OSError, SafetensorError) as err:
@@ -202,9 +215,12 @@ def load_state(state_dir: Path) -> TrainState:
 def _committed_dir(state_dir: Path) -> Path:
     manifest = _read_json(state_dir / MANIFEST, state_dir)
     name = manifest.get("dir") if isinstance(manifest, dict) else None
-    if not isinstance(name, str) or "/" in name or not name.startswith("step-"):
+    if not isinstance(name, str) or not STEP_DIR.fullmatch(name):
         raise _unreadable(state_dir / MANIFEST, state_dir, "no step directory")
-    return state_dir / name
+    directory = state_dir / name
+    if directory.is_symlink() or not directory.is_dir():
+        raise _unreadable(directory, state_dir, "not a directory of this state")
+    return directory
 
 
 def load_rng(state_dir: Path, rank: int) -> None:

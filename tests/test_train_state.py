@@ -12,7 +12,7 @@ import pytest
 import torch
 from click.testing import CliRunner
 from conftest import recover_config
-from safetensors.torch import load_file
+from safetensors.torch import load_file, save_file
 
 from quikft import train_state
 from quikft.cli import main
@@ -171,3 +171,66 @@ def test_crafted_bytes_in_the_new_state_files_are_one_line_errors(packed, corpus
     with pytest.raises(train_state.StateError, match=r"latest\.json: unreadable training state"):
         recover(config, progress=False)
     assert not marker.exists()
+
+
+def _victim(tmp_path: Path) -> Path:
+    victim = tmp_path / "victim"
+    victim.mkdir()
+    (victim / "precious.txt").write_text("keep me")
+    # readable: only the link gives them away
+    save_file({"x": torch.zeros(2)}, victim / train_state.TRAINABLE)
+    save_file({}, victim / train_state.OPTIMIZER)
+    (victim / train_state.STATE_JSON).write_text(json.dumps({"step": 2, "settings": {}, "world": 1, "curve": {},
+                                                             "optimizer": {"param_groups": []}, "scheduler": {}}))
+    return victim
+
+
+def _state_naming(state_dir: Path, name: str) -> None:
+    state_dir.mkdir(parents=True, exist_ok=True)
+    (state_dir / train_state.MANIFEST).write_text(json.dumps({"step": 2, "dir": name}))
+
+
+@pytest.mark.parametrize("case", ["absolute", "parent", "linked_step", "linked_file"])
+def test_a_recovery_state_is_read_only_from_its_own_regular_files(packed, corpus, tmp_path, case):
+    """latest.json is data, never a path: a manifest naming a directory elsewhere, a step directory
+    that is a link, or a state file that is a link is refused in one line; nothing outside is read,
+    changed or deleted (a leftover step-* link is removed as a link, not followed)."""
+    out, victim = tmp_path / "out", _victim(tmp_path)
+    state_dir = state_dir_for(out)
+    step = train_state.step_dir(state_dir, 2)
+    if case == "absolute":
+        _state_naming(state_dir, str(victim))
+    elif case == "parent":
+        _state_naming(state_dir, "step-00000002/../../victim")
+    elif case == "linked_step":
+        _state_naming(state_dir, step.name)
+        step.symlink_to(victim)
+    else:
+        _state_naming(state_dir, step.name)
+        step.mkdir()
+        for name in (train_state.TRAINABLE, train_state.OPTIMIZER, train_state.STATE_JSON):
+            (step / name).symlink_to(victim / name)
+    (state_dir / "step-00000001").symlink_to(victim)  # a leftover the next save would remove
+    config = recover_config(packed, corpus, out, steps=4, save_every=2, resume=True)
+    with pytest.raises(train_state.StateError, match="unreadable training state") as err:
+        recover(config, progress=False)
+    assert "\n" not in str(err.value) and len(str(err.value)) < 1024
+    before = (victim / train_state.TRAINABLE).read_bytes()
+    train_state.remove_uncommitted(state_dir)
+    assert sorted(p.name for p in victim.iterdir()) == sorted(["precious.txt", train_state.TRAINABLE,
+                                                               train_state.OPTIMIZER, train_state.STATE_JSON])
+    assert (victim / "precious.txt").read_text() == "keep me"
+    assert (victim / train_state.TRAINABLE).read_bytes() == before
+
+
+def test_a_second_recover_of_one_output_is_refused_at_once(packed, corpus, tmp_path):
+    from quikft.atomic import OutputError, OutputLock
+
+    out = tmp_path / "out"
+    first = OutputLock(out, "recover")  # a live run holds the output
+    try:
+        with pytest.raises(OutputError, match=r"out is being written by another recover \(pid \d+\); wait"):
+            recover(recover_config(packed, corpus, out, steps=1), progress=False)
+    finally:
+        first.release()
+    assert not out.exists() and not any(p.name.endswith(".lock") for p in tmp_path.iterdir())

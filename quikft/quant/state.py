@@ -15,8 +15,6 @@ by a killed run is never used without ``--resume``, and never silently overwritt
 
 from __future__ import annotations
 
-import contextlib
-import fcntl
 import hashlib
 import json
 import os
@@ -25,12 +23,12 @@ import shutil
 import stat
 import warnings
 from pathlib import Path
-from typing import IO, Any
+from typing import Any
 
 import torch
 from safetensors.torch import load_file, save_file
 
-from quikft.atomic import write_json
+from quikft.atomic import OutputError, OutputLock, is_regular_file, write_json
 from quikft.config import brief
 from quikft.quant.activations import ActivationStore
 
@@ -67,12 +65,11 @@ def directory_bytes(path: Path) -> int:
 class QuantizeState:
     """One job's state directory (see the module docstring)."""
 
-    def __init__(self, directory: Path, progress: dict | None, lock: IO | None = None):
+    def __init__(self, directory: Path, progress: dict | None, lock: OutputLock | None = None):
         self.directory = directory
         self.progress = progress
         self.peak_bytes = directory_bytes(directory)
-        self._lock = lock  # held (open) for the job's life: one writer per output
-        self._lock_path = lock_path(directory.with_name(directory.name.removesuffix(STATE_SUFFIX)))
+        self._lock = lock  # held for the job's life: one writer per output
 
     @property
     def blocks_dir(self) -> Path:
@@ -86,13 +83,14 @@ class QuantizeState:
     def begin(cls, out_dir: str | os.PathLike, fingerprint: dict[str, Any], resume: bool) -> QuantizeState:
         """Open the state for a resumed run (checking its fingerprint) or start an empty one."""
         directory = state_dir_for(out_dir)
-        lock = _lock_output(Path(out_dir))
+        try:
+            lock = OutputLock(out_dir, "quantize")
+        except OutputError as err:
+            raise QuantizeStateError(str(err)) from None
         try:
             return cls(directory, cls._open(directory, fingerprint, resume), lock)
         except BaseException:
-            with contextlib.suppress(FileNotFoundError):  # a refused run holds and leaves nothing
-                lock_path(Path(out_dir)).unlink()
-            lock.close()
+            lock.release()  # a refused run holds and leaves nothing
             raise
 
     @staticmethod
@@ -156,9 +154,7 @@ class QuantizeState:
     def release(self) -> None:
         """Let another job write this output (the end of the process releases it too)."""
         if self._lock is not None:
-            with contextlib.suppress(FileNotFoundError):
-                self._lock_path.unlink()  # while still holding it (see _lock_output)
-            self._lock.close()
+            self._lock.release()
             self._lock = None
 
 
@@ -179,48 +175,6 @@ def _read_json(path: Path) -> dict:
     except (OSError, json.JSONDecodeError) as err:
         raise QuantizeStateError(f"{path}: unreadable quantize state ({err}); delete {path.parent} to start over") \
             from None
-
-
-def lock_path(out_dir: Path) -> Path:
-    return out_dir.with_name(f".{out_dir.name}.quantize.lock")
-
-
-def _lock_output(out_dir: Path) -> IO:
-    """An exclusive, non-blocking lock on ``out_dir`` (a hidden file beside it) for this process.
-
-    Two jobs writing one output would mix their blocks (and the second would delete the first's
-    fresh state), so the second is refused at once, naming the first. The holder removes the file
-    when it releases the lock (:meth:`QuantizeState.release`); a lock taken on a file that was
-    removed meanwhile is retaken on the new one, so two jobs never hold "the" lock at once. A killed
-    job's file stays and is simply locked again by the next run.
-    """
-    path = lock_path(out_dir)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    for _ in range(3):
-        handle = open(path, "a+")  # noqa: SIM115 -- held open for the job's life
-        try:
-            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except OSError:
-            handle.seek(0)
-            owner = handle.read(40).strip() or "another process"
-            handle.close()
-            raise QuantizeStateError(f"{out_dir} is being written by another quantize ({owner}); wait for it to "
-                                     f"finish or choose another --out") from None
-        if _same_file(handle, path):
-            handle.seek(0)
-            handle.truncate()
-            handle.write(f"pid {os.getpid()}")
-            handle.flush()
-            return handle
-        handle.close()  # the previous holder removed it between our open and our lock
-    raise QuantizeStateError(f"{out_dir}: could not lock {path}; retry")
-
-
-def _same_file(handle: IO, path: Path) -> bool:
-    try:
-        return os.fstat(handle.fileno()).st_ino == os.stat(path).st_ino
-    except FileNotFoundError:
-        return False
 
 
 def activations_name(next_block: int) -> str:
@@ -277,11 +231,9 @@ def _state_file(parent: Path, name: Any, start_over: str) -> Path:
     path = parent / str(name)
     if not isinstance(name, str) or not PLAIN_NAME.fullmatch(name):
         raise QuantizeStateError(f"{parent}: the state names {brief(name)}, not a file of this state; {start_over}")
-    try:
-        mode = path.lstat().st_mode
-    except FileNotFoundError:
-        raise QuantizeStateError(f"{path} is missing; {start_over}") from None
-    if not stat.S_ISREG(mode):
+    if not path.exists() and not path.is_symlink():
+        raise QuantizeStateError(f"{path} is missing; {start_over}")
+    if not is_regular_file(path):
         raise QuantizeStateError(f"{path} is not a regular file (a link or device); {start_over}")
     return path
 

@@ -25,7 +25,6 @@ from __future__ import annotations
 import contextlib
 import json
 import os
-import stat
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -37,6 +36,7 @@ from safetensors.torch import load_file
 from torch import nn
 
 from quikft import arch
+from quikft.atomic import is_regular_file
 from quikft.checkpoint import (
     INDEX_NAME,
     cast_unquantized,
@@ -139,7 +139,7 @@ class BlockShards:
         salient: dict[str, torch.Tensor] = {}
         for index in range(blocks):
             source = self.block_file(index)
-            if not stat.S_ISREG(source.lstat().st_mode):  # checked on resume too: never carry a link out
+            if not is_regular_file(source):  # checked on resume too: never carry a link out
                 raise QuantizeStateError(f"{source} is not a regular file; delete {self.directory.parent} to start "
                                          f"over")
             keys = _header_keys(source)
