@@ -55,7 +55,7 @@ import torch
 from torch import Tensor, nn
 
 from quikft import arch
-from quikft.atomic import atomic_directory
+from quikft.atomic import atomic_directory, check_output, is_regular_file, write_json
 from quikft.config import BITS, REST_DTYPES, brief
 from quikft.hardware import compute_dtype, default_device, resolve_dtype
 from quikft.nn.kernels import is_scope_reason
@@ -810,27 +810,32 @@ def _check_materialized(model: nn.Module) -> None:
         raise CheckpointError(f"cannot materialize {leftover[0]}: it is neither stored nor tied nor computable")
 
 
-def convert(path: str | os.PathLike, out_dir: str | os.PathLike) -> Path:
+CONVERT_REPORT = "convert_report.json"  # marks a convert's output: only such a directory is replaced
+
+
+def convert(path: str | os.PathLike, out_dir: str | os.PathLike, overwrite: bool = False) -> Path:
     """Rewrite a packed checkpoint in the current format (format 1 -> 2) into the new ``out_dir``.
 
     The weights are identical (format 2 only stores the quantized columns in another order);
     unquantized tensors keep their stored dtype, and every other file of the directory (reports,
-    salient indices) is copied. The output is written under a temporary name and renamed.
+    salient indices) is copied. ``out_dir`` is checked before the model loads, as every job's output
+    is (``overwrite`` replaces only a previous convert's output), and written under a temporary name.
     """
     import shutil
 
     path, out_dir = Path(path), Path(out_dir)
     qconfig = read_quantization_config(path)
-    if out_dir.resolve() == path.resolve() or path.resolve() in out_dir.resolve().parents:
-        raise ValueError(f"--out {out_dir} would overwrite the checkpoint it converts; choose another directory")
+    check_output(out_dir, CONVERT_REPORT, overwrite, inputs=[path])
     model = load(path, dtype=rest_dtype(qconfig), prepare=False)
     tokenizer = _stored_tokenizer(path)
-    with atomic_directory(out_dir) as staging:
+    with atomic_directory(out_dir, overwrite=overwrite, marker=CONVERT_REPORT) as staging:
         written = {CONFIG_NAME, WEIGHTS_NAME, INDEX_NAME, "generation_config.json"}
         for item in path.iterdir():
-            if item.is_file() and item.name not in written and not item.name.startswith("model-"):
+            if is_regular_file(item) and item.name not in written and not item.name.startswith("model-"):
                 shutil.copy2(item, staging / item.name)
         write_quik_model(model, tokenizer, staging)
+        write_json(staging / CONVERT_REPORT, {"job": "convert", "source": str(path),
+                                              "format_version": [qconfig["format_version"], FORMAT_VERSION]})
     return out_dir
 
 

@@ -310,14 +310,15 @@ def info(directory, as_json, verify):
 @main.command()
 @click.argument("directory", type=click.Path(exists=True, file_okay=False))
 @click.option("--out", required=True, help="New directory for the converted checkpoint.")
+@click.option("--overwrite", is_flag=True, help="Replace a previous convert's output in --out.")
 @_fail_cleanly
-def convert(directory, out):
+def convert(directory, out, overwrite):
     """Rewrite a packed checkpoint of an older format (1) in the current one (2); the weights do not change."""
     from quikft.checkpoint import FORMAT_VERSION, read_quantization_config
     from quikft.checkpoint import convert as run_convert
 
     before = read_quantization_config(directory)["format_version"]
-    run_convert(directory, out)
+    run_convert(directory, out, overwrite)
     click.echo(f"converted {directory} (format {before}) -> {out} (format {FORMAT_VERSION})")
 
 

@@ -351,7 +351,30 @@ def test_format_1_checkpoints_load_and_convert(packed_dir, tmp_path):
     assert qconfig["format_version"] == 2
     # converting onto the input is refused before anything is written
     result = CliRunner().invoke(main, ["convert", str(old), "--out", str(old)])
-    assert result.exit_code == 1 and "would overwrite" in result.output
+    assert result.exit_code == 1 and "overlaps the input" in result.output
+
+
+def test_convert_checks_its_output_like_every_job_and_copies_no_links(packed_dir, tmp_path, monkeypatch):
+    import quikft.checkpoint as checkpoint
+
+    old = shutil.copytree(packed_dir, tmp_path / "v1")
+    _as_format_1(old)
+    (tmp_path / "secret.txt").write_text("outside the checkpoint")
+    (old / "notes.txt").symlink_to(tmp_path / "secret.txt")
+    unrelated = tmp_path / "photos"
+    unrelated.mkdir()
+    (unrelated / "cat.jpg").write_bytes(b"cat")
+    monkeypatch.setattr(checkpoint, "load", lambda *a, **k: pytest.fail("loaded before checking --out"))
+    result = CliRunner().invoke(main, ["convert", str(old), "--out", str(unrelated)])
+    assert result.exit_code == 1 and result.output.count("\n") == 1, result.output
+    assert "is not a previous output of this command" in result.output and "--overwrite" not in result.output
+    monkeypatch.undo()
+    assert CliRunner().invoke(main, ["convert", str(old), "--out", str(tmp_path / "v2")]).exit_code == 0
+    assert not (tmp_path / "v2" / "notes.txt").exists()  # a link out of the checkpoint is not carried
+    again = CliRunner().invoke(main, ["convert", str(old), "--out", str(tmp_path / "v2")])
+    assert again.exit_code == 1 and "pass --overwrite to replace it" in again.output
+    assert CliRunner().invoke(main, ["convert", str(old), "--out", str(tmp_path / "v2"), "--overwrite"]).exit_code == 0
+    assert (unrelated / "cat.jpg").read_bytes() == b"cat"
 
 
 def test_unquantized_tensors_are_saved_in_bf16_by_default(tiny, text_file, tmp_path):

@@ -111,3 +111,17 @@ def test_an_adapter_refuses_a_base_it_was_not_trained_on(packed, tmp_path):
     setattr(fewer.get_submodule(parent), child, nn.Identity())
     with pytest.raises(ValueError, match=r"trained on a base with \d+ packed layers; this model has"):
         load_lora(tmp_path / "adapter", fewer)
+
+
+@pytest.mark.parametrize("edit", [{"r": 8}, {"target_modules": ["nothing_matches"]}, {"r": "eight"}])
+def test_an_adapter_whose_config_was_edited_is_a_one_line_error(packed, tmp_path, edit):
+    from quikft.integrations.peft import save_lora
+
+    model = add_lora(load(packed, dtype=torch.float32), rank=4)
+    save_lora(model, tmp_path / "adapter")
+    config_file = tmp_path / "adapter" / "adapter_config.json"
+    config_file.write_text(json.dumps({**json.loads(config_file.read_text()), **edit}))
+    with pytest.raises(ValueError, match=r"adapter_config\.json does not match the adapter's weights|"
+                                         r"adapter_config\.json: not a LoRA config") as err:
+        load_lora(tmp_path / "adapter", load(packed, dtype=torch.float32))
+    assert "\n" not in str(err.value) and len(str(err.value)) < 1024

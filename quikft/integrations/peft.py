@@ -19,6 +19,7 @@ is re-registered on load).
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import warnings
@@ -157,6 +158,20 @@ def load_lora(adapter: str | Path, model: nn.Module | None = None, trainable: bo
             raise ValueError(f"{adapter}/adapter_config.json does not name its base model; pass model=")
         model = load(base, **{"dtype": torch.float32, **load_kwargs})
     _check_base(adapter, model)
-    config = register(LoraConfig.from_pretrained(str(adapter)))
-    _keep_codes(model)
-    return PeftModel.from_pretrained(model, str(adapter), config=config, is_trainable=trainable)
+    # An edited adapter_config.json (rank, targets, types) fails deep inside peft with a long message.
+    with _as_one_line(adapter):
+        config = register(LoraConfig.from_pretrained(str(adapter)))
+        _keep_codes(model)
+        return PeftModel.from_pretrained(model, str(adapter), config=config, is_trainable=trainable)
+
+
+@contextlib.contextmanager
+def _as_one_line(adapter: Path):
+    try:
+        yield
+    except (RuntimeError, ValueError, TypeError, KeyError) as err:
+        lines = [line.strip() for line in str(err).splitlines() if line.strip()]
+        # torch's load_state_dict puts the first mismatch on the second line
+        reason = lines[1] if len(lines) > 1 and lines[0].startswith("Error(s) in loading") else (lines or [""])[0]
+        raise ValueError(f"{adapter}/adapter_config.json does not match the adapter's weights or this model "
+                         f"({err.__class__.__name__}: {reason[:300]}); save the adapter again") from None
