@@ -34,7 +34,7 @@ from quikft.checkpoint import (
     pack_into,
     write_model_config,
 )
-from quikft.config import QuantizeJob
+from quikft.config import QuantizeJob, salient_text
 from quikft.data import calibration_windows, check_source, eval_text, tokenize_stream
 from quikft.eval.ppl import PplResult, max_context, quick_ppl, window_starts
 from quikft.hardware import DtypeChoice, native_bf16, resolve_device
@@ -77,7 +77,7 @@ NOT_FINGERPRINTED = ("out", "overwrite", "resume", "offload_activations", "devic
 
 
 def default_out_dir(job: QuantizeJob) -> Path:
-    return Path("runs") / f"{model_label(job.model)}-w{job.quant.bits}-k{job.quant.salient}-{job.quant.method}"
+    return Path("runs") / f"{model_label(job.model)}-w{job.quant.bits}-k{salient_text(job.quant.salient)}-{job.quant.method}"
 
 
 def compute_dtype(job: QuantizeJob) -> DtypeChoice:
