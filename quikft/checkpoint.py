@@ -7,7 +7,8 @@ A directory that follows ``save_pretrained`` conventions:
 - ``config.json``: the model's config plus ``quantization_config`` =
   ``{quant_method: "quikft", format_version, bits, group_size, sym, salient, metric, act_order,
   method, dtype_rest, modules, settings, source_model}``; ``modules`` lists every quantized linear
-  by its full name, ``dtype_rest`` is the dtype of every unquantized tensor (bf16 by default),
+  by its full name, ``salient`` the setting as given (a count, or a float fraction of each layer's
+  input columns), ``dtype_rest`` is the dtype of every unquantized tensor (bf16 by default),
   ``settings`` holds the complete quantization scheme (provenance; no job settings such as the
   output path or device) and ``source_model`` the full-precision model that was quantized.
 - ``model.safetensors``, or ``model-0000i-of-0000n.safetensors`` shards plus
@@ -793,9 +794,10 @@ def describe(path: str | os.PathLike, verify: bool = False) -> dict:
     The checkpoint first passes every check :func:`load` makes (:func:`check_checkpoint`; with
     ``verify`` its checksums too), so ``info`` never describes a checkpoint that would not load.
 
-    ``linear_limit_bytes`` is the information content of the quantized linears: per row,
-    b bits for each non-salient column and 16 for each salient one, plus an fp16 scale and a
-    b-bit zero-point per group (and 16 bits per bias entry). Codes are stored for the
+    ``bits_per_weight`` (the quantized linears) and ``model_bits_per_weight`` (every stored tensor)
+    are :mod:`quikft.bits`'s count, the one the job reports use. ``linear_limit_bytes`` is the
+    information content of the quantized linears: per row, b bits for each non-salient column and
+    16 for each salient one, plus an fp16 scale and a b-bit zero-point per group (and 16 bits per bias entry). Codes are stored for the
     non-salient columns only, so the overhead the packed bytes add on top of the limit is
     just the index tensors (g_idx, salient_idx) and word padding.
     """

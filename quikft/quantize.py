@@ -79,7 +79,8 @@ NOT_FINGERPRINTED = ("out", "overwrite", "resume", "offload_activations", "devic
 
 
 def default_out_dir(job: QuantizeJob) -> Path:
-    return Path("runs") / f"{model_label(job.model)}-w{job.quant.bits}-k{salient_text(job.quant.salient)}-{job.quant.method}"
+    scheme = job.quant
+    return Path("runs") / f"{model_label(job.model)}-w{scheme.bits}-k{salient_text(scheme.salient)}-{scheme.method}"
 
 
 def compute_dtype(job: QuantizeJob) -> DtypeChoice:
