@@ -7,7 +7,8 @@ A directory that follows ``save_pretrained`` conventions:
 - ``config.json``: the model's config plus ``quantization_config`` =
   ``{quant_method: "quikft", format_version, bits, group_size, sym, salient, metric, act_order,
   method, dtype_rest, modules, settings, source_model}``; ``modules`` lists every quantized linear
-  by its full name, ``dtype_rest`` is the dtype of every unquantized tensor (bf16 by default),
+  by its full name, ``salient`` the setting as given (a count, or a float fraction of each layer's
+  input columns), ``dtype_rest`` is the dtype of every unquantized tensor (bf16 by default),
   ``settings`` holds the complete quantization scheme (provenance; no job settings such as the
   output path or device) and ``source_model`` the full-precision model that was quantized.
 - ``model.safetensors``, or ``model-0000i-of-0000n.safetensors`` shards plus
@@ -56,7 +57,8 @@ from torch import Tensor, nn
 
 from quikft import arch
 from quikft.atomic import atomic_directory, check_output, is_regular_file, write_json
-from quikft.config import BITS, REST_DTYPES, brief
+from quikft.bits import BitsCount, count_bits
+from quikft.config import BITS, REST_DTYPES, ConfigError, brief, parse_salient, salient_text
 from quikft.hardware import compute_dtype, default_device, resolve_dtype
 from quikft.nn.kernels import is_scope_reason
 from quikft.nn.quik_linear import QuikLinear, prepare_for_inference
@@ -350,20 +352,31 @@ def _check_declared_values(qconfig: Mapping[str, Any], source: str | os.PathLike
         value = qconfig.get(key)
         return value if isinstance(value, int) and not isinstance(value, bool) else None
 
-    bits, group_size, salient = integer("bits"), integer("group_size"), integer("salient")
+    bits, group_size = integer("bits"), integer("group_size")
     problems = []
     if bits not in BITS:
         problems.append(f"bits {brief(qconfig.get('bits'))} (one of {', '.join(map(str, BITS))})")
     if group_size is None or not (group_size == -1 or group_size > 0):
         problems.append(f"group_size {brief(qconfig.get('group_size'))} (a positive size or -1)")
-    if salient is None or salient < 0:
-        problems.append(f"salient {brief(qconfig.get('salient'))} (a count >= 0)")
+    if not _declared_salient(qconfig.get("salient")):
+        problems.append(f"salient {brief(qconfig.get('salient'))} (a count >= 0 or a fraction in (0, 1))")
     if not isinstance(qconfig.get("sym"), bool):
         problems.append(f"sym {brief(qconfig.get('sym'))} (true or false)")
     if "dtype_rest" in qconfig and qconfig["dtype_rest"] not in REST_DTYPES:
         problems.append(f"dtype_rest {brief(qconfig['dtype_rest'])} (one of {', '.join(REST_DTYPES)})")
     if problems:
         raise CheckpointError(f"{source}: quantization_config declares {'; '.join(problems)}")
+
+
+def _declared_salient(value: Any) -> bool:
+    """The scheme as quantize records it: a count or a float fraction (never the CLI's "3%" text)."""
+    if isinstance(value, str):
+        return False
+    try:
+        parse_salient(value)
+    except ConfigError:
+        return False
+    return True
 
 
 # Config entries that size the model a config builds, and never hold a negative value in any family.
@@ -859,9 +872,10 @@ def describe(path: str | os.PathLike, verify: bool = False) -> dict:
     The checkpoint first passes every check :func:`load` makes (:func:`check_checkpoint`; with
     ``verify`` its checksums too), so ``info`` never describes a checkpoint that would not load.
 
-    ``linear_limit_bytes`` is the information content of the quantized linears: per row,
-    b bits for each non-salient column and 16 for each salient one, plus an fp16 scale and a
-    b-bit zero-point per group (and 16 bits per bias entry). Codes are stored for the
+    ``bits_per_weight`` (the quantized linears) and ``model_bits_per_weight`` (every stored tensor)
+    are :mod:`quikft.bits`'s count, the one the job reports use. ``linear_limit_bytes`` is the
+    information content of the quantized linears: per row, b bits for each non-salient column and
+    16 for each salient one, plus an fp16 scale and a b-bit zero-point per group (and 16 bits per bias entry). Codes are stored for the
     non-salient columns only, so the overhead the packed bytes add on top of the limit is
     just the index tensors (g_idx, salient_idx) and word padding.
     """
@@ -871,7 +885,7 @@ def describe(path: str | os.PathLike, verify: bool = False) -> dict:
     files = weight_files(path)
     tensors = read_headers(files)
     source = weights_source(files)
-    stored = QUIK_TENSORS if qconfig["format_version"] >= 2 else V1_TENSORS
+    stored = _layer_tensor_names(qconfig)
     layers = [_layer_summary(name, tensors, int(qconfig["bits"]), source, stored) for name in qconfig["modules"]]
     device = default_device()
     choice = compute_dtype(device)
@@ -879,7 +893,7 @@ def describe(path: str | os.PathLike, verify: bool = False) -> dict:
         layer.update(plan)
     fp16, packed, limit = (sum(layer[key] for layer in layers) for key in ("fp16_bytes", "packed_bytes",
                                                                             "limit_bytes"))
-    weights = sum(layer["in_features"] * layer["out_features"] for layer in layers)
+    bits = bits_of(qconfig, tensors)
     return {
         "path": str(path), "format_version": qconfig["format_version"],
         **{key: qconfig.get(key) for key in SETTING_KEYS}, "dtype_rest": qconfig.get("dtype_rest", "fp32"),
@@ -888,10 +902,24 @@ def describe(path: str | os.PathLike, verify: bool = False) -> dict:
         "directory_bytes": sum(f.stat().st_size for f in path.rglob("*") if f.is_file()),
         "linear_fp16_bytes": fp16, "linear_packed_bytes": packed, "linear_limit_bytes": limit,
         "compression_vs_fp16": fp16 / packed, "packed_vs_limit": packed / limit,
-        "bits_per_weight": 8 * packed / weights,
+        "bits_per_weight": bits.linear_bpw, "model_bits_per_weight": bits.model_bpw,
         "salient_fraction": sum(layer["k"] for layer in layers) / sum(layer["in_features"] for layer in layers),
         "layers": layers,
     }
+
+
+def _layer_tensor_names(qconfig: Mapping[str, Any]) -> tuple[str, ...]:
+    return QUIK_TENSORS if qconfig["format_version"] >= 2 else V1_TENSORS
+
+
+def bits_of(qconfig: Mapping[str, Any], tensors: Mapping[str, TensorInfo]) -> BitsCount:
+    """Bits per weight of a checkpoint's linear layers and of the whole model, from its headers."""
+    return count_bits(tensors, qconfig["modules"], _layer_tensor_names(qconfig))
+
+
+def stored_bits(path: str | os.PathLike) -> BitsCount:
+    """:func:`bits_of` a packed checkpoint directory (reads its config and headers only)."""
+    return bits_of(read_quantization_config(path), read_headers(weight_files(path)))
 
 
 def kernel_plan(qconfig: Mapping[str, Any], tensors: Mapping[str, TensorInfo], device: str,
@@ -985,13 +1013,14 @@ def format_description(summary: Mapping[str, Any]) -> str:
     act_order = "on" if summary["act_order"] else "off"
     lines = [
         f"quikft packed checkpoint {summary['path']} (format {summary['format_version']})",
-        f"bits {summary['bits']}, salient k {summary['salient']}, group size {summary['group_size']}, {grid}, "
+        f"bits {summary['bits']}, salient k {salient_text(summary['salient'])}, group size {summary['group_size']}, {grid}, "
         f"metric {summary['metric']}, method {summary['method']}, act-order {act_order}",
         f"size on disk: {summary['weights_bytes'] / mib:.2f} MiB of weights "
         f"({summary['directory_bytes'] / mib:.2f} MiB directory)",
         f"linear layers: {summary['linear_packed_bytes'] / mib:.2f} MiB packed vs "
         f"{summary['linear_fp16_bytes'] / mib:.2f} MiB FP16: compression {summary['compression_vs_fp16']:.2f}x, "
-        f"{summary['bits_per_weight']:.2f} bits/weight",
+        f"{summary['bits_per_weight']:.2f} bits/weight ({summary['model_bits_per_weight']:.2f} for the whole "
+        f"model as stored)",
         f"information limit: {summary['linear_limit_bytes'] / mib:.2f} MiB; packed = "
         f"{summary['packed_vs_limit']:.3f}x the limit",
         f"salient fraction: {summary['salient_fraction']:.1%} of linear input columns",

@@ -155,7 +155,9 @@ def generate(prompt, model_name, max_new_tokens, temperature, chat, seed, dtype,
               help="YAML preset (see configs/); flags given here override it.")
 @click.option("--model", default=None, help=MODEL_HELP)
 @click.option("--bits", type=int, default=None, help="Bit-width of the non-salient weights: 2, 3, 4 or 8 [3].")
-@click.option("--salient", type=int, default=None, help="FP16 input columns kept per linear layer [128].")
+@click.option("--salient", default=None,
+              help="FP16 input columns kept per linear layer: a count, or a fraction of each layer's inputs "
+                   "(3% or 0.03) [128].")
 @click.option("--metric", default=None, help="Saliency metric: gift, quik, owq, wanda or custom [gift].")
 @click.option("--tau", type=float, default=None, help="Metric: norm of the weight error D_j (inf allowed).")
 @click.option("--rho", type=float, default=None, help="Metric: norm of the input column X_j (1, 2 or inf).")
@@ -198,7 +200,7 @@ def generate(prompt, model_name, max_new_tokens, temperature, chat, seed, dtype,
 @_fail_cleanly
 def quantize(config_path, targets, ignore, **flags):
     """Quantize a model: salient columns in FP16, the rest with GPTQ (or RTN)."""
-    from quikft.config import QuantizeJob, build_config
+    from quikft.config import QuantizeJob, build_config, salient_text
     from quikft.quantize import quantize as run_quantize
 
     job = build_config(QuantizeJob, config_path, targets=tuple(targets) or None, ignore=tuple(ignore) or None,
@@ -206,7 +208,7 @@ def quantize(config_path, targets, ignore, **flags):
     config = job.quant
     report = run_quantize(job)
     click.echo(f"quantized {report['config']['model'] or 'smollm2-135m'} to {config.bits} bits with "
-               f"{config.salient} salient columns ({report['salient_fraction']:.1%} of inputs) in "
+               f"{salient_text(config.salient)} salient columns ({report['salient_fraction']:.1%} of inputs) in "
                f"{report['quantize_seconds']:.0f}s, peak RSS {report['peak_rss_mb']:.0f} MiB, resumable state up to "
                f"{report['state_peak_bytes'] / 2**20:.0f} MiB on disk -> {report['out']}")
     if report["ppl"]:
@@ -226,7 +228,8 @@ def quantize(config_path, targets, ignore, **flags):
 @click.option("--noise/--no-noise", default=None, help="Inject step-scaled noise [on for post/pre].")
 @click.option("--noise-bits", type=int, default=None, help="Bit-width whose step scales the noise [post 4, pre --bits].")
 @click.option("--bits", type=int, default=None, help="Pre mode: quantize to this many bits after training [3].")
-@click.option("--salient", type=int, default=None, help="Pre mode: salient columns per linear [128].")
+@click.option("--salient", default=None,
+              help="Pre mode: salient columns per linear, a count or a fraction of its inputs (3% or 0.03) [128].")
 @click.option("--quant-config", default=None, help="Pre mode: quantize YAML preset used after training.")
 @click.option("--data", multiple=True, default=None,
               help="Training data, repeatable for a mixture: alpaca, alpaca-gpt4, c4, wikitext2 or a file [alpaca, c4].")

@@ -69,6 +69,52 @@ def check_bits(bits: int, name: str = "bits") -> None:
         raise ConfigError(f"{name} must be one of {', '.join(map(str, BITS))}; got {brief(bits)}", name)
 
 
+SALIENT_HINT = "use a count such as 128 (0: none), or a fraction of each layer's input columns such as 0.03 or 3%"
+
+
+def parse_salient(value: Any, name: str = "salient") -> int | float:
+    """A salient-column setting: a count (an int >= 0, the same k for every layer) or a fraction of
+    each layer's input columns (a float in (0, 1)); strings such as "128", "0.03" or "3%" are read
+    too, since CLI flags arrive as text. The fraction is kept as given and resolved per layer by
+    :func:`resolve_salient`, so a checkpoint records the scheme, not one model's counts."""
+    parsed = value
+    if isinstance(value, str):
+        text = value.strip()
+        try:
+            if text.endswith("%"):
+                parsed = float(text[:-1]) / 100
+            else:
+                parsed = int(text) if text.isdigit() else float(text)
+        except ValueError:
+            parsed = None
+    if isinstance(parsed, int) and not isinstance(parsed, bool) and parsed >= 0:
+        return parsed
+    if isinstance(parsed, float) and 0 < parsed < 1:
+        return parsed
+    raise ConfigError(f"{name} {brief(value)} is neither a count (an integer >= 0) nor a fraction in (0, 1); "
+                      f"{SALIENT_HINT}", name)
+
+
+def salient_text(salient: int | float) -> str:
+    """A salient setting as a user writes it: ``128`` or ``3%``."""
+    return f"{100 * salient:g}%" if isinstance(salient, float) else str(salient)
+
+
+def salient_request(salient: int | float, in_features: int) -> int:
+    """The k a setting asks of a layer with ``in_features`` inputs, before :func:`resolve_salient` caps it."""
+    if isinstance(salient, float):
+        # Nearest, not floor: a decimal fraction times a width often lands just below the integer it
+        # means (0.29 * 100 == 28.999999999999996), and the nearest count is the closest to the fraction.
+        return round(salient * in_features)
+    return salient
+
+
+def resolve_salient(salient: int | float, in_features: int) -> int:
+    """The number of FP16 salient columns of one layer: the count, or round(fraction * in_features);
+    capped at in_features - 1 so at least one column is quantized (GPTQ needs one)."""
+    return max(0, min(salient_request(salient, in_features), in_features - 1))
+
+
 def check_metric_norms(tau: float | None, rho: float | None) -> None:
     """The metric's norms: tau positive (or None: weight term ignored), rho one the statistics stream."""
     if rho is not None and float(rho) not in SUPPORTED_RHO:
@@ -116,6 +162,12 @@ def _check_types(config: Any) -> None:
     for item in fields(config):
         if dataclasses.is_dataclass(hints[item.name]):
             continue
+        parse = item.metadata.get("parse")  # a setting with a syntax of its own (e.g. salient: 128 or 3%)
+        if parse is not None:
+            value = getattr(config, item.name)
+            if not (value is None and type(None) in typing.get_args(hints[item.name])):
+                setattr(config, item.name, parse(value, item.name))
+            continue
         setattr(config, item.name, _coerce(item.name, getattr(config, item.name), hints[item.name]))
 
 
@@ -143,7 +195,9 @@ class QuantConfig:
     """The quantization scheme (SPEC §2-4): what determines the quantized weights; saved in the checkpoint."""
 
     bits: int = 3
-    salient: int = 128  # k FP16 input columns per linear layer (capped at in_features - 1)
+    # FP16 input columns per linear layer: a count k (capped at in_features - 1) or a fraction of each
+    # layer's input columns (0.03, "3%"); see resolve_salient.
+    salient: int | float = field(default=128, metadata={"parse": parse_salient})
     metric: str = "gift"  # gift | quik | owq | wanda | custom (with tau/rho/gamma)
     tau: float | None = None
     rho: float | None = None
@@ -183,7 +237,7 @@ class QuantConfig:
         if self.group_size == 0 or self.group_size < -1:
             raise ConfigError(f"group size {self.group_size} is invalid; use a positive size such as 128, "
                               f"or -1 for one scale per row", "group_size")
-        _non_negative(self, ("salient", "percdamp", "expert_min_tokens"))
+        _non_negative(self, ("percdamp", "expert_min_tokens"))
         _positive(self, ("nsamples", "seqlen", "block_size"))
         _one_of("dtype_rest", self.dtype_rest, REST_DTYPES)
 
@@ -247,7 +301,8 @@ class RecoverConfig:
     noise: bool | None = None  # None: on for post/pre, off for salient-ft
     noise_bits: int | None = None  # None: 4 in post mode (paper §6.3), the target bits in pre mode
     bits: int | None = None  # pre mode: quantize to this many bits after training [quant_config's, else 3]
-    salient: int | None = None  # pre mode: salient columns per linear [quant_config's, else 128]
+    # pre mode: salient columns per linear, a count or a fraction [quant_config's, else 128]
+    salient: int | float | None = field(default=None, metadata={"parse": parse_salient})
     quant_config: str | None = None  # pre mode: a quantize YAML preset (bits/salient above override it)
     data: tuple[str, ...] = ("alpaca", "c4")  # names or paths; several = a round-robin mixture
     loss: str = "ce"  # ce | kd (KL to the full-precision teacher's logits)
@@ -295,8 +350,6 @@ class RecoverConfig:
         _positive(self, ("steps", "batch_size", "grad_accum", "seqlen", "lora_rank", "eval_stride", "eval_seqlen",
                          "kd_temperature"))
         _non_negative(self, ("lr", "weight_decay", "max_grad_norm", "eval_every", "save_every", "eval_windows"))
-        if self.salient is not None and self.salient < 0:
-            raise ConfigError(f"salient must be >= 0 (got {self.salient})", "salient")
         if not 0 <= self.warmup_ratio < 1:
             raise ConfigError(f"warmup_ratio must lie in [0, 1) (got {self.warmup_ratio})", "warmup_ratio")
 

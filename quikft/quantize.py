@@ -27,14 +27,16 @@ from safetensors.torch import save_file
 
 from quikft import arch
 from quikft.atomic import atomic_directory, prepare_output, write_json
+from quikft.bits import layer_bits
 from quikft.checkpoint import (
     DTYPE_REST,
     build_quantization_config,
     cast_unquantized,
     pack_into,
+    stored_bits,
     write_model_config,
 )
-from quikft.config import QuantizeJob
+from quikft.config import QuantizeJob, salient_text
 from quikft.data import calibration_windows, check_source, eval_text, tokenize_stream
 from quikft.eval.ppl import PplResult, max_context, quick_ppl, window_starts
 from quikft.hardware import DtypeChoice, native_bf16, resolve_device
@@ -77,7 +79,8 @@ NOT_FINGERPRINTED = ("out", "overwrite", "resume", "offload_activations", "devic
 
 
 def default_out_dir(job: QuantizeJob) -> Path:
-    return Path("runs") / f"{model_label(job.model)}-w{job.quant.bits}-k{job.quant.salient}-{job.quant.method}"
+    scheme = job.quant
+    return Path("runs") / f"{model_label(job.model)}-w{scheme.bits}-k{salient_text(scheme.salient)}-{scheme.method}"
 
 
 def compute_dtype(job: QuantizeJob) -> DtypeChoice:
@@ -318,7 +321,7 @@ class _Run:
             self.tokenizer.save_pretrained(staging)
             save_file({name: t.contiguous() for name, t in salient.items()}, staging / SALIENT_NAME)
             report = build_report(job, out, time.perf_counter() - began, ppl["eval_seconds"], ppl["fp_ppl"],
-                                  ppl["ppl"])
+                                  ppl["ppl"], bits_per_weight(job, out, staging))
             report.update(ppl_saved=ppl["ppl_saved"], loading=loading, resumed_from_block=first,
                           state_peak_bytes=self.state.peak_bytes,
                           state_bytes_per_block=max(block_state_bytes, default=0),
@@ -327,8 +330,21 @@ class _Run:
         return report
 
 
+def bits_per_weight(job: QuantizeJob, quantized: QuantizedLayers, directory: Path) -> dict:
+    """The report's ``{"linear", "model"}`` bits per weight, counted from the written checkpoint. A
+    fake-quant output stores float weights: it gets the linear figure its packed checkpoint would
+    have (predicted from the layers' shapes and k) and no model figure."""
+    if not job.fake_quant:
+        return stored_bits(directory).to_dict()
+    scheme = job.quant
+    linear = sum(layer_bits(layer.in_features, layer.out_features, scheme.bits, layer.salient, scheme.group_size)
+                 for layer in quantized.layers)
+    weights = sum(layer.in_features * layer.out_features for layer in quantized.layers)
+    return {"linear": linear / weights if weights else None, "model": None}
+
+
 def build_report(job: QuantizeJob, quantized: QuantizedLayers, wall_seconds: float, eval_seconds: float,
-                 fp_ppl: dict | None, ppl: dict | None) -> dict:
+                 fp_ppl: dict | None, ppl: dict | None, bits: dict | None = None) -> dict:
     layers = [asdict(layer) for layer in quantized.layers]
     total_in = sum(layer["in_features"] for layer in layers) or 1
     blocks = len(quantized.input_groups) or 1
@@ -344,6 +360,7 @@ def build_report(job: QuantizeJob, quantized: QuantizedLayers, wall_seconds: flo
         "eval_seconds": eval_seconds,
         "peak_rss_mb": peak_rss_mb(),
         "salient_fraction": sum(layer["salient"] for layer in layers) / total_in,
+        "bits_per_weight": bits,  # {"linear": quantized linears, "model": every stored tensor} (quikft.bits)
         "input_groups": quantized.input_groups,  # projections found to share one input, per block
         "experts": quantized.experts,  # MoE experts modules quantized expert by expert
         "starved_layers": quantized.starved(),  # layers whose statistics did not come from their own tokens

@@ -40,7 +40,7 @@ from tqdm.auto import tqdm
 
 from quikft import arch, sharding, train_state
 from quikft.atomic import OutputLock, atomic_directory, prepare_output, write_json
-from quikft.checkpoint import is_packed_checkpoint, write_packed, write_quik_model
+from quikft.checkpoint import is_packed_checkpoint, stored_bits, write_packed, write_quik_model
 from quikft.config import ConfigError, QuantConfig, RecoverConfig, build_config
 from quikft.data import calibration_windows, check_source
 from quikft.eval.ppl import quick_ppl
@@ -606,14 +606,21 @@ def finish(run: Run, job: Job, trainable: dict[str, nn.Parameter], curve: dict, 
     trainable_params = sum(p.numel() for p in trainable.values())
     with atomic_directory(run.out_dir, overwrite=config.overwrite, marker=REPORT_NAME) as staging:
         ppl_after = run.mode.finish(job, config, staging, str(run.out_dir))
-        report = build_report(run, job, curve, ppl_after, trainable_params, time.perf_counter() - began)
+        report = build_report(run, job, curve, ppl_after, trainable_params, time.perf_counter() - began,
+                              bits_per_weight(staging))
         write_json(staging / REPORT_NAME, report)
     report["out"] = str(run.out_dir)
     return report
 
 
+def bits_per_weight(output: Path) -> dict | None:
+    """``{"linear", "model"}`` bits per weight of a packed output, counted from its files (quikft.bits);
+    None for a LoRA baseline, whose fp32 adapter is stored apart from the packed base."""
+    return stored_bits(output).to_dict() if is_packed_checkpoint(output) else None
+
+
 def build_report(run: Run, job: Job, curve: dict, ppl_after: dict | None, trainable_params: int,
-                 seconds: float) -> dict:
+                 seconds: float, bits: dict | None = None) -> dict:
     config = run.config
     steps = curve["step_seconds"]
     # The first step includes one-off costs (allocations, caches): leave it out of the mean if we can.
@@ -625,6 +632,7 @@ def build_report(run: Run, job: Job, curve: dict, ppl_after: dict | None, traina
         # What the output is quantized to (post modes: the input checkpoint's).
         "bits": job.quantization.get("bits"),
         "salient": job.quantization.get("salient"),
+        "bits_per_weight": bits,
         "source_model": job.source_model,
         "device": run.device,
         "compute_dtype": run.dtype.to_dict(),

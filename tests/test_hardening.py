@@ -337,7 +337,7 @@ def test_a_flipped_byte_is_named_by_info_verify(packed, tmp_path):
 # ----------------------------------------------------------------------------- early checks
 
 @pytest.mark.parametrize("yaml_text,fragment", [
-    ("salient: many\n", "setting salient must be an integer; got 'many'"),
+    ("salient: many\n", "salient 'many' is neither a count (an integer >= 0) nor a fraction in (0, 1)"),
     ('nsamples: "8"\n', "setting nsamples must be an integer; got '8'"),
     ("group_size: 6.5\n", "setting group_size must be an integer; got 6.5"),
     ("bits: 4.0\n", "setting bits must be an integer; got 4.0"),

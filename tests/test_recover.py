@@ -13,7 +13,7 @@ from conftest import accelerate_launch, launch_errors, recover_config
 from safetensors.torch import load_file
 
 import quikft.recover as recover_module
-from quikft.checkpoint import load
+from quikft.checkpoint import load, stored_bits
 from quikft.cli import main
 from quikft.config import RecoverConfig
 from quikft.data import DataError
@@ -100,6 +100,7 @@ def test_post_mode_trains_salient_columns_and_keeps_codes_bit_identical(packed, 
     assert changed == sum(1 for n in before if n.endswith("salient_weight"))
     assert report["config"]["noise"] and report["config"]["noise_bits"] == 4
     assert report["bits"] == 3 and report["salient"] == 8  # the checkpoint's, not the pre-mode setting
+    assert report["bits_per_weight"] == stored_bits(packed).to_dict()  # new salient values, same storage
     assert report["trainable_params"] == sum(t.numel() for n, t in before.items() if n.endswith("salient_weight"))
     assert len(report["loss_curve"]) == 4
     assert not os.path.exists(f"{report['out']}.train-state")
@@ -187,6 +188,7 @@ def test_lora_baseline_trains_adapters_only(packed, corpus, tmp_path):
     report = recover(_config(packed, corpus, tmp_path, mode="lora", lora_rank=4, steps=2, lr=1e-2), progress=False)
     assert os.path.exists(os.path.join(report["out"], "adapter", "adapter_config.json"))
     assert report["trainable_params"] > 0 and report["config"]["noise"] is False
+    assert report["bits_per_weight"] is None  # the adapter is stored apart from the packed base
     model = load_lora(Path(report["out"]) / "adapter")  # the adapter on top of the packed input
     assert sum(isinstance(m, QuikLoraLinear) for m in model.modules()) == sum(
         isinstance(m, QuikLinear) for m in load(packed).modules())
@@ -199,16 +201,19 @@ def test_lora_baseline_trains_adapters_only(packed, corpus, tmp_path):
 # ----------------------------------------------------------------------------- pre
 
 def test_pre_mode_trains_the_fp_model_then_quantizes_with_its_salient_sets(tiny_dir, corpus, tmp_path):
-    config = _config(tiny_dir, corpus, tmp_path, mode="pre", bits=4, salient=8, steps=2,
+    config = _config(tiny_dir, corpus, tmp_path, mode="pre", bits=4, salient="10%", steps=2,
                      quant_config=None)
     config.quant_config = str(tmp_path / "q.yaml")
     (tmp_path / "q.yaml").write_text(f"calib: {corpus['text']}\nnsamples: 4\nseqlen: 32\ngroup_size: 32\n")
     report = recover(config, progress=False)
     assert report["config"]["noise_bits"] == 4  # pre mode: noise at the target bit-width
     qconfig = json.loads(Path(report["out"], "config.json").read_text())["quantization_config"]
-    assert qconfig["bits"] == 4 and qconfig["salient"] == 8 and report["bits"] == 4
+    assert qconfig["bits"] == 4 and qconfig["salient"] == 0.1 and report["bits"] == 4
+    assert report["salient"] == 0.1 and report["bits_per_weight"] == stored_bits(report["out"]).to_dict()
     tensors = load_file(os.path.join(report["out"], "model.safetensors"))
     indices = load_file(os.path.join(report["out"], "salient_indices.safetensors"))
+    # the fraction resolved per layer: round(0.1 * 64) and round(0.1 * 160) columns
+    assert {idx.numel() for idx in indices.values()} == {6, 16}
     for name, idx in indices.items():
         assert torch.equal(tensors[f"{name}.salient_idx"], idx.to(torch.int32))
     load(report["out"])

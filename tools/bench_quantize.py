@@ -60,17 +60,20 @@ def run_row(row_id: str, flags: list[str], model: str | None) -> dict:
     return {"row": row_id, "method": config["method"], "bits": config["bits"], "salient": config["salient"],
             "metric": config["metric"], "ppl": report["ppl"]["ppl"], "fp_ppl": report["fp_ppl"]["ppl"],
             "quantize_s": report["wall_seconds"] - report["eval_seconds"], "loop_s": report["quantize_seconds"],
-            "peak_rss_mb": report["peak_rss_mb"], "salient_fraction": report["salient_fraction"]}
+            "peak_rss_mb": report["peak_rss_mb"], "salient_fraction": report["salient_fraction"],
+            "linear_bpw": (report.get("bits_per_weight") or {}).get("linear")}
 
 
 def markdown(results: list[dict]) -> str:
-    lines = ["| method | bits | salient k | metric | ppl (wikitext2, stride 8) | quantize wall s | peak RSS MiB |",
-             "|---|---|---|---|---|---|---|"]
+    lines = ["| method | bits | salient k | metric | bits/weight (linear layers) | ppl (wikitext2, stride 8) "
+             "| quantize wall s | peak RSS MiB |",
+             "|---|---|---|---|---|---|---|---|"]
     if results:
-        lines.append(f"| FP (no quantization) | 32 | - | - | {results[0]['fp_ppl']:.2f} | - | - |")
+        lines.append(f"| FP (no quantization) | 32 | - | - | 32 | {results[0]['fp_ppl']:.2f} | - | - |")
     for r in sorted(results, key=lambda r: (r["metric"] != "gift", r["method"], -r["bits"], r["salient"], r["metric"])):
+        bpw = f"{r['linear_bpw']:.2f}" if r.get("linear_bpw") is not None else "-"  # older results lack it
         lines.append(f"| {r['method']} | {r['bits']} | {r['salient']} ({r['salient_fraction']:.0%}) | {r['metric']} "
-                     f"| {r['ppl']:.2f} | {r['quantize_s']:.0f} | {r['peak_rss_mb']:.0f} |")
+                     f"| {bpw} | {r['ppl']:.2f} | {r['quantize_s']:.0f} | {r['peak_rss_mb']:.0f} |")
     return "\n".join(lines)
 
 

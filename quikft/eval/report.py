@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from quikft.atomic import write_text
+from quikft.config import salient_text
 from quikft.data import DataError
 
 # Files a model directory always has and that are never run reports: skipped without a note.
@@ -34,7 +35,9 @@ class RunRow:
     method: str
     model: str = ""
     bits: int | None = None
-    salient: int | None = None
+    salient: int | float | None = None  # a count, or a fraction of each layer's inputs
+    linear_bpw: float | None = None  # bits per weight of the quantized linears, as stored (quikft.bits)
+    model_bpw: float | None = None  # bits per parameter of the whole stored model
     ppl: float | None = None
     ppl_windows: int | None = None
     seconds: float | None = None
@@ -44,7 +47,7 @@ class RunRow:
 
     def series(self) -> str:
         """The label of this row's line in the ppl-versus-bits plot."""
-        return self.method if self.salient is None else f"{self.method} k={self.salient}"
+        return self.method if self.salient is None else f"{self.method} k={salient_text(self.salient)}"
 
 
 @dataclass
@@ -104,6 +107,18 @@ def _int(value) -> int | None:
     return int(number) if number is not None else None
 
 
+def _salient(value) -> int | float | None:
+    """A report's salient setting: a count, or a fraction of each layer's inputs (kept as a float)."""
+    number = _number(value)
+    return None if number is None else int(number) if isinstance(value, int) else number
+
+
+def _bpw(data: dict) -> dict[str, float | None]:
+    """``linear_bpw``/``model_bpw`` of a report's ``bits_per_weight`` entry (absent in older reports)."""
+    entry = data.get("bits_per_weight") if isinstance(data.get("bits_per_weight"), dict) else {}
+    return {"linear_bpw": _number(entry.get("linear")), "model_bpw": _number(entry.get("model"))}
+
+
 def _ppl(entry) -> tuple[float | None, int | None]:
     """(ppl, windows) of a PplResult dict, or of a bare number."""
     if isinstance(entry, dict):
@@ -117,10 +132,10 @@ def quantize_rows(data: dict, run: str) -> list[RunRow]:
     config = data.get("config") if isinstance(data.get("config"), dict) else {}
     model = str(config.get("model") or "smollm2-135m")
     ppl, windows = _ppl(data.get("ppl"))
+    salient = _salient(config.get("salient"))
     row = RunRow(run=run, method=str(config.get("method") or "?").upper(), model=model, bits=_int(config.get("bits")),
-                 salient=_int(config.get("salient")), ppl=ppl, ppl_windows=windows,
-                 seconds=_number(data.get("wall_seconds")),
-                 notes=f"metric {config['metric']}" if config.get("metric") and _int(config.get("salient")) else "")
+                 salient=salient, **_bpw(data), ppl=ppl, ppl_windows=windows, seconds=_number(data.get("wall_seconds")),
+                 notes=f"metric {config['metric']}" if config.get("metric") and salient else "")
     return [row, *_fp_row(data.get("fp_ppl"), model)]
 
 
@@ -135,8 +150,8 @@ def recover_rows(data: dict, run: str) -> list[RunRow]:
     notes = [f"ppl before {before:.2f}" if before is not None else "", noise]
     curve = [p for p in data.get("loss_curve") or [] if isinstance(p, dict) and _number(p.get("loss")) is not None]
     row = RunRow(run=run, method=RECOVER_METHODS.get(mode, f"GIFT-SW ({mode})" if mode else "GIFT-SW"), model=model,
-                 bits=_int(data.get("bits", config.get("bits"))), salient=_int(data.get("salient", config.get("salient"))),
-                 ppl=ppl, ppl_windows=windows, seconds=_number(data.get("seconds")), loss_curve=curve, notes=", ".join(n for n in notes if n))
+                 bits=_int(data.get("bits", config.get("bits"))), salient=_salient(data.get("salient", config.get("salient"))),
+                 **_bpw(data), ppl=ppl, ppl_windows=windows, seconds=_number(data.get("seconds")), loss_curve=curve, notes=", ".join(n for n in notes if n))
     return [row, *_fp_row(data.get("fp_ppl"), model)]
 
 
@@ -233,11 +248,13 @@ def _duration(seconds: float | None) -> str:
 
 
 def markdown_table(rows: list[RunRow]) -> str:
-    lines = ["| run | method | bits | salient k | ppl | ppl windows | 0-shot avg acc (tasks) | time | notes |",
-             "|---|---|---|---|---|---|---|---|---|"]
+    lines = ["| run | method | bits | salient k | bits/weight (linear) | bits/weight (model) | ppl | ppl windows | "
+             "0-shot avg acc (tasks) | time | notes |",
+             "|---|---|---|---|---|---|---|---|---|---|---|"]
     for row in rows:
         lines.append(f"| {row.run} | {row.method} | {row.bits if row.bits is not None else '–'} | "
-                     f"{row.salient if row.salient is not None else '–'} | {_fmt(row.ppl)} | "
+                     f"{salient_text(row.salient) if row.salient is not None else '–'} | {_fmt(row.linear_bpw)} | "
+                     f"{_fmt(row.model_bpw)} | {_fmt(row.ppl)} | "
                      f"{row.ppl_windows if row.ppl_windows is not None else '–'} | {_avg_acc(row)} | "
                      f"{_duration(row.seconds)} | {row.notes} |")
     return "\n".join(lines)
@@ -278,35 +295,52 @@ def _save_figure(figure, path: Path) -> None:
     os.replace(tmp, path)
 
 
-def plot_ppl_vs_bits(rows: list[RunRow], path: Path) -> bool:
-    import matplotlib.pyplot as plt
-    from matplotlib.ticker import ScalarFormatter
+PER_WEIGHT_LABEL = "bits per weight (quantized linear layers, all stored bits)"
+CODE_BITS_LABEL = "bits (non-salient weights)"
 
+
+def ppl_vs_bits_series(rows: list[RunRow]
+                       ) -> tuple[str, dict[str, list[tuple[float, float]]], list[tuple[str, float]]]:
+    """The plot's x-axis label, its lines (label -> (x, ppl) points) and the FP references drawn across
+    it (label, ppl).
+
+    x is the quantized linears' bits per weight (all their stored bits), or the code bit-width when a
+    plotted run's report predates the count: the two scales never share an axis."""
     plotted = [row for row in rows if row.ppl is not None and (row.method == "FP" or row.bits is not None)]
     # Perplexities over different window subsets are not comparable: keep them on separate lines.
     mixed = len({row.ppl_windows for row in plotted}) > 1
+    quantized = [row for row in plotted if row.method != "FP"]
+    per_weight = bool(quantized) and all(row.linear_bpw is not None for row in quantized)
 
     def label(row: RunRow) -> str:
         name = f"FP {row.model}" if row.method == "FP" else row.series()
         return f"{name} ({row.ppl_windows} windows)" if mixed else name
 
-    series: dict[str, list[tuple[int, float]]] = {}
-    for row in plotted:
-        if row.method != "FP":
-            series.setdefault(label(row), []).append((row.bits, row.ppl))
+    series: dict[str, list[tuple[float, float]]] = {}
+    for row in quantized:
+        series.setdefault(label(row), []).append((row.linear_bpw if per_weight else row.bits, row.ppl))
+    fp = [(label(row), row.ppl) for row in plotted if row.method == "FP"]
+    return (PER_WEIGHT_LABEL if per_weight else CODE_BITS_LABEL), series, fp
+
+
+def plot_ppl_vs_bits(rows: list[RunRow], path: Path) -> bool:
+    import matplotlib.pyplot as plt
+    from matplotlib.ticker import ScalarFormatter
+
+    xlabel, series, fp = ppl_vs_bits_series(rows)
     if not series:
         return False
     figure, axis = plt.subplots(figsize=(6, 4))
     for name, points in sorted(series.items()):
-        bits, ppl = zip(*sorted(points), strict=True)
-        axis.plot(bits, ppl, marker="o", label=name)
-    for row in plotted:
-        if row.method == "FP":
-            axis.axhline(row.ppl, linestyle="--", color="gray", label=label(row))
-    axis.set(xlabel="bits (non-salient weights)", ylabel="perplexity", yscale="log", title="Perplexity vs bits")
+        x, ppl = zip(*sorted(points), strict=True)
+        axis.plot(x, ppl, marker="o", label=name)
+    for name, ppl in fp:
+        axis.axhline(ppl, linestyle="--", color="gray", label=name)
+    axis.set(xlabel=xlabel, ylabel="perplexity", yscale="log", title="Perplexity vs bits")
     axis.yaxis.set_major_formatter(ScalarFormatter())
     axis.yaxis.set_minor_formatter(ScalarFormatter())
-    axis.set_xticks(sorted({b for points in series.values() for b, _ in points}))
+    if xlabel == CODE_BITS_LABEL:
+        axis.set_xticks(sorted({b for points in series.values() for b, _ in points}))
     axis.legend(fontsize="small")
     _save_figure(figure, path)
     plt.close(figure)

@@ -37,7 +37,7 @@ from tqdm.auto import tqdm
 
 from quikft import arch
 from quikft.arch import RoutedExperts, UnsupportedArchitectureError
-from quikft.config import QuantConfig
+from quikft.config import QuantConfig, resolve_salient, salient_request, salient_text
 from quikft.hardware import resolve_device
 from quikft.quant.activations import ActivationStore
 from quikft.quant.gptq import HessianAccumulator, QuantResult, gptq_quantize, rtn_quantize
@@ -418,15 +418,16 @@ def _uniform_stats(in_features: int) -> ColumnStats:
 
 # ------------------------------------------------------------------------------------ quantization
 
-def effective_salient(k: int, in_features: int, name: str) -> int:
-    """Cap k below in_features (at least one quantized column), warning once per layer width."""
-    if k < in_features:
+def effective_salient(salient: int | float, in_features: int, name: str) -> int:
+    """The layer's k (:func:`~quikft.config.resolve_salient`), warning once per layer width when capped."""
+    k = resolve_salient(salient, in_features)
+    if k >= salient_request(salient, in_features):
         return k
-    capped = in_features - 1
     # No layer name in the message: the warnings registry then shows it once per width.
-    warnings.warn(f"--salient {k} >= in_features {in_features}; capped at {capped} for such layers "
-                  f"(first: {'.'.join(name.rsplit('.', 2)[-2:])})", stacklevel=3)
-    return capped
+    warnings.warn(f"--salient {salient_text(salient)} asks {salient_request(salient, in_features)} >= in_features "
+                  f"{in_features} columns; capped at {k} for such layers (first: {'.'.join(name.rsplit('.', 2)[-2:])})",
+                  stacklevel=3)
+    return k
 
 
 def choose_salient(weight: torch.Tensor, stats: ColumnStats, config: QuantConfig, name: str) -> torch.Tensor:
@@ -500,8 +501,8 @@ def quantize_blocks(model, layout: arch.ModelLayout, inputs: BlockInputs, config
                     out: QuantizedLayers, hooks: BlockHooks, device: str, first: int = 0, progress: bool = True,
                     salient: dict[str, torch.Tensor] | None = None) -> None:
     """Blocks ``first`` onward on ``device``: statistics, salient columns, quantization, recomputed outputs."""
-    bar = tqdm(range(first, len(layout)), desc=f"quantize w{config.bits} k{config.salient}", disable=not progress,
-               unit="block", initial=first, total=len(layout))
+    bar = tqdm(range(first, len(layout)), desc=f"quantize w{config.bits} k{salient_text(config.salient)}",
+               disable=not progress, unit="block", initial=first, total=len(layout))
     for index in bar:
         block, prefix = layout.blocks[index], layout.block_name(index)
         hooks.load(index, block)
@@ -630,7 +631,8 @@ def select_salient_model(model, calib: torch.Tensor, config: QuantConfig, progre
     model.eval()
     inputs = capture_block_inputs(model, layout, calib, batch_size, device)
     salient: dict[str, torch.Tensor] = {}
-    for index in tqdm(range(len(layout)), desc=f"select k{config.salient}", disable=not progress, unit="block"):
+    desc = f"select k{salient_text(config.salient)}"
+    for index in tqdm(range(len(layout)), desc=desc, disable=not progress, unit="block"):
         block, prefix = layout.blocks[index], layout.block_name(index)
         arch.unfuse_all_experts(block)
         layers = layout.layers(index)
