@@ -47,6 +47,7 @@ import json
 import math
 import os
 import struct
+from collections import Counter
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -86,6 +87,7 @@ DTYPE_REST = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float
 REQUIRED_KEYS = ("bits", "group_size", "sym", "salient", "modules")
 SETTING_KEYS = ("bits", "group_size", "sym", "salient", "metric", "act_order", "method")
 EXPERTS_KEY = "unfused_experts"
+LAYER_BITS_KEY = "layer_bits"  # --target-bpw: name -> bits of every layer
 
 # safetensors dtype codes -> torch dtypes (those a checkpoint of ours can hold).
 SAFETENSORS_DTYPES = {
@@ -200,15 +202,36 @@ def build_quantization_config(quantized: QuantizedLayers, quant_config: QuantCon
     qconfig = {"quant_method": QUANT_METHOD, "format_version": FORMAT_VERSION,
                **{key: settings[key] for key in SETTING_KEYS}, "dtype_rest": dtype_rest,
                "modules": modules, "settings": settings, "source_model": source_model}
+    if settings.get("target_bpw") is not None:
+        qconfig.update(_mixed_settings(quantized, modules))
     if quantized.experts:
         # MoE layers whose 3-D expert weights are stored as one packed linear per expert.
         qconfig[EXPERTS_KEY] = list(quantized.experts)
     return qconfig
 
 
+def _mixed_settings(quantized: QuantizedLayers, modules: list[str]) -> dict[str, Any]:
+    """A --target-bpw checkpoint's per-layer bits (``layer_bits``, what loaders unpack with) and, as
+    ``bits``/``salient``, the most common choices (what a reader of the summary sees first)."""
+    chosen = {name: (r.bits, int(r.salient.numel())) for name, r in quantized.results.items()} or \
+        {layer.name: (layer.bits, layer.salient) for layer in quantized.layers}
+    missing = [name for name in modules if chosen.get(name, (None,))[0] not in BITS]
+    if missing:
+        raise ValueError(f"layer {missing[0]} has no recorded bit-width")
+    most = Counter(chosen[name] for name in modules).most_common(1)[0][0]
+    return {"bits": most[0], "salient": most[1], LAYER_BITS_KEY: {name: chosen[name][0] for name in modules}}
+
+
+def declared_bits(qconfig: Mapping[str, Any], name: str) -> int:
+    """The bit-width a checkpoint declares for one layer (per layer in a --target-bpw checkpoint)."""
+    return int((qconfig.get(LAYER_BITS_KEY) or {}).get(name, qconfig["bits"]))
+
+
 def check_layer_grid(name: str, result: QuantResult, settings: Mapping[str, Any]) -> None:
-    """The config is the loader's only source for bits; a layer that disagrees would unpack wrongly."""
-    if result.bits != settings["bits"] or result.sym != settings["sym"]:
+    """The config is the loader's only source for bits; a layer that disagrees would unpack wrongly.
+    (Under --target-bpw each layer's bits are recorded from its result.)"""
+    per_layer = settings.get("target_bpw") is not None
+    if (result.bits != settings["bits"] and not per_layer) or result.sym != settings["sym"]:
         raise ValueError(f"layer {name} was quantized with bits={result.bits}, sym={result.sym}, but the "
                          f"settings say bits={settings['bits']}, sym={settings['sym']}")
 
@@ -364,6 +387,12 @@ def _check_declared_values(qconfig: Mapping[str, Any], source: str | os.PathLike
         problems.append(f"sym {brief(qconfig.get('sym'))} (true or false)")
     if "dtype_rest" in qconfig and qconfig["dtype_rest"] not in REST_DTYPES:
         problems.append(f"dtype_rest {brief(qconfig['dtype_rest'])} (one of {', '.join(REST_DTYPES)})")
+    layer_bits = qconfig.get(LAYER_BITS_KEY)
+    if layer_bits is not None and not (isinstance(layer_bits, dict) and all(
+            isinstance(v, int) and not isinstance(v, bool) and v in BITS for v in layer_bits.values())
+            and set(layer_bits) <= set(map(str, qconfig.get("modules") or []))):
+        problems.append(f"{LAYER_BITS_KEY} {brief(layer_bits)} (its layers' bits, each one of "
+                        f"{', '.join(map(str, BITS))})")
     if problems:
         raise CheckpointError(f"{source}: quantization_config declares {'; '.join(problems)}")
 
@@ -565,7 +594,7 @@ def swap_in_quik_layers(model: nn.Module, qconfig: Mapping[str, Any], tensors: M
         in_features, out_features = arch.dims_of(_linear(model, name, source))
         k = _stored_k(tensors, name, in_features, source)
         n_groups = _stored_dim(tensors, f"{name}.scales", 2, source)
-        layer = QuikLinear(in_features, out_features, int(qconfig["bits"]), int(qconfig["group_size"]), k,
+        layer = QuikLinear(in_features, out_features, declared_bits(qconfig, name), int(qconfig["group_size"]), k,
                            n_groups, f"{name}.bias" in tensors, device=device)
         if qconfig["format_version"] == 1:
             layer.perm = None  # format 1 stores no perm; finish_loading derives it
@@ -639,7 +668,7 @@ def check_layer_values(model: nn.Module, tensors: Mapping[str, TensorInfo], qcon
 def _validate_layer(name: str, values: Mapping[str, Tensor], tensors: Mapping[str, TensorInfo],
                     qconfig: Mapping[str, Any], in_features: int) -> None:
     files = {key: tensors[f"{name}.{key}"].file for key in values if f"{name}.{key}" in tensors}
-    validate_layer_values(name, values, files, in_features=in_features, bits=int(qconfig["bits"]),
+    validate_layer_values(name, values, files, in_features=in_features, bits=declared_bits(qconfig, name),
                           group_size=int(qconfig["group_size"]), sym=bool(qconfig["sym"]))
 
 
@@ -886,7 +915,8 @@ def describe(path: str | os.PathLike, verify: bool = False) -> dict:
     tensors = read_headers(files)
     source = weights_source(files)
     stored = _layer_tensor_names(qconfig)
-    layers = [_layer_summary(name, tensors, int(qconfig["bits"]), source, stored) for name in qconfig["modules"]]
+    layers = [_layer_summary(name, tensors, declared_bits(qconfig, name), source, stored)
+              for name in qconfig["modules"]]
     device = default_device()
     choice = compute_dtype(device)
     for layer, plan in zip(layers, kernel_plan(qconfig, tensors, device, choice.dtype), strict=True):
@@ -944,7 +974,7 @@ def kernel_plan(qconfig: Mapping[str, Any], tensors: Mapping[str, TensorInfo], d
         n_groups, out_features = tensors[f"{name}.scales"].shape
         k = tensors[f"{name}.salient_idx"].shape[0]
         # Loading stores every layer group-contiguously (format 1 is reordered in memory).
-        layout = LayerLayout(g_idx.numel() + k, out_features, int(qconfig["bits"]), k,
+        layout = LayerLayout(g_idx.numel() + k, out_features, declared_bits(qconfig, name), k,
                              group_sizes(g_idx, n_groups), contiguous_groups=True)
         refused = {other: why_not(get_kernel(other), layout, torch.device(device), dtype)
                    for other in available_kernels()}

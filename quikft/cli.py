@@ -6,7 +6,7 @@ import os
 
 import click
 
-from quikft.config import RECOVER_MODES
+from quikft.config import BPW_ERRORS, RECOVER_MODES
 from quikft.models import DEFAULT_MODEL
 
 MODEL_HELP = f"Model: an alias ({DEFAULT_MODEL}, the default), a hub id or a local directory."
@@ -158,6 +158,12 @@ def generate(prompt, model_name, max_new_tokens, temperature, chat, seed, dtype,
 @click.option("--salient", default=None,
               help="FP16 input columns kept per linear layer: a count, or a fraction of each layer's inputs "
                    "(3% or 0.03) [128].")
+@click.option("--target-bpw", type=float, default=None,
+              help="Bits-per-weight budget of the linear layers: bits (2-8) and salient columns (0-64) are chosen "
+                   "per layer from measured errors; replaces --bits and --salient.")
+@click.option("--bpw-error", type=click.Choice(list(BPW_ERRORS)), default=None,
+              help="What --target-bpw minimises: each layer's output error, or it relative to the layer's "
+                   "output [output].")
 @click.option("--metric", default=None, help="Saliency metric: gift, quik, owq, wanda or custom [gift].")
 @click.option("--tau", type=float, default=None, help="Metric: norm of the weight error D_j (inf allowed).")
 @click.option("--rho", type=float, default=None, help="Metric: norm of the input column X_j (1, 2 or inf).")
@@ -207,8 +213,11 @@ def quantize(config_path, targets, ignore, **flags):
                        **flags)
     config = job.quant
     report = run_quantize(job)
-    click.echo(f"quantized {report['config']['model'] or 'smollm2-135m'} to {config.bits} bits with "
-               f"{salient_text(config.salient)} salient columns ({report['salient_fraction']:.1%} of inputs) in "
+    scheme = (f"{report['bits_per_weight']['linear']:.2f} bits per weight (target {config.target_bpw:g}; bits and "
+              f"salient columns per layer)" if config.target_bpw is not None else
+              f"{config.bits} bits with {salient_text(config.salient)} salient columns")
+    click.echo(f"quantized {report['config']['model'] or 'smollm2-135m'} to {scheme} "
+               f"({report['salient_fraction']:.1%} of inputs salient) in "
                f"{report['quantize_seconds']:.0f}s, peak RSS {report['peak_rss_mb']:.0f} MiB, resumable state up to "
                f"{report['state_peak_bytes'] / 2**20:.0f} MiB on disk -> {report['out']}")
     if report["ppl"]:

@@ -35,6 +35,7 @@ import yaml
 BITS = (2, 3, 4, 8)
 METHODS = ("gptq", "rtn")
 REST_DTYPES = ("bf16", "fp16", "fp32")  # storage dtypes of a checkpoint's unquantized tensors
+BPW_ERRORS = ("output", "relative")  # what --target-bpw minimises (quikft.quant.budget.ERRORS)
 METRICS = ("gift", "quik", "owq", "wanda", "custom")  # custom: free tau/rho/gamma (quikft.saliency)
 SUPPORTED_RHO = (1.0, 2.0, math.inf)  # the input norms the streamed column statistics can give
 RECOVER_MODES = ("post", "pre", "salient-ft", "lora")
@@ -218,6 +219,10 @@ class QuantConfig:
     quantize_lm_head: bool = False  # also quantize the output layer (untied from the embedding if tied)
     expert_min_tokens: int = 128  # an MoE expert routed fewer calibration tokens uses all of its layer's tokens
     dtype_rest: str = "bf16"  # dtype of the unquantized tensors (embeddings, norms, an untied head) when saved
+    # A bits-per-weight budget for the quantized linear layers: bits and salient columns are then chosen
+    # per layer from measured errors (quikft.quant.budget), and bits/salient above are not used.
+    target_bpw: float | None = None
+    bpw_error: str = "output"  # the error --target-bpw minimises: output | relative (quikft.quant.budget)
 
     def __post_init__(self) -> None:
         self.targets = _patterns(self.targets)
@@ -240,6 +245,10 @@ class QuantConfig:
         _non_negative(self, ("percdamp", "expert_min_tokens"))
         _positive(self, ("nsamples", "seqlen", "block_size"))
         _one_of("dtype_rest", self.dtype_rest, REST_DTYPES)
+        _one_of("bpw_error", self.bpw_error, BPW_ERRORS, "--target-bpw error")
+        if self.target_bpw is not None and not 0 < self.target_bpw < 64:
+            raise ConfigError(f"target_bpw {self.target_bpw:g} is not a bits-per-weight budget; use e.g. 3.5",
+                              "target_bpw")
 
     def to_dict(self) -> dict[str, Any]:
         out = asdict(self)
@@ -414,6 +423,10 @@ def build_config(cls, yaml_path: str | Path | None = None, **overrides):
     from_yaml = set(values)
     given = {k: v for k, v in overrides.items() if v is not None}
     values.update(given)
+    chosen_per_layer = sorted(set(values) & {"bits", "salient"})
+    if values.get("target_bpw") is not None and chosen_per_layer:
+        raise ConfigError(f"--target-bpw chooses bits and salient columns per layer; drop --{chosen_per_layer[0]} "
+                          f"(or drop --target-bpw to set them for every layer)", "target_bpw")
     try:
         return from_settings(cls, values)
     except ConfigError as err:

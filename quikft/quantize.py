@@ -50,6 +50,7 @@ from quikft.models import (
     resolve_model,
 )
 from quikft.quant.activations import store_batches
+from quikft.quant.budget import check_budget, layer_shapes, measure_candidates, plan_budget
 from quikft.quant.pipeline import QuantizedLayers, capture_block_inputs, quantize_blocks, quantize_head
 from quikft.quant.state import QuantizeState, directory_bytes
 from quikft.quant.streaming import (
@@ -58,6 +59,7 @@ from quikft.quant.streaming import (
     QUANTIZED,
     SAVED,
     BlockShards,
+    BlockWeights,
     EvalStreams,
     StreamingHooks,
     capture_streams,
@@ -80,7 +82,9 @@ NOT_FINGERPRINTED = ("out", "overwrite", "resume", "offload_activations", "devic
 
 def default_out_dir(job: QuantizeJob) -> Path:
     scheme = job.quant
-    return Path("runs") / f"{model_label(job.model)}-w{scheme.bits}-k{salient_text(scheme.salient)}-{scheme.method}"
+    setting = f"bpw{scheme.target_bpw:g}" if scheme.target_bpw is not None else \
+        f"w{scheme.bits}-k{salient_text(scheme.salient)}"
+    return Path("runs") / f"{model_label(job.model)}-{setting}-{scheme.method}"
 
 
 def compute_dtype(job: QuantizeJob) -> DtypeChoice:
@@ -192,6 +196,8 @@ def quantize(job: QuantizeJob, progress: bool = True) -> dict:
     model, tokenizer, weights, loading = open_model(job)
     # Refuse unsupported architectures (and patterns that select nothing) before any work.
     layout = arch.prepare(model, job.quant.targets, job.quant.ignore, job.quant.quantize_lm_head)
+    if job.quant.target_bpw is not None:  # a budget no setting meets is refused before any work
+        check_budget(layer_shapes(layout), job.quant)
     state = QuantizeState.begin(out_dir, fingerprint(job, weights), job.resume)
     try:
         report = _Run(job, model, tokenizer, weights, layout, state, out_dir, progress).run(began, loading)
@@ -225,6 +231,8 @@ class _Run:
         cache = _reference_cache(job)
         fp_cached = json.loads(cache.read_text()) if job.eval_windows and cache.exists() else None
         out = QuantizedLayers()
+        if scheme.target_bpw is not None:  # chosen once; a resumed run quantizes with the recorded choice
+            out.plan = (self.state.progress or {}).get("plan") or self._measure(calib)
         calibration, evals = self._capture(calib, windows, fp_cached is None, out)
         shards = BlockShards(self.state.blocks_dir, scheme.to_dict(), not job.fake_quant, self.rest_dtype)
         hooks = StreamingHooks(self.model, self.layout, self.weights, calibration, evals, shards, self.state,
@@ -262,6 +270,17 @@ class _Run:
                 stream.advance(self.state.restore(f"eval-{name}", job.offload_activations, self.device,
                                                   self.scratch))
         return calibration, evals
+
+    def _measure(self, calib: torch.Tensor) -> dict:
+        """--target-bpw: the measurement pass over the full-precision blocks, then the per-layer choice."""
+        began = time.perf_counter()
+        if self.weights is not None:
+            self.weights.load(self.model, self.layout.block_name(0))
+        inputs = capture_block_inputs(self.model, self.layout, calib, self.job.batch_size, self.device)
+        inputs.batches = store_batches(inputs.batches, self.job.offload_activations, self.device, self.scratch)
+        hooks = BlockWeights(self.model, self.layout, self.weights)
+        measured = measure_candidates(self.layout, inputs, self.job.quant, hooks, self.device, self.progress)
+        return plan_budget(measured, self.job.quant, time.perf_counter() - began)
 
     def _rounded_outside(self) -> dict[str, torch.Tensor]:
         """The loaded tensors outside the blocks, rounded to ``dtype_rest`` (the saved stream's start)."""
@@ -322,6 +341,8 @@ class _Run:
             save_file({name: t.contiguous() for name, t in salient.items()}, staging / SALIENT_NAME)
             report = build_report(job, out, time.perf_counter() - began, ppl["eval_seconds"], ppl["fp_ppl"],
                                   ppl["ppl"], bits_per_weight(job, out, staging))
+            if out.plan is not None:
+                report["target_bpw"] = out.plan
             report.update(ppl_saved=ppl["ppl_saved"], loading=loading, resumed_from_block=first,
                           state_peak_bytes=self.state.peak_bytes,
                           state_bytes_per_block=max(block_state_bytes, default=0),
@@ -337,8 +358,8 @@ def bits_per_weight(job: QuantizeJob, quantized: QuantizedLayers, directory: Pat
     if not job.fake_quant:
         return stored_bits(directory).to_dict()
     scheme = job.quant
-    linear = sum(layer_bits(layer.in_features, layer.out_features, scheme.bits, layer.salient, scheme.group_size)
-                 for layer in quantized.layers)
+    linear = sum(layer_bits(layer.in_features, layer.out_features, layer.bits or scheme.bits, layer.salient,
+                            scheme.group_size) for layer in quantized.layers)
     weights = sum(layer.in_features * layer.out_features for layer in quantized.layers)
     return {"linear": linear / weights if weights else None, "model": None}
 

@@ -25,9 +25,10 @@ the weight term alone, and is listed too.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import time
 import warnings
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -62,6 +63,7 @@ class LayerReport:
     seconds: float
     tokens: int = 0  # calibration tokens that reached the layer
     statistics: str = ROUTED
+    bits: int | None = None  # the layer's bit-width (they differ per layer under --target-bpw)
 
 
 @dataclass
@@ -76,6 +78,7 @@ class QuantizedLayers:
     experts: list[str] = field(default_factory=list)  # full names of the unfused experts modules
     head: str | None = None  # the quantized output layer, if any
     untied_head: bool = False  # the head was tied to the embedding and now has its own weights
+    plan: dict[str, Any] | None = None  # --target-bpw: the per-layer choice and its budget (quant/budget.py)
 
     def salient_indices(self) -> dict[str, torch.Tensor]:
         return {name: r.salient.to(torch.int32) for name, r in self.results.items()}
@@ -455,12 +458,21 @@ def quantize_linear(linear: nn.Module, hessian: torch.Tensor | None, stats: Colu
                          config.act_order, config.block_size, config.percdamp, config.clip_search)
 
 
+def layer_scheme(config: QuantConfig, plan: Mapping[str, Any] | None, name: str) -> QuantConfig:
+    """The scheme one layer is quantized with: ``config``, or its bits and salient count from a
+    per-layer ``plan`` (``--target-bpw``: name -> {"bits", "salient"})."""
+    if not plan or name not in plan:
+        return config
+    return dataclasses.replace(config, bits=plan[name]["bits"], salient=plan[name]["salient"])
+
+
 def _quantize_layer(module: nn.Module, full_name: str, stats: LayerStats, how: str, tokens: int,
                     config: QuantConfig, out: QuantizedLayers, results: dict[str, QuantResult],
                     fixed: torch.Tensor | None) -> float:
     """Quantize one layer in place (fake-quantized weight), put its result in ``results`` and its
     report in ``out``; returns its loss."""
     t0 = time.perf_counter()
+    config = layer_scheme(config, (out.plan or {}).get("layers"), full_name)
     hessian = stats.hessian.hessian() if stats.hessian is not None and stats.tokens else None
     result = quantize_linear(module, hessian, stats.columns, config, full_name, fixed)
     weight = arch.weight_of(module)
@@ -469,7 +481,7 @@ def _quantize_layer(module: nn.Module, full_name: str, stats: LayerStats, how: s
     k = int(result.salient.numel())
     in_features, out_features = arch.dims_of(module)
     out.layers.append(LayerReport(full_name, in_features, out_features, k, k / in_features, result.loss,
-                                  time.perf_counter() - t0, tokens, how))
+                                  time.perf_counter() - t0, tokens, how, bits=result.bits))
     return result.loss
 
 
@@ -501,7 +513,8 @@ def quantize_blocks(model, layout: arch.ModelLayout, inputs: BlockInputs, config
                     out: QuantizedLayers, hooks: BlockHooks, device: str, first: int = 0, progress: bool = True,
                     salient: dict[str, torch.Tensor] | None = None) -> None:
     """Blocks ``first`` onward on ``device``: statistics, salient columns, quantization, recomputed outputs."""
-    bar = tqdm(range(first, len(layout)), desc=f"quantize w{config.bits} k{salient_text(config.salient)}",
+    scheme = f"{config.target_bpw:g} bpw" if out.plan else f"w{config.bits} k{salient_text(config.salient)}"
+    bar = tqdm(range(first, len(layout)), desc=f"quantize {scheme}",
                disable=not progress, unit="block", initial=first, total=len(layout))
     for index in bar:
         block, prefix = layout.blocks[index], layout.block_name(index)
@@ -529,7 +542,7 @@ def quantize_blocks(model, layout: arch.ModelLayout, inputs: BlockInputs, config
 @torch.no_grad()
 def quantize_model(model, calib: torch.Tensor, config: QuantConfig, progress: bool = True,
                    salient: dict[str, torch.Tensor] | None = None, device: str = "cpu",
-                   batch_size: int = 8) -> QuantizedLayers:
+                   batch_size: int = 8, plan: dict[str, Any] | None = None) -> QuantizedLayers:
     """Quantize every decoder projection of ``model`` in place (fake-quantized weights) and return
     the integer codes, scales and salient columns of each. ``salient`` may fix the index sets
     (Pre-GIFT-SW keeps the ones it trained). Each block is quantized on ``device`` (``auto``: cuda
@@ -538,7 +551,9 @@ def quantize_model(model, calib: torch.Tensor, config: QuantConfig, progress: bo
     Experts stored as 3-D parameters are unfused into per-expert linears first (see
     :mod:`quikft.arch.experts`); the model keeps that layout afterwards, and results are named
     after it. With ``config.quantize_lm_head`` the output layer is quantized last (untied from
-    the embedding first if needed).
+    the embedding first if needed). With ``config.target_bpw`` each layer's bits and salient count
+    are chosen by a measurement pass first (:mod:`quikft.quant.budget`), unless ``plan`` gives them
+    (``{"layers": {name: {"bits": b, "salient": k}}}``; a plan needs ``target_bpw`` set too).
     """
     layout = arch.prepare(model, config.targets, config.ignore, config.quantize_lm_head)
     device = resolve_device(device)
@@ -546,6 +561,8 @@ def quantize_model(model, calib: torch.Tensor, config: QuantConfig, progress: bo
     model.eval()
     began = time.perf_counter()
     out = QuantizedLayers()
+    if config.target_bpw is not None:
+        out.plan = plan or _budget_plan(model, layout, calib, config, (device, batch_size), progress)
     inputs = capture_block_inputs(model, layout, calib, batch_size, device)
     quantize_blocks(model, layout, inputs, config, out, BlockHooks(), device, progress=progress, salient=salient)
     if config.quantize_lm_head:
@@ -553,6 +570,19 @@ def quantize_model(model, calib: torch.Tensor, config: QuantConfig, progress: bo
     out.seconds = time.perf_counter() - began
     model.train(was_training)
     return out
+
+
+def _budget_plan(model, layout: arch.ModelLayout, calib: torch.Tensor, config: QuantConfig,
+                 where: tuple[str, int], progress: bool) -> dict[str, Any]:
+    """--target-bpw in memory: the measurement pass on its own captured inputs, then the choice."""
+    from quikft.quant import budget  # the budget builds on this module's block loop
+
+    device, batch_size = where
+    budget.check_budget(budget.layer_shapes(layout), config)
+    began = time.perf_counter()
+    inputs = capture_block_inputs(model, layout, calib, batch_size, device)
+    measured = budget.measure_candidates(layout, inputs, config, BlockHooks(), device, progress)
+    return budget.plan_budget(measured, config, time.perf_counter() - began)
 
 
 @torch.no_grad()

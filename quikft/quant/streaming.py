@@ -271,6 +271,23 @@ def round_floating(module: nn.Module, dtype: torch.dtype, skip: set[str] = froze
 
 # ------------------------------------------------------------------------------------ the hooks
 
+class BlockWeights(BlockHooks):
+    """Per block: read its weights from the checkpoint when the job streams them, drop them after
+    (a pass over the full-precision blocks, such as --target-bpw's measurement)."""
+
+    def __init__(self, model, layout: arch.ModelLayout, weights: CheckpointWeights | None):
+        self.model, self.layout, self.weights = model, layout, weights
+
+    def load(self, index: int, block: nn.Module) -> None:
+        if self.weights is not None:
+            self.weights.load(self.model, self.layout.block_name(index))
+
+    def release(self, index: int, block: nn.Module) -> None:
+        if self.weights is not None:
+            release(block)
+            return_freed_memory()
+
+
 class StreamingHooks(BlockHooks):
     """Per block: read it, run the evaluation streams, write its shard, commit the state, release it."""
 
@@ -322,7 +339,7 @@ def record_of(out: QuantizedLayers, blocks: int, evals: EvalStreams) -> dict[str
     """What the state keeps of the results so far (everything the report and config need)."""
     return {"blocks": blocks, "layers": [asdict(layer) for layer in out.layers], "input_groups": out.input_groups,
             "experts": out.experts, "eval_streams": list(evals.inputs), "eval_seconds": evals.seconds,
-            "quantize_seconds": out.seconds}
+            "quantize_seconds": out.seconds, "plan": out.plan}
 
 
 def restore_record(record: dict[str, Any], out: QuantizedLayers, evals: EvalStreams) -> None:
@@ -330,6 +347,7 @@ def restore_record(record: dict[str, Any], out: QuantizedLayers, evals: EvalStre
     out.input_groups = record["input_groups"]
     out.experts = record["experts"]
     out.seconds = record.get("quantize_seconds", 0.0)
+    out.plan = record.get("plan")
     evals.seconds = dict(record.get("eval_seconds", {}))
 
 

@@ -1,0 +1,152 @@
+"""``--target-bpw``: measure each linear layer at candidate settings, then choose one per layer.
+
+The measurement pass walks the blocks once before quantization, on full-precision weights: one
+forward per block gathers each layer's Hessian and column statistics (and the block's outputs,
+the next block's inputs), then every candidate setting (bits, k) of every layer is quantized
+exactly as the final pass would quantize it (same metric, grid, GPTQ and clipping search) and
+its error and exact storage recorded. :func:`quikft.quant.allocate.allocate` then picks the
+setting per layer; the usual block loop quantizes with it (later blocks see the quantized
+earlier ones, as always).
+
+Candidates. Bits 2, 3 and 4 with k in {0, 16, 32, 64}, and 8 bits with k = 0 (the top of the
+range). Why these k: a salient column costs ``out × 16`` bits of fp16 values plus its index, so on
+the default model's 576-wide layers k = 128 alone adds 3.6 bits per weight — more than going from
+2 to 4 bits — and measured allocations rarely pick it; k = 16..64 are where a few columns buy
+more than a bit of width does. 8 bits with salient columns is never better than 8 bits alone.
+
+Errors (``bpw_error``). ``output``: the layer's mean squared output error on the calibration
+tokens (GPTQ's own objective, :func:`quikft.quant.gptq.hessian_objective`), summed over layers;
+``relative``: the same divided by the layer's output energy (every layer's error counts by the
+fraction of its signal it loses). Both are recorded in the plan, whichever one chose it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+from collections.abc import Callable, Mapping
+from typing import Any
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from quikft import arch
+from quikft.bits import layer_bits
+from quikft.config import QuantConfig, resolve_salient
+from quikft.quant.allocate import BudgetError, Candidate, allocate, reachable
+from quikft.quant.gptq import hessian_objective
+from quikft.quant.pipeline import (
+    BlockHooks,
+    BlockInputs,
+    LayerStats,
+    _on_device,
+    collect_statistics,
+    quantize_linear,
+)
+
+CANDIDATE_BITS = (2, 3, 4)
+CANDIDATE_SALIENT = (0, 16, 32, 64)
+TOP_SETTINGS = ((8, 0),)
+
+
+def _output_error(loss: float, energy: float) -> float:
+    return loss
+
+
+def _relative_error(loss: float, energy: float) -> float:
+    return loss / energy if energy > 0 else loss
+
+
+ERRORS: dict[str, Callable[[float, float], float]] = {"output": _output_error, "relative": _relative_error}
+
+__all__ = ["BudgetError", "ERRORS", "candidate_settings", "check_budget", "measure_candidates", "plan_budget"]
+
+
+def candidate_settings(in_features: int) -> list[tuple[int, int]]:
+    """The (bits, k) settings measured for a layer with ``in_features`` inputs (k capped as quantize caps it)."""
+    settings = [(bits, resolve_salient(k, in_features)) for bits in CANDIDATE_BITS for k in CANDIDATE_SALIENT]
+    return sorted(set(settings) | set(TOP_SETTINGS))
+
+
+def _storage(in_features: int, out_features: int, setting: tuple[int, int], group_size: int) -> int:
+    bits, k = setting
+    return layer_bits(in_features, out_features, bits, k, group_size)
+
+
+def check_budget(shapes: Mapping[str, tuple[int, int]], config: QuantConfig) -> None:
+    """Refuse a budget no choice of candidates can meet, before any work (``shapes``: name -> (in, out))."""
+    layers = {name: [Candidate(b, k, _storage(i, o, (b, k), config.group_size), 0.0)
+                     for b, k in candidate_settings(i)] for name, (i, o) in shapes.items()}
+    low, high = reachable(layers, sum(i * o for i, o in shapes.values()))
+    if not low <= config.target_bpw <= high:
+        raise BudgetError(f"--target-bpw {config.target_bpw:g} is outside what this model's layers can store: "
+                          f"{low:.2f} to {high:.2f} bits per weight (2 to 8 bits, 0 to "
+                          f"{max(CANDIDATE_SALIENT)} salient columns)")
+
+
+def layer_shapes(layout: arch.ModelLayout) -> dict[str, tuple[int, int]]:
+    """(in, out) of every layer the quantize job will quantize, by full name."""
+    return {f"{layout.block_name(i)}.{name}": arch.dims_of(module)
+            for i in range(len(layout)) for name, module in layout.layers(i).items()}
+
+
+def measure_layer(module: nn.Module, name: str, stats: LayerStats, config: QuantConfig) -> list[dict[str, Any]]:
+    """Every candidate of one layer quantized as the final pass would: setting, storage, loss, energy."""
+    hessian = stats.hessian.hessian() if stats.hessian is not None and stats.tokens else None
+    weight = arch.weight_of(module).float()
+    energy = hessian_objective(weight, hessian) if hessian is not None else float(weight.square().sum())
+    in_features, out_features = arch.dims_of(module)
+    measured = []
+    for setting in candidate_settings(in_features):
+        scheme = dataclasses.replace(config, bits=setting[0], salient=setting[1], target_bpw=None)
+        result = quantize_linear(module, hessian, stats.columns, scheme, name)
+        measured.append({"bits": setting[0], "salient": setting[1], "loss": result.loss, "energy": energy,
+                         "storage": _storage(in_features, out_features, setting, config.group_size),
+                         "weights": in_features * out_features})
+    return measured
+
+
+@torch.no_grad()
+def measure_candidates(layout: arch.ModelLayout, inputs: BlockInputs, config: QuantConfig, hooks: BlockHooks,
+                       device: str, progress: bool = True) -> dict[str, list[dict[str, Any]]]:
+    """The measurement pass (see the module docstring); ``inputs`` are advanced through the
+    full-precision blocks, so the caller captures fresh block-0 inputs for the final pass."""
+    measured: dict[str, list[dict[str, Any]]] = {}
+    for index in tqdm(range(len(layout)), desc="measure candidates", unit="block", disable=not progress):
+        block, prefix = layout.blocks[index], layout.block_name(index)
+        hooks.load(index, block)
+        arch.unfuse_all_experts(block)
+        layers = layout.layers(index)
+        with _on_device(block, device):
+            found, outputs = collect_statistics(block, layers, layout.experts(index), inputs, index, config,
+                                                keep_outputs=True)
+            for name, module in layers.items():
+                measured[f"{prefix}.{name}"] = measure_layer(module, f"{prefix}.{name}", found.stats[name], config)
+            del found
+            inputs.advance(outputs)
+        hooks.release(index, block)
+    return measured
+
+
+def plan_budget(measured: Mapping[str, list[dict[str, Any]]], config: QuantConfig, seconds: float = 0.0
+                ) -> dict[str, Any]:
+    """The per-layer choice for ``config.target_bpw`` from measured candidates: the plan the block
+    loop quantizes with (``layers``: name -> bits, salient), with what the report shows."""
+    error = ERRORS[config.bpw_error]
+    candidates = {name: [Candidate(m["bits"], m["salient"], m["storage"], error(m["loss"], m["energy"]))
+                         for m in rows] for name, rows in measured.items()}
+    weights = sum(rows[0]["weights"] for rows in measured.values())
+    began = time.perf_counter()
+    choice = allocate(candidates, weights, config.target_bpw)
+    chosen = {name: next(m for m in measured[name] if (m["bits"], m["salient"]) == (c.bits, c.k))
+              for name, c in choice.items()}
+    return {"target_bpw": config.target_bpw, "error": config.bpw_error,
+            "bits_per_weight": sum(c.storage for c in choice.values()) / weights,
+            "predicted_error": sum(c.error for c in choice.values()),
+            "measure_seconds": seconds, "allocate_seconds": time.perf_counter() - began,
+            "layers": {name: {"bits": m["bits"], "salient": m["salient"], "loss": m["loss"],
+                              "relative": _relative_error(m["loss"], m["energy"]), "storage": m["storage"]}
+                       for name, m in chosen.items()},
+            "candidates": {name: [[m["bits"], m["salient"], m["storage"], m["loss"], m["energy"]] for m in rows]
+                           for name, rows in measured.items()}}
