@@ -1,0 +1,153 @@
+"""Accuracy per bit: WikiText-2 perplexity against bits per weight for fixed settings and --target-bpw.
+
+Each row is one ``quikft quantize`` run of the default model (or ``--model``) whose built-in
+evaluation covers the 19 stride-8 WikiText-2 windows; the row records the checkpoint's bits per
+weight (quantized linear layers and whole model, counted from the written files), the perplexity of
+the model as saved, and the quantize time (the --target-bpw measurement pass included). Rows are
+appended to a JSONL file as they finish, so an interrupted benchmark resumes; the table marks the
+Pareto frontier (no other row has both fewer bits and a lower perplexity).
+
+    QUIKFT_DATA=../shared/data python tools/bench_pareto.py --nsamples 32            # every row
+    QUIKFT_DATA=../shared/data python tools/bench_pareto.py --only target --table-only
+
+CPU capability (``torch.backends.cpu.get_cpu_capability()``) and thread count are recorded per row.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import benchlib  # noqa: E402
+
+REPO = Path(__file__).resolve().parents[1]
+REPORT = "quantize_report.json"
+
+
+def rows() -> list[tuple[str, list[str]]]:
+    """(row id, quantize flags): the issue's grid, the rows between 3 and 4.5 bits per weight first (a
+    partial run then already answers which setting to use there)."""
+    grid = {f"gptq-w{b}-k{k}": ["--bits", str(b), "--salient", str(k)] for b in (2, 3, 4, 8) for k in (0, 16, 32, 64, 128)
+            if b != 8 or k == 0}
+    grid.update({f"rtn-w{b}-k0": ["--method", "rtn", "--bits", str(b), "--salient", "0"] for b in (2, 3, 4, 8)})
+    grid.update({f"target-{t}": ["--target-bpw", str(t)] for t in (2.5, 3.0, 3.5, 4.0, 4.5, 5.0)})
+    # the other error the budget can minimise, to compare the two (quikft.quant.budget)
+    grid.update({f"target-relative-{t}": ["--target-bpw", str(t), "--bpw-error", "relative"] for t in (3.0, 4.0)})
+    first = ["gptq-w3-k0", "gptq-w4-k0", "target-3.0", "target-4.0", "target-3.5", "target-4.5", "gptq-w3-k16",
+             "gptq-w3-k32", "gptq-w4-k16", "gptq-w3-k128", "target-relative-3.0", "target-relative-4.0",
+             "gptq-w2-k0", "gptq-w8-k0", "target-2.5", "target-5.0"]
+    return [(row, grid[row]) for row in first] + [(row, flags) for row, flags in grid.items() if row not in first]
+
+
+def run_row(row_id: str, flags: list[str], args) -> dict:
+    """Quantize (no built-in evaluation: its two streams through every block cost more than one pass of
+    the packed model), then evaluate the checkpoint with the exact reference kernel, so the perplexity
+    is the method's, not a kernel's activation rounding."""
+    out = Path(args.workdir) / row_id
+    model = ["--model", args.model] if args.model else []
+    quantize = [sys.executable, "-m", "quikft.cli", "quantize", *flags, *model, "--nsamples", str(args.nsamples),
+                "--eval-windows", "0", "--out", str(out), "--overwrite"]
+    evaluate = [sys.executable, "-m", "quikft.cli", "eval", "--model", str(out), "--ppl", "wikitext2",
+                "--window-stride", "8", "--json", str(out / "eval.json")]
+    with open(Path(args.workdir) / f"{row_id}.log", "w") as log:
+        began = time.perf_counter()
+        subprocess.run(quantize, cwd=REPO, env=benchlib.child_env(REPO), stdout=log, stderr=subprocess.STDOUT,
+                       check=True)
+        wall = time.perf_counter() - began
+        subprocess.run(evaluate, cwd=REPO, env=benchlib.child_env(REPO, {"QUIKFT_KERNEL": "torch"}), stdout=log,
+                       stderr=subprocess.STDOUT, check=True)
+    report = json.loads((out / REPORT).read_text())
+    evaluation = json.loads((out / "eval.json").read_text())
+    plan = report.get("target_bpw") or {}
+    return {"row": row_id, "flags": flags, "nsamples": args.nsamples,
+            "linear_bpw": report["bits_per_weight"]["linear"], "model_bpw": report["bits_per_weight"]["model"],
+            "ppl": _wikitext2_ppl(evaluation),
+            "quantize_seconds": report["quantize_seconds"] + plan.get("measure_seconds", 0.0),
+            "measure_seconds": plan.get("measure_seconds"), "wall_seconds": wall,
+            "cpu": torch.backends.cpu.get_cpu_capability(), "threads": torch.get_num_threads(),
+            "chosen": _chosen(plan)}
+
+
+def _wikitext2_ppl(evaluation: dict) -> float:
+    return float(next(r["ppl"] for r in evaluation["ppl"] if r["dataset"] == "wikitext2"))
+
+
+def _chosen(plan: dict) -> dict | None:
+    """How many layers took each (bits, k) under --target-bpw."""
+    if not plan:
+        return None
+    counts: dict[str, int] = {}
+    for setting in plan["layers"].values():
+        key = f"w{setting['bits']}k{setting['salient']}"
+        counts[key] = counts.get(key, 0) + 1
+    return dict(sorted(counts.items()))
+
+
+def frontier(results: list[dict]) -> set[str]:
+    """Rows no other row beats in both linear bits per weight and perplexity."""
+    return {r["row"] for r in results
+            if not any(o["linear_bpw"] <= r["linear_bpw"] and o["ppl"] < r["ppl"] and o is not r for o in results)}
+
+
+def table(results: list[dict]) -> str:
+    best = frontier(results)
+    lines = ["| row | bits/weight (linear) | bits/weight (model) | WikiText-2 ppl (19 windows) | frontier | "
+             "quantize s | chosen (layers per setting) | CPU, threads |",
+             "|---|---|---|---|---|---|---|---|"]
+    for r in sorted(results, key=lambda r: r["linear_bpw"]):
+        chosen = ", ".join(f"{k}: {v}" for k, v in (r["chosen"] or {}).items()) or "–"
+        lines.append(f"| {r['row']} | {r['linear_bpw']:.2f} | {r['model_bpw']:.2f} | {r['ppl']:.2f} | "
+                     f"{'yes' if r['row'] in best else ''} | {r['quantize_seconds']:.0f} | {chosen} | "
+                     f"{r['cpu']}, {r['threads']} |")
+    return "\n".join(lines)
+
+
+def plot(results: list[dict], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    series: dict[str, list[dict]] = {}
+    for r in results:
+        series.setdefault(r["row"].split("-k")[0] if not r["row"].startswith("target") else "target-bpw",
+                          []).append(r)
+    for label, points in sorted(series.items()):
+        points = sorted(points, key=lambda r: r["linear_bpw"])
+        ax.plot([p["linear_bpw"] for p in points], [p["ppl"] for p in points], marker="o", label=label)
+    ax.set_xlabel("bits per weight (quantized linear layers)")
+    ax.set_ylabel("WikiText-2 perplexity (19 windows)")
+    ax.set_yscale("log")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+
+
+def main() -> None:
+    p = benchlib.parser(__doc__.splitlines()[0], "runs/pareto/results.jsonl")
+    p.add_argument("--workdir", default="runs/pareto", help="where each row's checkpoint and log go")
+    p.add_argument("--nsamples", type=int, default=128, help="calibration windows of every row")
+    p.add_argument("--model", default=None, help="model alias or directory [the default model]")
+    p.add_argument("--plot", default=None, help="write the ppl-vs-bits plot here (PNG)")
+    args = p.parse_args()
+    done = [r for r in benchlib.load_results(args.results) if r.get("nsamples") == args.nsamples]
+    if not args.table_only:
+        Path(args.workdir).mkdir(parents=True, exist_ok=True)
+        benchlib.run_missing(((row_id, lambda r=row_id, f=flags: run_row(r, f, args)) for row_id, flags in rows()),
+                             done, args.results, args.only,
+                             lambda r: f"{r['linear_bpw']:.2f} bpw, ppl {r['ppl']:.2f}, {r['quantize_seconds']:.0f}s")
+    print(table(done))
+    if args.plot and done:
+        plot(done, Path(args.plot))
+
+
+if __name__ == "__main__":
+    main()
