@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from quikft.nn.kernels import KernelState, LayerLayout, QuikKernel, register_kernel
+from quikft.nn.kernels import KernelState, LayerLayout, QuikKernel, Refusal, register_kernel
 from quikft.nn.quik_linear import QuikLinear
 
 # Uncached, inputs of at least this many rows run as one GEMM on the full weight, shorter
@@ -63,7 +63,7 @@ def split_linear(layer: QuikLinear, x: Tensor, bias: Tensor | None) -> Tensor:
     return y.addmm_(x.index_select(1, layer.salient_idx.long()), layer.salient_weight.t().to(x.dtype))
 
 
-def _accepts_everything(layout: LayerLayout, device: torch.device, dtype: torch.dtype) -> str | None:
+def _accepts_everything(layout: LayerLayout, device: torch.device, dtype: torch.dtype) -> Refusal | None:
     return None
 
 
