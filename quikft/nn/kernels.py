@@ -25,6 +25,13 @@ A kernel that cannot take a layer says why with a :class:`Refusal` (:func:`why_n
 tells a layer outside the kernel's scope (another device, dtype or bit-width: nothing to note) from
 one whose layout is unusual (what ``quikft info`` lists and what the one-time note of a fallback
 says), its text is the one line printed.
+
+Adding a kernel takes one module, ``quikft/nn/<name>_kernel.py`` (check returning a
+:class:`Refusal`, prepare building a :class:`KernelState` whose ``meta`` is the module's own frozen
+dataclass, forward, and ``register_kernel``), one import line in :mod:`quikft.nn` that registers it,
+and a row in the table above. tests/test_kernel_conformance.py then holds it to the contract
+(precision, restored codes, gradients if it claims them) with no new test; its own test file is for
+what is particular to it.
 """
 
 from __future__ import annotations
@@ -108,7 +115,7 @@ class KernelState:
     hidden_bytes: int = 0
 
     def __post_init__(self) -> None:
-        # Typed and immutable, so a forward cannot grow ad-hoc keys that another kernel mistakes for its own.
+        # Typed and immutable: what prepare decided is read by field name and cannot drift between calls.
         if self.meta is not None and not is_frozen_dataclass(self.meta):
             raise TypeError(f"kernel {self.kernel.name!r}: KernelState.meta must be a frozen dataclass instance, "
                             f"got {type(self.meta).__name__}")
@@ -158,7 +165,7 @@ class QuikKernel:
       metadata (a frozen dataclass) once.
     - ``forward(layer, state, x)``: ``y = layer(x)``.
     - ``differentiable``: the forward supports autograd to ``x`` (needed when training around
-      frozen layers).
+      frozen layers) and to ``salient_weight`` when that requires grad.
     - ``restore_codes(layer, state)``: rebuild the layer's ``qweight`` bit for bit from the
       prepared tensors; kernels that have it let a loader drop the stored codes to save memory.
     """
