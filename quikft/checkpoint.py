@@ -61,7 +61,7 @@ from quikft.atomic import atomic_directory, check_output, is_regular_file, write
 from quikft.bits import BitsCount, count_bits
 from quikft.config import BITS, REST_DTYPES, ConfigError, brief, parse_salient, salient_text
 from quikft.hardware import compute_dtype, default_device, resolve_dtype
-from quikft.nn.kernels import is_scope_reason
+from quikft.nn.kernels import RefusalKind
 from quikft.nn.quik_linear import QuikLinear, prepare_for_inference
 from quikft.nn.stored_head import keep_tied_head_in_bf16
 from quikft.runinfo import return_freed_memory
@@ -976,9 +976,12 @@ def kernel_plan(qconfig: Mapping[str, Any], tensors: Mapping[str, TensorInfo], d
         # Loading stores every layer group-contiguously (format 1 is reordered in memory).
         layout = LayerLayout(g_idx.numel() + k, out_features, declared_bits(qconfig, name), k,
                              group_sizes(g_idx, n_groups), contiguous_groups=True)
-        refused = {other: why_not(get_kernel(other), layout, torch.device(device), dtype)
-                   for other in available_kernels()}
-        refused = {other: reason for other, reason in refused.items() if reason}
+        refusals = {other: why_not(get_kernel(other), layout, torch.device(device), dtype)
+                    for other in available_kernels()}
+        refusals = {other: reason for other, reason in refusals.items() if reason is not None}
+        # Plain strings, as ``quikft info --json`` prints them: the texts, and each one's kind.
+        refusal_fields = {"refused": {other: reason.text for other, reason in refusals.items()},
+                          "refusal_kinds": {other: reason.kind.value for other, reason in refusals.items()}}
         if torch.device(device).type == "cpu":
             key = autotune.layout_key(layout, dtype)
             if key not in measured:
@@ -987,10 +990,10 @@ def kernel_plan(qconfig: Mapping[str, Any], tensors: Mapping[str, TensorInfo], d
             plan = measured[key]
             plans.append({"kernel": plan[autotune.DECODE]["kernel"], "decode_us": plan[autotune.DECODE]["us"],
                           "prefill_kernel": plan[autotune.PREFILL]["kernel"],
-                          "prefill_us": plan[autotune.PREFILL]["us"], "refused": refused})
+                          "prefill_us": plan[autotune.PREFILL]["us"], **refusal_fields})
         else:
             kernel = select_kernel(layout, device, dtype).name
-            plans.append({"kernel": kernel, "prefill_kernel": kernel, "refused": refused})
+            plans.append({"kernel": kernel, "prefill_kernel": kernel, **refusal_fields})
     return plans
 
 
@@ -1104,7 +1107,7 @@ def _kernel_cell(group: list[dict]) -> str:
     # Refusals for this layout's own reasons (not another device, dtype or width) say what a
     # re-quantization with other settings would gain.
     reasons = sorted({f"{kernel}: {reason}" for layer in group for kernel, reason in layer["refused"].items()
-                      if not is_scope_reason(reason)})
+                      if layer["refusal_kinds"][kernel] == RefusalKind.LAYOUT})
     return "; ".join(cells) + (f" ({'; '.join(reasons)})" if reasons else "")
 
 

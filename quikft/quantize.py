@@ -87,7 +87,7 @@ def default_out_dir(job: QuantizeJob) -> Path:
     return Path("runs") / f"{model_label(job.model)}-{setting}-{scheme.method}"
 
 
-def compute_dtype(job: QuantizeJob) -> DtypeChoice:
+def quantize_dtype(job: QuantizeJob) -> DtypeChoice:
     """Quantization computes in float32 (GPTQ's Hessian inverse needs it; blocks run in the checkpoint's
     dtype); the capability is recorded so reports of every job say what the machine could run fast."""
     return DtypeChoice(torch.float32, f"quantize computes in float32; {native_bf16(resolve_device(job.device))[1]}")
@@ -373,7 +373,7 @@ def build_report(job: QuantizeJob, quantized: QuantizedLayers, wall_seconds: flo
         "job": "quantize",
         "config": job.to_dict(),
         "source_model": model_reference(job.model),
-        "compute_dtype": compute_dtype(job).to_dict(),
+        "compute_dtype": quantize_dtype(job).to_dict(),
         "format": "fake-quant" if job.fake_quant else "packed",
         "quantize_seconds": quantized.seconds,  # the block-by-block loop alone
         "seconds_per_block": quantized.seconds / blocks,

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from quikft.nn import QuikLinear, cpu_kernel, get_kernel, nonsalient_columns, prepare_for_inference, why_not
-from quikft.nn.kernels import LayerLayout
+from quikft.nn.kernels import LayerLayout, RefusalKind
 
 CPU = torch.device("cpu")
 
@@ -115,7 +115,7 @@ def test_cpu_int8_equals_the_reference_for_one_group_per_row(group_size):
         layer.kernel = "cpu-int8"
         assert_bf16_close(layer(x.bfloat16()), expected(layer, x), ulps=4)
     else:  # the int8 operator takes one scale per row: grouped 8-bit layers use another kernel
-        assert "one scale per row" in reason
+        assert "one scale per row" in reason.text
 
 
 @pytest.mark.parametrize("bits,group_size", [(3, 32), (2, 64), (4, -1), (8, -1)])
@@ -149,7 +149,7 @@ def test_released_layer_holds_four_bits_per_quantized_weight():
 def test_unsupported_layouts_are_refused_with_a_reason():
     layer = exact_layer(3, 4, (32, 100), 16, True, bias=False)  # groups of 16: no operator group size fits
     reason = why_not(get_kernel("cpu-int4"), layer.layout(), CPU, torch.bfloat16)
-    assert reason and "multiples of 32" in reason
+    assert reason is not None and "multiples of 32" in reason.text
     x = exact_input(2, 100)
     y = layer(x.bfloat16())  # the measured choice runs it with a kernel that accepts it
     assert layer.kernel_name != "cpu-int4"
@@ -199,7 +199,7 @@ def test_fp32_and_fp16_inputs_run_the_int4_operator_in_a_bf16_island(dtype, rows
     layer.kernel = "cpu-int4"
     x = exact_input(rows, 160)
     y = layer(x.to(dtype))
-    assert y.dtype == dtype and layer.kernel_state.meta["operator_dtype"] == cpu_kernel.operator_dtype(dtype)
+    assert y.dtype == dtype and layer.kernel_state.meta.operator_dtype == cpu_kernel.operator_dtype(dtype)
     reference = expected(layer, x)
     base = layer.dequantize_weight().double()
     quantized_magnitude = x.double().abs() @ base.abs().t()
@@ -230,3 +230,17 @@ def test_upgrade_from_format_1_keeps_the_weight():
     assert torch.equal(old.perm, new.perm) and torch.equal(old.g_idx, new.g_idx)
     assert torch.equal(old.qweight, new.qweight)
     assert torch.equal(old.effective_weight(), new.effective_weight())
+
+
+def test_info_lists_layout_refusals_only():
+    """``quikft info`` names what a layer's own layout costs it, not kernels for other devices or widths:
+    it goes by the refusal's kind, with the texts as the JSON summary records them."""
+    from quikft.checkpoint import _kernel_cell
+
+    layout = exact_layer(3, 4, (32, 100), 16, True, bias=False).layout()
+    refusals = {name: why_not(get_kernel(name), layout, CPU, torch.bfloat16) for name in ("cpu-int4", "cpu-int8")}
+    assert [r.kind for r in refusals.values()] == [RefusalKind.LAYOUT, RefusalKind.SCOPE]
+    layer = {"kernel": "torch", "prefill_kernel": "torch", "refused": {n: r.text for n, r in refusals.items()},
+             "refusal_kinds": {n: r.kind.value for n, r in refusals.items()}}
+    cell = _kernel_cell([layer])
+    assert f"cpu-int4: {refusals['cpu-int4']}" in cell and "cpu-int8" not in cell

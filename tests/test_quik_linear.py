@@ -8,6 +8,7 @@ from quikft.nn import (
     KernelState,
     QuikKernel,
     QuikLinear,
+    Refusal,
     available_kernels,
     nonsalient_columns,
     register_kernel,
@@ -301,7 +302,7 @@ def test_kernel_registry_dispatch() -> None:
         return torch.zeros(*inp.shape[:-1], lay.out_features, dtype=inp.dtype)
 
     def check(layout, device, dtype):
-        return None if dtype == torch.float64 else "runs on float64 only"
+        return None if dtype == torch.float64 else Refusal.scope("runs on float64 only")
 
     fake = QuikKernel("fake", check, lambda lay, device, dtype: KernelState(fake, device, dtype), forward,
                       priority=50)

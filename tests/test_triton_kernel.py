@@ -9,7 +9,7 @@ import os
 import pytest
 import torch
 
-from quikft.nn import KernelState, QuikKernel, register_kernel, triton_kernel, unregister_kernel
+from quikft.nn import KernelState, QuikKernel, RefusalKind, register_kernel, triton_kernel, unregister_kernel
 
 assert os.environ.get("TRITON_INTERPRET") == "1", "conftest.py sets TRITON_INTERPRET before triton loads"
 from test_kernels import exact_input, exact_layer, expected  # noqa: E402
@@ -63,6 +63,7 @@ def test_triton_kernel_through_the_layer_and_registry():
 
 def test_triton_kernel_is_registered_for_cuda_only():
     layout = exact_layer(3, 6, (40, 100), 32, True, bias=False).layout()
-    assert triton_kernel.check_triton(layout, torch.device("cpu"), torch.float16).startswith("runs on")
+    refusal = triton_kernel.check_triton(layout, torch.device("cpu"), torch.float16)
+    assert refusal.kind is RefusalKind.SCOPE and refusal.text == "runs on CUDA only"
     if triton_kernel.triton_available():
         assert triton_kernel.check_triton(layout, torch.device("cuda"), torch.float16) is None

@@ -40,18 +40,18 @@ the reference kernel.
 from __future__ import annotations
 
 import platform
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
 from quikft.nn.kernels import (
-    NOT_THIS_DEVICE,
-    NOT_THIS_WIDTH,
     SALIENT_T,
     KernelState,
     LayerLayout,
     QuikKernel,
+    Refusal,
     register_kernel,
     salient_fp32,
 )
@@ -84,13 +84,32 @@ def operator_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.bfloat16
 
 
-def _cpu_operator(device: torch.device, dtype: torch.dtype) -> str | None:
+@dataclass(frozen=True)
+class OperatorInput:
+    """How a layer's input reaches the operator: one gather (stored columns, then salient ones), the
+    first ``n`` gathered columns rounded to ``operator_dtype`` and zero-padded by ``pad`` columns."""
+
+    gather: Tensor  # the layer's input_columns() (its perm and salient_idx are views of it)
+    n: int
+    pad: int
+    operator_dtype: torch.dtype
+
+
+@dataclass(frozen=True)
+class Int4Meta(OperatorInput):
+    """The int4pack layout: sub-groups of ``group`` columns, output rows padded to ``rows``."""
+
+    group: int
+    rows: int
+
+
+def _cpu_operator(device: torch.device, dtype: torch.dtype) -> Refusal | None:
     if device.type != "cpu":
-        return f"{NOT_THIS_DEVICE} CPU only"
+        return Refusal.scope("runs on CPU only")
     if dtype not in FLOAT_DTYPES:
-        return f"{NOT_THIS_DEVICE} float32/float16/bfloat16 activations only (got {str(dtype).removeprefix('torch.')})"
+        return Refusal.scope(f"runs on float32/float16/bfloat16 activations only (got {str(dtype).removeprefix('torch.')})")
     if not hasattr(torch.ops.aten, "_weight_int4pack_mm_for_cpu"):
-        return f"{NOT_THIS_DEVICE} torch builds with the int4pack CPU operator only"
+        return Refusal.scope("runs on torch builds with the int4pack CPU operator only")
     return None
 
 
@@ -108,18 +127,18 @@ def int4_group_size(layout: LayerLayout) -> int | None:
     return None
 
 
-def check_int4(layout: LayerLayout, device: torch.device, dtype: torch.dtype) -> str | None:
+def check_int4(layout: LayerLayout, device: torch.device, dtype: torch.dtype) -> Refusal | None:
     reason = _cpu_operator(device, dtype)
-    if reason:
+    if reason is not None:
         return reason
     if layout.bits > 4:
-        return f"{NOT_THIS_WIDTH} 2/3/4-bit codes only"
+        return Refusal.scope("handles 2/3/4-bit codes only")
     if not layout.contiguous_groups:
-        return "groups are not contiguous (a format-1 layout; run quikft convert)"
+        return Refusal.layout("groups are not contiguous (a format-1 layout; run quikft convert)")
     if layout.n_quantized == 0:
-        return "no quantized columns"
+        return Refusal.layout("no quantized columns")
     if int4_group_size(layout) is None:
-        return f"group sizes {sorted(set(layout.group_sizes))} are not multiples of 32"
+        return Refusal.layout(f"group sizes {sorted(set(layout.group_sizes))} are not multiples of 32")
     return None
 
 
@@ -149,9 +168,8 @@ def prepare_int4(layer: QuikLinear, device: torch.device, dtype: torch.dtype) ->
         "scale_zero": scale_zero.to(op_dtype).contiguous(),
     }
     tensors.update(_salient_tensors(layer, dtype))
-    return KernelState(INT4_KERNEL, device, dtype, tensors,
-                       {"group": size, "pad": pad, "rows": rows, "n": layout.n_quantized,
-                        "gather": layer.input_columns(), "operator_dtype": op_dtype})
+    meta = Int4Meta(layer.input_columns(), layout.n_quantized, pad, op_dtype, group=size, rows=rows)
+    return KernelState(INT4_KERNEL, device, dtype, tensors, meta)
 
 
 def _salient_tensors(layer: QuikLinear, dtype: torch.dtype) -> dict[str, Tensor]:
@@ -166,16 +184,16 @@ def _salient_tensors(layer: QuikLinear, dtype: torch.dtype) -> dict[str, Tensor]
 def forward_int4(layer: QuikLinear, state: KernelState, x: Tensor) -> Tensor:
     tensors, meta = state.tensors, state.meta
     flat = x.reshape(-1, layer.in_features)
-    gathered = flat.index_select(1, state.meta["gather"])
-    quantized = gathered[:, : meta["n"]].to(meta["operator_dtype"])
-    if meta["pad"]:
-        quantized = F.pad(quantized, (0, meta["pad"]))
-    y = torch.ops.aten._weight_int4pack_mm_for_cpu(quantized.contiguous(), tensors["int4"], meta["group"],
+    gathered = flat.index_select(1, meta.gather)
+    quantized = gathered[:, : meta.n].to(meta.operator_dtype)
+    if meta.pad:
+        quantized = F.pad(quantized, (0, meta.pad))
+    y = torch.ops.aten._weight_int4pack_mm_for_cpu(quantized.contiguous(), tensors["int4"], meta.group,
                                                    tensors["scale_zero"])
-    if meta["rows"] != layer.out_features:
+    if meta.rows != layer.out_features:
         y = y[:, : layer.out_features]
     y = y.to(output_dtype(x.dtype)).contiguous()
-    y = _add_salient_and_bias(layer, tensors, y, gathered[:, meta["n"]:])
+    y = _add_salient_and_bias(layer, tensors, y, gathered[:, meta.n:])
     return y.to(x.dtype).view(*x.shape[:-1], layer.out_features)
 
 
@@ -196,15 +214,15 @@ def _add_salient_and_bias(layer: QuikLinear, tensors: dict[str, Tensor], y: Tens
 def restore_int4_codes(layer: QuikLinear, state: KernelState) -> Tensor:
     """``qweight`` from the int4pack tensor: one-hot inputs with s = 1, z = 8 read every code back."""
     meta, packed = state.meta, state.tensors["int4"]
-    width = meta["n"] + meta["pad"]
-    unit = torch.zeros(width // meta["group"], meta["rows"], 2, dtype=torch.bfloat16)
+    width = meta.n + meta.pad
+    unit = torch.zeros(width // meta.group, meta.rows, 2, dtype=torch.bfloat16)
     unit[..., 0], unit[..., 1] = 1.0, 8.0
     chunks = []
-    for start in range(0, meta["n"], RESTORE_CHUNK):
-        stop = min(start + RESTORE_CHUNK, meta["n"])
+    for start in range(0, meta.n, RESTORE_CHUNK):
+        stop = min(start + RESTORE_CHUNK, meta.n)
         onehot = torch.zeros(stop - start, width, dtype=torch.bfloat16)
         onehot[torch.arange(stop - start), torch.arange(start, stop)] = 1.0
-        chunks.append(torch.ops.aten._weight_int4pack_mm_for_cpu(onehot, packed, meta["group"], unit))
+        chunks.append(torch.ops.aten._weight_int4pack_mm_for_cpu(onehot, packed, meta.group, unit))
     codes_t = torch.cat(chunks)[:, : layer.out_features]  # (n, out), integers 0..15 exactly
     return pack_codes(codes_t.t().to(torch.uint8), layer.bits)
 
@@ -216,14 +234,14 @@ INT4_KERNEL = QuikKernel("cpu-int4", check_int4, prepare_int4, forward_int4, pri
 # ---------------------------------------------------------------------------------------- 8-bit
 
 
-def check_int8(layout: LayerLayout, device: torch.device, dtype: torch.dtype) -> str | None:
+def check_int8(layout: LayerLayout, device: torch.device, dtype: torch.dtype) -> Refusal | None:
     reason = _cpu_operator(device, dtype)
-    if reason:
+    if reason is not None:
         return reason
     if layout.bits != 8:
-        return f"{NOT_THIS_WIDTH} 8-bit codes only"
+        return Refusal.scope("handles 8-bit codes only")
     if len(layout.group_sizes) != 1:
-        return "8-bit layers with groups (the int8 operator takes one scale per row)"
+        return Refusal.layout("8-bit layers with groups (the int8 operator takes one scale per row)")
     return None
 
 
@@ -240,15 +258,15 @@ def prepare_int8(layer: QuikLinear, device: torch.device, dtype: torch.dtype) ->
         "zero_term": ((128 - zeros) * scales).to(output_dtype(dtype)),
     }
     tensors.update(_salient_tensors(layer, dtype))
-    return KernelState(INT8_KERNEL, device, dtype, tensors, {"n": n, "pad": pad, "gather": layer.input_columns(),
-                                                             "operator_dtype": op_dtype})
+    return KernelState(INT8_KERNEL, device, dtype, tensors, OperatorInput(layer.input_columns(), n, pad, op_dtype))
 
 
 def forward_int8(layer: QuikLinear, state: KernelState, x: Tensor) -> Tensor:
-    tensors, n = state.tensors, state.meta["n"]
-    gathered = x.reshape(-1, layer.in_features).index_select(1, state.meta["gather"])
-    quantized = gathered[:, :n].to(state.meta["operator_dtype"])
-    padded = F.pad(quantized, (0, state.meta["pad"])) if state.meta["pad"] else quantized.contiguous()
+    tensors, meta = state.tensors, state.meta
+    n = meta.n
+    gathered = x.reshape(-1, layer.in_features).index_select(1, meta.gather)
+    quantized = gathered[:, :n].to(meta.operator_dtype)
+    padded = F.pad(quantized, (0, meta.pad)) if meta.pad else quantized.contiguous()
     y = torch.ops.aten._weight_int8pack_mm(padded, tensors["int8"], tensors["scale"]).to(output_dtype(x.dtype))
     y.addmm_(quantized.sum(1, keepdim=True).to(y.dtype), tensors["zero_term"][None, :])
     y = _add_salient_and_bias(layer, tensors, y, gathered[:, n:])
@@ -256,7 +274,7 @@ def forward_int8(layer: QuikLinear, state: KernelState, x: Tensor) -> Tensor:
 
 
 def restore_int8_codes(layer: QuikLinear, state: KernelState) -> Tensor:
-    codes = state.tensors["int8"][:, : state.meta["n"]].to(torch.int16) + 128
+    codes = state.tensors["int8"][:, : state.meta.n].to(torch.int16) + 128
     return pack_codes(codes.to(torch.uint8), layer.bits)
 
 

@@ -21,16 +21,27 @@ name              prio.  runs
 On a CPU the priority only breaks ties: the kernel of a layer is chosen by measurement, per row
 class (decode, prefill), among the kernels the activation policy allows (:mod:`quikft.nn.autotune`).
 
-A kernel that cannot take a layer says why in one line (:func:`why_not`), which is what
-``quikft info`` prints and what the one-time note of a fallback says.
+A kernel that cannot take a layer says why with a :class:`Refusal` (:func:`why_not`): its kind
+tells a layer outside the kernel's scope (another device, dtype or bit-width: nothing to note) from
+one whose layout is unusual (what ``quikft info`` lists and what the one-time note of a fallback
+says), its text is the one line printed.
+
+Adding a kernel takes one module, ``quikft/nn/<name>_kernel.py`` (check returning a
+:class:`Refusal`, prepare building a :class:`KernelState` whose ``meta`` is the module's own frozen
+dataclass, forward, and ``register_kernel``), one import line in :mod:`quikft.nn` that registers it,
+and a row in the table above. tests/test_kernel_conformance.py then holds it to the contract
+(precision, restored codes, gradients if it claims them) with no new test; its own test file is for
+what is particular to it.
 """
 
 from __future__ import annotations
 
+import dataclasses
+import enum
 import warnings
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import Tensor
@@ -55,22 +66,59 @@ class LayerLayout:
         return self.in_features - self.k
 
 
+class RefusalKind(str, enum.Enum):
+    """Why a kernel refuses a layer; the values are what ``quikft info --json`` records."""
+
+    # The layer or device is outside what the kernel is for (another device, activation dtype,
+    # bit-width, or a missing package): expected, so no note is needed.
+    SCOPE = "scope"
+    # The kernel is for such layers but this one's layout is unusual (group sizes, format 1):
+    # a fallback is noted, and ``quikft info`` lists it as what a re-quantization could gain.
+    LAYOUT = "layout"
+
+
+@dataclass(frozen=True)
+class Refusal:
+    """Why a kernel cannot run a layer: its kind and one line of text."""
+
+    kind: RefusalKind
+    text: str
+
+    def __str__(self) -> str:
+        return self.text
+
+    @classmethod
+    def scope(cls, text: str) -> Refusal:
+        return cls(RefusalKind.SCOPE, text)
+
+    @classmethod
+    def layout(cls, text: str) -> Refusal:
+        return cls(RefusalKind.LAYOUT, text)
+
+
 @dataclass
 class KernelState:
     """What a kernel prepared for one layer on one (device, dtype): tensors and small metadata.
 
     ``tensors`` are also registered on the layer as non-persistent buffers ``kernel_<name>``,
-    so they count in the model's memory and never reach a checkpoint.
+    so they count in the model's memory and never reach a checkpoint. ``meta`` is the kernel's
+    own frozen dataclass (None when it needs none): what its forward reads besides tensors.
     """
 
     kernel: QuikKernel
     device: torch.device
     dtype: torch.dtype
     tensors: dict[str, Tensor] = field(default_factory=dict)
-    meta: dict = field(default_factory=dict)
+    meta: Any = None
     # Memory the kernel holds outside torch tensors (e.g. ONNX Runtime's prepacked weights), so it
     # can be counted beside the buffers.
     hidden_bytes: int = 0
+
+    def __post_init__(self) -> None:
+        # Typed and immutable: what prepare decided is read by field name and cannot drift between calls.
+        if self.meta is not None and not is_frozen_dataclass(self.meta):
+            raise TypeError(f"kernel {self.kernel.name!r}: KernelState.meta must be a frozen dataclass instance, "
+                            f"got {type(self.meta).__name__}")
 
     def salient_copy(self) -> Tensor | None:
         """W_Sᵀ in fp32 when the kernel holds one (``tensors[SALIENT_T]``): then the forward reads
@@ -80,6 +128,11 @@ class KernelState:
 
 
 SALIENT_T = "salient_t"
+
+
+def is_frozen_dataclass(value: object) -> bool:
+    return (dataclasses.is_dataclass(value) and not isinstance(value, type)
+            and type(value).__dataclass_params__.frozen)
 
 
 def salient_fp32(layer: QuikLinear, dtype: torch.dtype) -> dict[str, Tensor]:
@@ -97,7 +150,7 @@ ACTIVATIONS = ("model", "bf16", "int8")
 # gate: the default model's WikiText-2 perplexity moved by <= 0.5% (README, "CPU kernels").
 DEFAULT_ACTIVATIONS = frozenset(ACTIVATIONS)
 
-Check = Callable[[LayerLayout, torch.device, torch.dtype], "str | None"]
+Check = Callable[[LayerLayout, torch.device, torch.dtype], "Refusal | None"]
 Prepare = Callable[["QuikLinear", torch.device, torch.dtype], KernelState]
 Forward = Callable[["QuikLinear", KernelState, Tensor], Tensor]
 RestoreCodes = Callable[["QuikLinear", KernelState], Tensor]
@@ -107,11 +160,12 @@ RestoreCodes = Callable[["QuikLinear", KernelState], Tensor]
 class QuikKernel:
     """A forward implementation of QuikLinear and the conditions under which it may run.
 
-    - ``check(layout, device, dtype)``: None if the kernel can run such a layer, else the reason.
-    - ``prepare(layer, device, dtype)``: build the kernel's tensors (repacked codes, ...) once.
+    - ``check(layout, device, dtype)``: None if the kernel can run such a layer, else a :class:`Refusal`.
+    - ``prepare(layer, device, dtype)``: build the kernel's tensors (repacked codes, ...) and its
+      metadata (a frozen dataclass) once.
     - ``forward(layer, state, x)``: ``y = layer(x)``.
     - ``differentiable``: the forward supports autograd to ``x`` (needed when training around
-      frozen layers).
+      frozen layers) and to ``salient_weight`` when that requires grad.
     - ``restore_codes(layer, state)``: rebuild the layer's ``qweight`` bit for bit from the
       prepared tensors; kernels that have it let a loader drop the stored codes to save memory.
     """
@@ -131,7 +185,7 @@ class QuikKernel:
 
 
 _KERNELS: dict[str, QuikKernel] = {}
-_NOTED: set[tuple[str, str]] = set()
+_NOTED: set[tuple[str, str]] = set()  # (kernel, refusal text) already noted
 
 
 def register_kernel(kernel: QuikKernel, *, replace: bool = False) -> None:
@@ -158,11 +212,14 @@ def available_kernels() -> list[str]:
     return [k.name for k in sorted(_KERNELS.values(), key=lambda k: -k.priority)]
 
 
+NO_AUTOGRAD = Refusal.scope("no autograd support")
+
+
 def why_not(kernel: QuikKernel, layout: LayerLayout, device: torch.device, dtype: torch.dtype,
-            needs_grad: bool = False) -> str | None:
+            needs_grad: bool = False) -> Refusal | None:
     """Why ``kernel`` cannot run such a layer here (None: it can)."""
     if needs_grad and not kernel.differentiable:
-        return "no autograd support"
+        return NO_AUTOGRAD
     return kernel.check(layout, device, dtype)
 
 
@@ -173,7 +230,7 @@ def select_kernel(layout: LayerLayout, device: str | torch.device, dtype: torch.
     if forced is not None:
         kernel = get_kernel(forced)
         reason = why_not(kernel, layout, device, dtype, needs_grad)
-        if reason:
+        if reason is not None:
             raise RuntimeError(f"kernel {forced!r} cannot run this layer on {device.type} {dtype}: {reason}")
         return kernel
     for name in available_kernels():
@@ -190,20 +247,11 @@ def note_fallback(layout: LayerLayout, device: torch.device, dtype: torch.dtype,
         if kernel.priority <= chosen.priority:
             return
         reason = kernel.check(layout, device, dtype)
-        if reason and not is_scope_reason(reason):
-            key = (kernel.name, reason)
+        if reason is not None and reason.kind is RefusalKind.LAYOUT:
+            key = (kernel.name, reason.text)
             if key not in _NOTED:
                 _NOTED.add(key)
                 warnings.warn(f"quikft: kernel {kernel.name!r} cannot run a {layout.out_features}x"
                               f"{layout.in_features} {layout.bits}-bit layer ({reason}); using {chosen.name!r} "
                               f"for such layers", RuntimeWarning, stacklevel=4)
 
-
-# Reasons that start with these say the layer or device is outside the kernel's scope (another
-# device, dtype or bit-width), not that its layout is unusual: such refusals need no note.
-NOT_THIS_DEVICE = "runs on"
-NOT_THIS_WIDTH = "handles"
-
-
-def is_scope_reason(reason: str) -> bool:
-    return reason.startswith((NOT_THIS_DEVICE, NOT_THIS_WIDTH))

@@ -41,18 +41,19 @@ from __future__ import annotations
 
 import functools
 import importlib.util
+from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 import torch
 from torch import Tensor
 
 from quikft.nn.kernels import (
-    NOT_THIS_DEVICE,
-    NOT_THIS_WIDTH,
     SALIENT_T,
     KernelState,
     LayerLayout,
     QuikKernel,
+    Refusal,
     register_kernel,
     salient_fp32,
 )
@@ -83,21 +84,40 @@ def block_size(layout: LayerLayout) -> int | None:
     return None
 
 
-def check_ort(layout: LayerLayout, device: torch.device, dtype: torch.dtype) -> str | None:
+@dataclass
+class BoundBuffers:
+    """The one-row input and output buffers kept bound between calls (decode), once the first is made."""
+
+    quantized: Tensor | None = None
+    product: Tensor | None = None
+
+
+@dataclass(frozen=True)
+class OrtMeta:
+    """A layer's ONNX Runtime session, its I/O binding and the padded width of its quantized input."""
+
+    session: Any  # onnxruntime.InferenceSession (onnxruntime is imported only when a session is built)
+    binding: Any  # the session's IOBinding
+    k_padded: int
+    # Mutable on purpose: the buffers are rebound only when a call's row count changes.
+    kept: BoundBuffers = field(default_factory=BoundBuffers)
+
+
+def check_ort(layout: LayerLayout, device: torch.device, dtype: torch.dtype) -> Refusal | None:
     if device.type != "cpu":
-        return f"{NOT_THIS_DEVICE} CPU only"
+        return Refusal.scope("runs on CPU only")
     if not dtype.is_floating_point:
-        return f"{NOT_THIS_DEVICE} floating-point activations only"
+        return Refusal.scope("runs on floating-point activations only")
     if layout.bits not in CONTAINER_BITS:
-        return f"{NOT_THIS_WIDTH} 2/3/4/8-bit codes only"
+        return Refusal.scope("handles 2/3/4/8-bit codes only")
     if not ort_available():
-        return f"{NOT_THIS_DEVICE} machines with onnxruntime and onnx installed ({INSTALL_HINT})"
+        return Refusal.scope(f"runs on machines with onnxruntime and onnx installed ({INSTALL_HINT})")
     if not layout.contiguous_groups:
-        return "groups are not contiguous (a format-1 layout; run quikft convert)"
+        return Refusal.layout("groups are not contiguous (a format-1 layout; run quikft convert)")
     if layout.n_quantized == 0:
-        return "no quantized columns"
+        return Refusal.layout("no quantized columns")
     if block_size(layout) is None:
-        return f"group sizes {sorted(set(layout.group_sizes))} are not multiples of 16"
+        return Refusal.layout(f"group sizes {sorted(set(layout.group_sizes))} are not multiples of 16")
     return None
 
 
@@ -191,8 +211,7 @@ def ort_kernel(name: str, level: int, priority: int, activations: str) -> QuikKe
         if layer.bias is not None:
             tensors["bias"] = layer.bias.float()
         hidden = 2 * sum(array.nbytes for array in arrays.values())  # ORT's copy and its prepacked one
-        return KernelState(kernel, device, dtype, tensors,
-                           {"session": session, "binding": session.io_binding(), "k_padded": gather.numel()},
+        return KernelState(kernel, device, dtype, tensors, OrtMeta(session, session.io_binding(), gather.numel()),
                            hidden_bytes=hidden)
 
     kernel = QuikKernel(name, check_ort, prepare, forward_ort, priority=priority, activations=activations)
@@ -206,7 +225,7 @@ def forward_ort(layer: QuikLinear, state: KernelState, x: Tensor) -> Tensor:
         flat = flat.float()
     quantized, product = _bound_buffers(meta, flat.shape[0], layer.out_features)
     torch.index_select(flat, 1, tensors["gather"], out=quantized)
-    meta["session"].run_with_iobinding(meta["binding"])
+    meta.session.run_with_iobinding(meta.binding)
     # A new tensor either way: the bound output buffer is overwritten by the next call.
     if layer.k:
         y = torch.addmm(product, flat.index_select(1, tensors["salient_gather"]), tensors[SALIENT_T])
@@ -217,22 +236,22 @@ def forward_ort(layer: QuikLinear, state: KernelState, x: Tensor) -> Tensor:
     return y.to(x.dtype).view(*x.shape[:-1], layer.out_features)
 
 
-def _bound_buffers(meta: dict, rows: int, out_features: int) -> tuple[Tensor, Tensor]:
+def _bound_buffers(meta: OrtMeta, rows: int, out_features: int) -> tuple[Tensor, Tensor]:
     """The session's input and output buffers for ``rows`` rows.
 
     Rebinding costs more than a decode step's whole gather, so one-row buffers (every decode
     step) stay bound between calls; longer inputs get buffers of their own, released after the
     call. The kept buffers make a layer's forward unsafe to run from two threads at once.
     """
-    if meta.get("bound_rows") == rows:
-        return meta["buffers"]
-    quantized = torch.empty(rows, meta["k_padded"])
+    kept = meta.kept
+    if kept.quantized is not None and kept.quantized.shape[0] == rows:
+        return kept.quantized, kept.product
+    quantized = torch.empty(rows, meta.k_padded)
     product = torch.empty(rows, out_features)
-    binding = meta["binding"]
-    binding.bind_input("A", "cpu", 0, np.float32, [rows, meta["k_padded"]], quantized.data_ptr())
-    binding.bind_output("Y", "cpu", 0, np.float32, [rows, out_features], product.data_ptr())
-    kept = rows <= KEPT_BUFFER_ROWS
-    meta.update(bound_rows=rows if kept else None, buffers=(quantized, product) if kept else None)
+    meta.binding.bind_input("A", "cpu", 0, np.float32, [rows, meta.k_padded], quantized.data_ptr())
+    meta.binding.bind_output("Y", "cpu", 0, np.float32, [rows, out_features], product.data_ptr())
+    keep = rows <= KEPT_BUFFER_ROWS
+    kept.quantized, kept.product = (quantized, product) if keep else (None, None)
     return quantized, product
 
 

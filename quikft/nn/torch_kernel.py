@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from quikft.nn.kernels import KernelState, LayerLayout, QuikKernel, register_kernel
+from quikft.nn.kernels import KernelState, LayerLayout, QuikKernel, Refusal, register_kernel
 from quikft.nn.quik_linear import QuikLinear
 
 # Uncached, inputs of at least this many rows run as one GEMM on the full weight, shorter
@@ -18,7 +18,8 @@ from quikft.nn.quik_linear import QuikLinear
 FULL_WEIGHT_MIN_TOKENS = 1024
 
 
-def compute_dtype(dtype: torch.dtype, device: torch.device) -> torch.dtype:
+def operand_dtype(dtype: torch.dtype, device: torch.device) -> torch.dtype:
+    """The dtype the reference's GEMMs take their operands in for inputs of ``dtype`` on ``device``."""
     # CPU half-precision GEMM is slow (and missing on some builds), so fp16 inputs are computed
     # in fp32 on CPU; everything else runs in the input's dtype.
     return torch.float32 if dtype == torch.float16 and device.type == "cpu" else dtype
@@ -43,7 +44,7 @@ def reference_forward(layer: QuikLinear, state: KernelState, x: Tensor) -> Tenso
     """
     if not x.is_floating_point():
         raise TypeError(f"QuikLinear expects a floating-point input, got {x.dtype}")
-    dtype = compute_dtype(x.dtype, x.device)
+    dtype = operand_dtype(x.dtype, x.device)
     bias = None if layer.bias is None else layer.bias.to(dtype)
     tokens = x.numel() // max(layer.in_features, 1)
     if layer.cache_dequantized or layer.k == 0 or tokens >= FULL_WEIGHT_MIN_TOKENS:
@@ -62,7 +63,7 @@ def split_linear(layer: QuikLinear, x: Tensor, bias: Tensor | None) -> Tensor:
     return y.addmm_(x.index_select(1, layer.salient_idx.long()), layer.salient_weight.t().to(x.dtype))
 
 
-def _accepts_everything(layout: LayerLayout, device: torch.device, dtype: torch.dtype) -> str | None:
+def _accepts_everything(layout: LayerLayout, device: torch.device, dtype: torch.dtype) -> Refusal | None:
     return None
 
 

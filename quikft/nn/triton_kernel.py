@@ -13,7 +13,7 @@ import importlib.util
 import torch
 from torch import Tensor
 
-from quikft.nn.kernels import NOT_THIS_DEVICE, KernelState, LayerLayout, QuikKernel, register_kernel
+from quikft.nn.kernels import KernelState, LayerLayout, QuikKernel, Refusal, register_kernel
 from quikft.nn.quik_linear import QuikLinear
 
 DTYPES = (torch.float16, torch.bfloat16, torch.float32)
@@ -23,18 +23,18 @@ def triton_available() -> bool:
     return importlib.util.find_spec("triton") is not None
 
 
-def check_triton(layout: LayerLayout, device: torch.device, dtype: torch.dtype) -> str | None:
+def check_triton(layout: LayerLayout, device: torch.device, dtype: torch.dtype) -> Refusal | None:
     if device.type != "cuda":
-        return f"{NOT_THIS_DEVICE} CUDA only"
+        return Refusal.scope("runs on CUDA only")
     if not triton_available():
-        return f"{NOT_THIS_DEVICE} machines with the triton package only (pip install triton)"
+        return Refusal.scope("runs on machines with the triton package only (pip install triton)")
     if dtype not in DTYPES:
-        return f"{NOT_THIS_DEVICE} fp16/bf16/fp32 activations only"
+        return Refusal.scope("runs on fp16/bf16/fp32 activations only")
     return None
 
 
 def prepare_triton(layer: QuikLinear, device: torch.device, dtype: torch.dtype) -> KernelState:
-    return KernelState(TRITON_KERNEL, device, dtype, meta={"bits": layer.bits})
+    return KernelState(TRITON_KERNEL, device, dtype)  # reads the layer's own tensors: nothing to prepare
 
 
 def forward_triton(layer: QuikLinear, state: KernelState, x: Tensor) -> Tensor:
