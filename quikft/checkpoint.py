@@ -927,6 +927,7 @@ def describe(path: str | os.PathLike, verify: bool = False) -> dict:
     return {
         "path": str(path), "format_version": qconfig["format_version"],
         **{key: qconfig.get(key) for key in SETTING_KEYS}, "dtype_rest": qconfig.get("dtype_rest", "fp32"),
+        "target_bpw": (qconfig.get("settings") or {}).get("target_bpw") if LAYER_BITS_KEY in qconfig else None,
         "kernel_device": device, "kernel_dtype": choice.to_dict(), "checked": checked,
         "weights_bytes": sum(file.stat().st_size for file in files),
         "directory_bytes": sum(f.stat().st_size for f in path.rglob("*") if f.is_file()),
@@ -1033,7 +1034,7 @@ def _layer_summary(name: str, tensors: Mapping[str, TensorInfo], bits: int, sour
     packed = sum(tensors[f"{name}.{key}"].nbytes for key in stored) + (bias.nbytes if bias else 0)
     limit_bits = (out_features * (bits * (in_features - k) + 16 * k) + n_groups * out_features * (16 + bits)
                   + (16 * out_features if bias else 0))
-    return {"name": name, "in_features": in_features, "out_features": out_features, "k": k,
+    return {"name": name, "in_features": in_features, "out_features": out_features, "bits": bits, "k": k,
             "salient_fraction": k / in_features, "n_groups": n_groups, "packed_bytes": packed,
             "fp16_bytes": 2 * in_features * out_features + (2 * out_features if bias else 0),
             "limit_bytes": limit_bits / 8}
@@ -1046,7 +1047,7 @@ def format_description(summary: Mapping[str, Any]) -> str:
     act_order = "on" if summary["act_order"] else "off"
     lines = [
         f"quikft packed checkpoint {summary['path']} (format {summary['format_version']})",
-        f"bits {summary['bits']}, salient k {salient_text(summary['salient'])}, group size {summary['group_size']}, {grid}, "
+        f"{_scheme_text(summary)}, group size {summary['group_size']}, {grid}, "
         f"metric {summary['metric']}, method {summary['method']}, act-order {act_order}",
         f"size on disk: {summary['weights_bytes'] / mib:.2f} MiB of weights "
         f"({summary['directory_bytes'] / mib:.2f} MiB directory)",
@@ -1067,6 +1068,16 @@ def format_description(summary: Mapping[str, Any]) -> str:
     return "\n".join(lines)
 
 
+def _scheme_text(summary: Mapping[str, Any]) -> str:
+    """``bits 3, salient k 128``, or for a --target-bpw checkpoint the per-layer spans."""
+    layers = summary["layers"]
+    if summary.get("target_bpw") is None:
+        return f"bits {summary['bits']}, salient k {salient_text(summary['salient'])}"
+    bits, ks = sorted({layer["bits"] for layer in layers}), sorted({layer["k"] for layer in layers})
+    return (f"target {summary['target_bpw']:g} bits per weight: bits {', '.join(map(str, bits))} and salient k "
+            f"{_span(str(ks[0]), str(ks[-1]))} chosen per layer")
+
+
 def _checks_line(checked: Mapping[str, Any]) -> str:
     line = f"checks: headers and values of {checked['layers']} quantized layers pass the loader's checks"
     sums = checked.get("checksums")
@@ -1081,14 +1092,15 @@ def _layer_table(layers: list[dict]) -> list[str]:
     kinds: dict[str, list[dict]] = {}
     for layer in layers:
         kinds.setdefault(_layer_kind(layer["name"]), []).append(layer)
-    rows = [("layer", "count", "out x in", "k", "salient", "packed MiB", "vs FP16", "vs limit", "kernel")]
+    rows = [("layer", "count", "out x in", "bits", "k", "salient", "packed MiB", "vs FP16", "vs limit", "kernel")]
     for kind, group in kinds.items():
         ks = sorted({layer["k"] for layer in group})
+        bits = ",".join(str(b) for b in sorted({layer["bits"] for layer in group}))
         shapes = sorted({f"{layer['out_features']}x{layer['in_features']}" for layer in group})
         fractions = [layer["salient_fraction"] for layer in group]
         packed, fp16, limit = (sum(layer[key] for layer in group)
                                for key in ("packed_bytes", "fp16_bytes", "limit_bytes"))
-        rows.append((kind, str(len(group)), ",".join(shapes),
+        rows.append((kind, str(len(group)), ",".join(shapes), bits,
                      _span(str(ks[0]), str(ks[-1])),
                      _span(f"{min(fractions):.1%}", f"{max(fractions):.1%}"),
                      f"{packed / (1 << 20):.3f}", f"{fp16 / packed:.2f}x", f"{packed / limit:.3f}x",

@@ -199,6 +199,10 @@ class PreMode(RecoveryMode):
     def check_input(self, config: RecoverConfig) -> None:
         super().check_input(config)
         scheme = self.quant_config(config)  # a bad preset fails here, not after training
+        if scheme.target_bpw is not None:
+            raise ConfigError("--mode pre trains salient columns it then keeps, and --target-bpw chooses them per "
+                              "layer after measuring; quantize with --target-bpw, then recover with --mode post",
+                              "quant_config")
         check_source(scheme.calib, "calib")
 
     def prepare(self, config: RecoverConfig, device: str, evaluate: bool, progress: bool) -> Job:

@@ -140,3 +140,31 @@ def test_the_cli_refuses_a_budget_in_one_line_before_loading(tiny_dir, text_file
     assert result.output.count("\n") == 1 and not (tmp_path / "out").exists()
     result = CliRunner().invoke(main, [*args, "--target-bpw", "3", "--bits", "4"])
     assert result.exit_code == 1 and "drop --bits" in result.output
+
+
+def test_a_mixed_checkpoint_recovers_and_evaluates(mixed, corpus, tmp_path, text_file):
+    from conftest import recover_config
+
+    from quikft.recover import recover
+
+    out, _, plan, _ = mixed
+    report = recover(recover_config(out, corpus, tmp_path / "post", steps=2), progress=False)
+    recovered = load(tmp_path / "post", dtype=torch.float32)
+    for name, setting in plan["layers"].items():
+        assert recovered.get_submodule(name).bits == setting["bits"]
+    assert report["bits_per_weight"]["linear"] == pytest.approx(stored_bits(out).linear_bpw)
+    result = CliRunner().invoke(main, ["eval", "--model", str(tmp_path / "post"), "--ppl", str(text_file),
+                                       "--seqlen", "32", "--max-windows", "2"])
+    assert result.exit_code == 0 and "ppl" in result.output, result.output
+
+
+def test_pre_mode_refuses_a_budget_preset(tiny_dir, corpus, tmp_path):
+    from conftest import recover_config
+
+    from quikft.recover import recover
+
+    preset = tmp_path / "budget.yaml"
+    preset.write_text("target_bpw: 4.0\n")
+    with pytest.raises(ConfigError, match="--mode pre trains salient columns it then keeps"):
+        recover(recover_config(tiny_dir, corpus, tmp_path / "pre", mode="pre", quant_config=str(preset)),
+                progress=False)

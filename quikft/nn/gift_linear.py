@@ -177,7 +177,8 @@ class SalientLinear(torch.autograd.Function):
         grad_x = (grad_y @ weight).to(ctx.x_dtype) if ctx.needs_input_grad[0] else None
         grad_salient = None
         if ctx.needs_input_grad[1]:
-            grad_salient = (grad_y.reshape(-1, weight.shape[0]).t() @ x_salient.reshape(-1, x_salient.shape[-1]))
+            # flatten, not reshape(-1, k): a layer with no salient columns (k = 0) has an empty x_salient
+            grad_salient = grad_y.flatten(0, -2).t() @ x_salient.flatten(0, -2)
             grad_salient = grad_salient.to(ctx.salient_dtype)
         return grad_x, grad_salient, None, None, None
 
