@@ -448,3 +448,24 @@ def test_the_fingerprint_sees_weights_changed_in_place(llama_dir, text_corpus, t
     assert after["model_weights"] != before["model_weights"]
     assert {k: v for k, v in after.items() if k != "model_weights"} == \
         {k: v for k, v in before.items() if k != "model_weights"}
+
+
+def test_a_budget_job_equals_in_memory_and_resumes_bit_identically(llama_dir, text_corpus, tmp_path, single_thread,
+                                                                   monkeypatch):
+    """--target-bpw streamed block by block gives the in-memory plan and tensors; killed after two blocks, its
+    resume quantizes with the recorded plan (no second measurement) and ends bit-identical."""
+    job = _config(llama_dir, text_corpus, tmp_path / "streamed", target_bpw=4.5)
+    report = quantize(job, progress=False)
+    _, _, quantized = _in_memory(job, tmp_path)
+    _assert_same_tensors(tmp_path / "streamed", tmp_path / "memory")
+    assert report["target_bpw"]["layers"] == quantized.plan["layers"]
+    assert report["bits_per_weight"]["linear"] <= 4.5
+    killed = _config(llama_dir, text_corpus, tmp_path / "killed", target_bpw=4.5)
+    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
+    run = subprocess.run([sys.executable, "-c", KILLER, "2", json.dumps(killed.to_dict())], env=env,
+                         capture_output=True, text=True, timeout=600)
+    assert run.returncode == -signal.SIGKILL, run.stderr[-2000:]
+    resumed = _config(llama_dir, text_corpus, tmp_path / "killed", target_bpw=4.5, resume=True)
+    monkeypatch.setattr("quikft.quantize.measure_candidates", lambda *a, **k: pytest.fail("measured again"))
+    quantize(resumed, progress=False)
+    _assert_same_tensors(tmp_path / "streamed", tmp_path / "killed")
