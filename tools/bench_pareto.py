@@ -108,6 +108,67 @@ def table(results: list[dict]) -> str:
     return "\n".join(lines)
 
 
+def proxy_table(results: list[dict], workdir: Path) -> str:
+    """How well each --target-bpw error predicts perplexity: for every fixed row whose setting was a
+    measured candidate, the error that setting sums to over the layers (from a budget row's
+    measurement pass, on full-precision inputs), beside the row's measured ppl; with the rank
+    correlation of each error with ppl (1 = a perfect predictor of the ordering)."""
+    plan = next((json.loads(report.read_text()).get("target_bpw") for report in
+                 sorted(workdir.glob("target-*/quantize_report.json"))), None)
+    if not plan:
+        return "no --target-bpw row has finished: no measured candidates to compare"
+    rows = []
+    for r in results:
+        setting = _fixed_setting(r["row"])
+        if setting is None:
+            continue
+        totals = _totals(plan["candidates"], setting)
+        if totals is not None:
+            rows.append((r["row"], r["linear_bpw"], r["ppl"], *totals))
+    lines = ["| row | bits/weight | ppl | summed output error | summed relative error |", "|---|---|---|---|---|"]
+    lines += [f"| {row} | {bpw:.2f} | {ppl:.2f} | {out:.4g} | {rel:.4g} |" for row, bpw, ppl, out, rel in
+              sorted(rows, key=lambda row: row[1])]
+    if len(rows) >= 3:
+        ppl = [row[2] for row in rows]
+        lines.append(f"\nrank correlation with ppl over {len(rows)} rows: output {_spearman([r[3] for r in rows], ppl):.3f}, "
+                     f"relative {_spearman([r[4] for r in rows], ppl):.3f}")
+    return "\n".join(lines)
+
+
+def _fixed_setting(row_id: str) -> tuple[int, int] | None:
+    parts = row_id.split("-")
+    if parts[0] != "gptq":
+        return None
+    return int(parts[1][1:]), int(parts[2][1:])
+
+
+def _totals(candidates: dict, setting: tuple[int, int]) -> tuple[float, float] | None:
+    output = relative = 0.0
+    for rows in candidates.values():
+        match = [c for c in rows if (c[0], c[1]) == setting]
+        if not match:
+            return None
+        bits, k, storage, loss, energy = match[0]
+        output += loss
+        relative += loss / energy if energy > 0 else loss
+    return output, relative
+
+
+def _spearman(a: list[float], b: list[float]) -> float:
+    def ranks(values):
+        order = sorted(range(len(values)), key=values.__getitem__)
+        out = [0.0] * len(values)
+        for rank, index in enumerate(order):
+            out[index] = float(rank)
+        return out
+
+    ra, rb = ranks(a), ranks(b)
+    mean = (len(a) - 1) / 2
+    cov = sum((x - mean) * (y - mean) for x, y in zip(ra, rb, strict=True))
+    var = sum((x - mean) ** 2 for x in ra)
+    return cov / var if var else float("nan")
+
+
 def plot(results: list[dict], path: Path) -> None:
     import matplotlib
 
@@ -145,6 +206,8 @@ def main() -> None:
                              done, args.results, args.only,
                              lambda r: f"{r['linear_bpw']:.2f} bpw, ppl {r['ppl']:.2f}, {r['quantize_seconds']:.0f}s")
     print(table(done))
+    print()
+    print(proxy_table(done, Path(args.workdir)))
     if args.plot and done:
         plot(done, Path(args.plot))
 
