@@ -142,3 +142,16 @@ def test_cli_report(runs, tmp_path):
     assert "| GPTQ | 3 | 128 | 5.65 |" in result.output and f"wrote {out / 'report.md'}" in result.output
     missing = CliRunner().invoke(main, ["report", str(tmp_path / "nope")])
     assert missing.exit_code == 1 and missing.output.count("\n") == 1 and "does not exist" in missing.output
+
+
+def test_a_budget_run_is_one_line_of_its_own_at_its_bits_per_weight(runs):
+    config = {"bits": 3, "salient": 128, "method": "gptq", "target_bpw": 4.0}  # bits, k unused under a budget
+    write(runs / "bpw4" / "quantize_report.json",
+          {"job": "quantize", "config": config, "quantize_seconds": 1.0, "ppl": ppl(25.0),
+           "bits_per_weight": {"linear": 3.99, "model": 6.6}})
+    rows, _ = collect_rows(find_json_files([runs / "bpw4", runs / "w3-gptq"]))
+    budget = next(row for row in rows if row.run == str(runs / "bpw4"))
+    assert budget.bits is None and budget.salient is None and budget.series() == "GPTQ --target-bpw"
+    assert "--target-bpw 4: bits and k per layer" in markdown_table(rows)
+    xlabel, series, _ = ppl_vs_bits_series(rows)
+    assert xlabel == PER_WEIGHT_LABEL and series["GPTQ --target-bpw"] == [(3.99, 25.0)]

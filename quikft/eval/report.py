@@ -47,6 +47,8 @@ class RunRow:
 
     def series(self) -> str:
         """The label of this row's line in the ppl-versus-bits plot."""
+        if "--target-bpw" in self.notes:
+            return f"{self.method} --target-bpw"
         return self.method if self.salient is None else f"{self.method} k={salient_text(self.salient)}"
 
 
@@ -132,10 +134,15 @@ def quantize_rows(data: dict, run: str) -> list[RunRow]:
     config = data.get("config") if isinstance(data.get("config"), dict) else {}
     model = str(config.get("model") or "smollm2-135m")
     ppl, windows = _ppl(data.get("ppl"))
-    salient = _salient(config.get("salient"))
-    row = RunRow(run=run, method=str(config.get("method") or "?").upper(), model=model, bits=_int(config.get("bits")),
-                 salient=salient, **_bpw(data), ppl=ppl, ppl_windows=windows, seconds=_number(data.get("wall_seconds")),
-                 notes=f"metric {config['metric']}" if config.get("metric") and salient else "")
+    budget = _number(config.get("target_bpw"))
+    # Under --target-bpw, bits and k are chosen per layer: the config's own values were not used.
+    salient = None if budget is not None else _salient(config.get("salient"))
+    notes = [f"metric {config['metric']}" if config.get("metric") and salient else "",
+             f"--target-bpw {budget:g}: bits and k per layer" if budget is not None else ""]
+    row = RunRow(run=run, method=str(config.get("method") or "?").upper(), model=model,
+                 bits=None if budget is not None else _int(config.get("bits")), salient=salient, **_bpw(data),
+                 ppl=ppl, ppl_windows=windows, seconds=_number(data.get("wall_seconds")),
+                 notes="; ".join(note for note in notes if note))
     return [row, *_fp_row(data.get("fp_ppl"), model)]
 
 
@@ -306,11 +313,14 @@ def ppl_vs_bits_series(rows: list[RunRow]
 
     x is the quantized linears' bits per weight (all their stored bits), or the code bit-width when a
     plotted run's report predates the count: the two scales never share an axis."""
-    plotted = [row for row in rows if row.ppl is not None and (row.method == "FP" or row.bits is not None)]
+    plotted = [row for row in rows if row.ppl is not None
+               and (row.method == "FP" or row.bits is not None or row.linear_bpw is not None)]
     # Perplexities over different window subsets are not comparable: keep them on separate lines.
     mixed = len({row.ppl_windows for row in plotted}) > 1
     quantized = [row for row in plotted if row.method != "FP"]
     per_weight = bool(quantized) and all(row.linear_bpw is not None for row in quantized)
+    if not per_weight:  # a budget row has no single code bit-width to stand on
+        quantized = [row for row in quantized if row.bits is not None]
 
     def label(row: RunRow) -> str:
         name = f"FP {row.model}" if row.method == "FP" else row.series()
