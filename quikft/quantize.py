@@ -279,7 +279,8 @@ class _Run:
         inputs = capture_block_inputs(self.model, self.layout, calib, self.job.batch_size, self.device)
         inputs.batches = store_batches(inputs.batches, self.job.offload_activations, self.device, self.scratch)
         hooks = BlockWeights(self.model, self.layout, self.weights)
-        measured = measure_candidates(self.layout, inputs, self.job.quant, hooks, self.device, self.progress)
+        measured = measure_candidates(self.layout, inputs, self.job.quant, hooks, self.device, self.progress,
+                                      done=self.state.measurement(), on_block=self.state.save_measurement)
         return plan_budget(measured, self.job.quant, time.perf_counter() - began)
 
     def _rounded_outside(self) -> dict[str, torch.Tensor]:

@@ -23,6 +23,7 @@ from quikft.config import QuantizeJob, from_settings
 from quikft.data import calibration_windows
 from quikft.eval.ppl import quick_ppl
 from quikft.models import load_model
+from quikft.quant import budget as budget_module
 from quikft.quant import streaming
 from quikft.quant.activations import ActivationStore
 from quikft.quant.pipeline import quantize_model
@@ -469,3 +470,42 @@ def test_a_budget_job_equals_in_memory_and_resumes_bit_identically(llama_dir, te
     monkeypatch.setattr("quikft.quantize.measure_candidates", lambda *a, **k: pytest.fail("measured again"))
     quantize(resumed, progress=False)
     _assert_same_tensors(tmp_path / "streamed", tmp_path / "killed")
+
+
+MEASURE_KILLER = textwrap.dedent("""
+    import os, signal, sys
+    from quikft.config import QuantizeJob, from_settings
+    from quikft.quant import state
+    from quikft.quantize import quantize
+
+    real = state.QuantizeState.save_measurement
+
+    def save_measurement(self, blocks, measured):
+        real(self, blocks, measured)
+        if blocks == 2:  # SIGKILL once two blocks' candidates are committed
+            os.kill(os.getpid(), signal.SIGKILL)
+
+    state.QuantizeState.save_measurement = save_measurement
+    quantize(from_settings(QuantizeJob, __import__("json").loads(sys.argv[1])), progress=False)
+""")
+
+
+def test_a_budget_job_killed_during_its_measurement_resumes_it(llama_dir, text_corpus, tmp_path, single_thread,
+                                                              monkeypatch):
+    straight = _config(llama_dir, text_corpus, tmp_path / "straight", target_bpw=4.0)
+    report = quantize(straight, progress=False)
+    killed = _config(llama_dir, text_corpus, tmp_path / "killed", target_bpw=4.0)
+    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
+    run = subprocess.run([sys.executable, "-c", MEASURE_KILLER, json.dumps(killed.to_dict())], env=env,
+                         capture_output=True, text=True, timeout=600)
+    assert run.returncode == -signal.SIGKILL, run.stderr[-2000:]
+    with pytest.raises(QuantizeStateError, match=r"measurement of 2 blocks done\); rerun with --resume"):
+        quantize(killed, progress=False)
+    measured = []
+    real = budget_module.measure_layer
+    monkeypatch.setattr(budget_module, "measure_layer", lambda *a, **k: measured.append(a[1]) or real(*a, **k))
+    resumed = quantize(_config(llama_dir, text_corpus, tmp_path / "killed", target_bpw=4.0, resume=True),
+                       progress=False)
+    assert measured and not any(name.startswith(("model.layers.0.", "model.layers.1.")) for name in measured)
+    assert resumed["target_bpw"]["layers"] == report["target_bpw"]["layers"]
+    _assert_same_tensors(tmp_path / "straight", tmp_path / "killed")

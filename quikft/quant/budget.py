@@ -43,6 +43,7 @@ from quikft.quant.pipeline import (
     _on_device,
     collect_statistics,
     quantize_linear,
+    run_block,
 )
 
 CANDIDATE_BITS = (2, 3, 4)
@@ -109,24 +110,39 @@ def measure_layer(module: nn.Module, name: str, stats: LayerStats, config: Quant
 
 @torch.no_grad()
 def measure_candidates(layout: arch.ModelLayout, inputs: BlockInputs, config: QuantConfig, hooks: BlockHooks,
-                       device: str, progress: bool = True) -> dict[str, list[dict[str, Any]]]:
+                       device: str, progress: bool = True, done: Mapping[str, list[dict[str, Any]]] | None = None,
+                       on_block: Callable[[int, dict[str, list[dict[str, Any]]]], None] | None = None
+                       ) -> dict[str, list[dict[str, Any]]]:
     """The measurement pass (see the module docstring); ``inputs`` are advanced through the
-    full-precision blocks, so the caller captures fresh block-0 inputs for the final pass."""
-    measured: dict[str, list[dict[str, Any]]] = {}
+    full-precision blocks, so the caller captures fresh block-0 inputs for the final pass. Blocks
+    whose layers are all in ``done`` (an interrupted pass's record) only pass their inputs on;
+    ``on_block(blocks, measured)`` is called after each block (the job commits it there)."""
+    measured: dict[str, list[dict[str, Any]]] = dict(done or {})
     for index in tqdm(range(len(layout)), desc="measure candidates", unit="block", disable=not progress):
         block, prefix = layout.blocks[index], layout.block_name(index)
         hooks.load(index, block)
         arch.unfuse_all_experts(block)
         layers = layout.layers(index)
         with _on_device(block, device):
-            found, outputs = collect_statistics(block, layers, layout.experts(index), inputs, index, config,
-                                                keep_outputs=True)
-            for name, module in layers.items():
-                measured[f"{prefix}.{name}"] = measure_layer(module, f"{prefix}.{name}", found.stats[name], config)
-            del found
-            inputs.advance(outputs)
+            if all(f"{prefix}.{name}" in measured for name in layers):
+                inputs.advance(run_block(block, inputs, index))
+            else:
+                inputs.advance(_measure_block(block, index, layout, inputs, config, measured))
         hooks.release(index, block)
+        if on_block is not None:
+            on_block(index + 1, measured)
     return measured
+
+
+def _measure_block(block: nn.Module, index: int, layout: arch.ModelLayout, inputs: BlockInputs,
+                   config: QuantConfig, measured: dict[str, list[dict[str, Any]]]) -> list[torch.Tensor]:
+    """Measure every layer of one block into ``measured``; returns the block's outputs."""
+    layers, prefix = layout.layers(index), layout.block_name(index)
+    found, outputs = collect_statistics(block, layers, layout.experts(index), inputs, index, config,
+                                        keep_outputs=True)
+    for name, module in layers.items():
+        measured[f"{prefix}.{name}"] = measure_layer(module, f"{prefix}.{name}", found.stats[name], config)
+    return outputs
 
 
 def plan_budget(measured: Mapping[str, list[dict[str, Any]]], config: QuantConfig, seconds: float = 0.0

@@ -8,6 +8,9 @@ and everything the report and the final files need (layer reports, input groups,
 ``progress.json`` is written last, atomically, so it is the commit point: a crash at any moment
 leaves either the previous block's state or the new one, never a mixture.
 
+With ``--target-bpw``, ``measure.json`` commits the candidates measured so far after every block of
+the measurement pass, so a run killed during it resumes the measurement where it stopped.
+
 ``fingerprint.json`` records every setting that changes the output (and the model's identity);
 a resumed run must match it, and one that does not is refused naming the setting. A state left
 by a killed run is never used without ``--resume``, and never silently overwritten either.
@@ -36,6 +39,7 @@ PROGRESS_NAME = "progress.json"
 FINGERPRINT_NAME = "fingerprint.json"
 BLOCKS_DIR = "blocks"
 RNG_NAME = "rng.safetensors"
+MEASURE_NAME = "measure.json"  # --target-bpw: the candidates measured so far, before the first block commits
 STATE_SUFFIX = ".quantize-state"
 # progress.json: per finished block, its files in blocks/ with their sha256 (the output is built from
 # them, so a swapped or damaged one must be refused before it is carried into a checkpoint); the
@@ -113,6 +117,14 @@ class QuantizeState:
             _check_fingerprint(directory, fingerprint)
             _check_progress(progress_file, progress)
             return progress
+        measured = _measured_blocks(directory)
+        if measured and not resume:
+            raise QuantizeStateError(f"{directory} holds an interrupted quantize (--target-bpw measurement of "
+                                     f"{measured} blocks done); rerun with --resume to continue it, or delete that "
+                                     f"directory to start over")
+        if measured:
+            _check_fingerprint(directory, fingerprint)
+            return None
         if resume:
             raise QuantizeStateError(f"--resume: no interrupted quantize at {directory} (its state is written "
                                      f"after the first block); run without --resume")
@@ -121,6 +133,18 @@ class QuantizeState:
         (directory / BLOCKS_DIR).mkdir(parents=True)
         write_json(directory / FINGERPRINT_NAME, fingerprint)
         return None
+
+    def measurement(self) -> dict[str, list[dict]]:
+        """The --target-bpw candidates measured so far (by layer name), kept across a kill."""
+        path = self.directory / MEASURE_NAME
+        measured = _read_json(path).get("layers") if is_regular_file(path) else {}
+        if not isinstance(measured, dict):
+            raise QuantizeStateError(f"{path}: not a measurement record; delete {self.directory} to start over")
+        return measured
+
+    def save_measurement(self, blocks: int, measured: dict[str, list[dict]]) -> None:
+        """Commit the candidates of the first ``blocks`` blocks (atomically: the old record or the new)."""
+        write_json(self.directory / MEASURE_NAME, {"blocks": blocks, "layers": measured})
 
     def commit(self, next_block: int, stores: dict[str, ActivationStore], record: dict[str, Any],
                written: list[Path]) -> None:
@@ -156,6 +180,14 @@ class QuantizeState:
         if self._lock is not None:
             self._lock.release()
             self._lock = None
+
+
+def _measured_blocks(directory: Path) -> int:
+    """How many blocks an interrupted --target-bpw measurement pass committed (0: none)."""
+    path = directory / MEASURE_NAME
+    record = _read_json(path) if is_regular_file(path) else None
+    blocks = record.get("blocks") if isinstance(record, dict) else None
+    return blocks if isinstance(blocks, int) and not isinstance(blocks, bool) and blocks > 0 else 0
 
 
 def _finished_leftover(directory: Path, progress: dict) -> bool:
