@@ -36,6 +36,7 @@ from quikft.format.writer import (
     build_quantization_config,
     pack_state,
     write_model_config,
+    write_plain_config,
     write_salient_indices,
 )
 from quikft.hardware import DtypeChoice, native_bf16, resolve_device
@@ -328,10 +329,7 @@ class _Run:
             salient = shards.assemble(staging, len(self.layout), rest)
             salient.update({name: r.salient.to(torch.int32) for name, r in self.head_results.items()})
             if job.fake_quant:
-                self.model.config.save_pretrained(staging)
-                generation = getattr(self.model, "generation_config", None)
-                if generation is not None and self.model.can_generate():
-                    generation.save_pretrained(staging)
+                write_plain_config(self.model, staging)
             else:
                 qconfig = build_quantization_config(out, job.quant, source_model=model_reference(job.model))
                 write_model_config(self.model, qconfig, staging)

@@ -4,7 +4,8 @@ their index, ``config.json`` with its ``quantization_config``, the salient indic
 :func:`save_packed` writes a quantized in-memory model; :func:`write_quik_model` a model whose
 layers already are :class:`~quikft.nn.QuikLinear`; a streamed quantize job writes each block with
 :func:`pack_state` and :func:`save_weights`, then the index with :func:`write_index` and the
-config with :func:`build_quantization_config` and :func:`write_model_config`. What the writer
+config with :func:`build_quantization_config` and :func:`write_model_config` (a fake-quant output,
+stored unpacked, only :func:`write_plain_config`). What the writer
 needs of a quantizer's output is :mod:`quikft.format.protocol`, not the quantizer's own types.
 """
 
@@ -231,6 +232,16 @@ def write_model_config(model: nn.Module, qconfig: dict, directory: Path) -> None
     config.architectures = [type(model).__name__]
     config.dtype = str(rest_dtype(qconfig)).removeprefix("torch.")  # dtype of the unquantized tensors
     config.save_pretrained(directory)
+    _write_generation_config(model, directory)
+
+
+def write_plain_config(model: nn.Module, directory: Path) -> None:
+    """config.json and generation_config.json of a model stored unpacked (a fake-quant output)."""
+    model.config.save_pretrained(directory)
+    _write_generation_config(model, directory)
+
+
+def _write_generation_config(model: nn.Module, directory: Path) -> None:
     generation_config = getattr(model, "generation_config", None)
     if generation_config is not None and model.can_generate():
         generation_config.save_pretrained(directory)
