@@ -5,8 +5,8 @@ their index, ``config.json`` with its ``quantization_config``, the salient indic
 layers already are :class:`~quikft.nn.QuikLinear`; a streamed quantize job writes each block with
 :func:`pack_state` and :func:`save_weights`, then the index with :func:`write_index` and the
 config with :func:`build_quantization_config` and :func:`write_model_config` (a fake-quant output,
-stored unpacked, only :func:`write_plain_config`). What the writer
-needs of a quantizer's output is :mod:`quikft.format.protocol`, not the quantizer's own types.
+stored unpacked, with :func:`write_plain_config`). What the writer needs of a quantizer's output is
+:mod:`quikft.format.protocol`, not the quantizer's own types.
 """
 
 from __future__ import annotations
