@@ -4,7 +4,7 @@ import importlib.abc
 import sys
 import warnings
 
-from quikft.checkpoint import load, save_packed
+from quikft.format import load, save_packed
 from quikft.models import DEFAULT_MODEL, load_model
 
 __version__ = "0.1.0"

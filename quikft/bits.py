@@ -29,7 +29,7 @@ INT32, FP16 = 4, 2  # bytes per element of the packed format's index/code and fl
 
 
 class Stored(Protocol):
-    """What a safetensors header says of a tensor (e.g. :class:`quikft.checkpoint.TensorInfo`)."""
+    """What a safetensors header says of a tensor (e.g. :class:`quikft.format.layout.TensorInfo`)."""
 
     shape: tuple[int, ...]
 

@@ -313,7 +313,7 @@ def info(directory, as_json, verify):
     The checkpoint first passes every check loading makes; a checkpoint that would not load is refused."""
     import json
 
-    from quikft.checkpoint import describe, format_description
+    from quikft.format.inspect import describe, format_description
 
     summary = describe(directory, verify)
     click.echo(json.dumps(summary, indent=2) if as_json else format_description(summary))
@@ -326,8 +326,9 @@ def info(directory, as_json, verify):
 @_fail_cleanly
 def convert(directory, out, overwrite):
     """Rewrite a packed checkpoint of an older format (1) in the current one (2); the weights do not change."""
-    from quikft.checkpoint import FORMAT_VERSION, read_quantization_config
-    from quikft.checkpoint import convert as run_convert
+    from quikft.format.conversion import convert as run_convert
+    from quikft.format.layout import FORMAT_VERSION
+    from quikft.format.reader import read_quantization_config
 
     before = read_quantization_config(directory)["format_version"]
     run_convert(directory, out, overwrite)

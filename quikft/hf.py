@@ -12,7 +12,7 @@ and swaps the listed linears for empty :class:`~quikft.nn.QuikLinear` layers of 
 shapes. transformers then loads every tensor straight into those buffers: their dtypes
 (int32 codes, fp16 scales) come from the empty buffers, so nothing is cast. After loading, the
 index values are checked and every layer takes its fastest kernel for the device and dtype,
-exactly as :func:`quikft.load` does (:func:`~quikft.checkpoint.finish_loading`).
+exactly as :func:`quikft.load` does (:func:`~quikft.format.loader.finish_loading`).
 
 The dtype: ``from_pretrained``'s default (``"auto"``) is the checkpoint's ``dtype_rest``, bf16
 by default. On a machine without native bf16 matmuls that would make every step ~100x slower
@@ -35,22 +35,13 @@ from transformers.quantizers.auto import (
 from transformers.quantizers.base import HfQuantizer
 from transformers.utils.quantization_config import QuantizationConfigMixin
 
-from quikft.checkpoint import (
-    CONFIG_NAME,
-    QUANT_METHOD,
-    CheckpointError,
-    check_layer_values,
-    check_model_config,
-    check_tensors,
-    finish_loading,
-    read_headers,
-    swap_in_quik_layers,
-    validate_quantization_config,
-    weight_files,
-    weights_source,
-)
+from quikft.format.header import read_headers, weight_files, weights_source
+from quikft.format.layout import CONFIG_NAME, QUANT_METHOD
+from quikft.format.loader import check_layer_values, check_tensors, finish_loading, swap_in_quik_layers
+from quikft.format.reader import check_model_config, validate_quantization_config
 from quikft.hardware import compute_dtype, default_device
 from quikft.nn.quik_linear import QuikLinear
+from quikft.validation import CheckpointError
 
 
 class QuikftConfig(QuantizationConfigMixin):

@@ -243,13 +243,14 @@ def load_model(name: str | None = None, dtype: str | torch.dtype = torch.float32
 
     ``dtype`` may be ``auto`` (what ``device`` runs fast, see :mod:`quikft.hardware`), ``device``
     ``auto`` (cuda when present). A quikft
-    packed checkpoint directory is loaded by :func:`quikft.checkpoint.load`, which checks every
+    packed checkpoint directory is loaded by :func:`quikft.format.loader.load`, which checks every
     stored tensor strictly before reading it (``for_training`` prepares no inference kernel at load, so
     no stored tensor is handed to a kernel, and keeps the head a plain linear layer). A model's own Python code runs only with ``trust_remote_code``.
     """
     from transformers import AutoModelForCausalLM
 
-    from quikft.checkpoint import is_packed_checkpoint, load
+    from quikft.format.loader import load
+    from quikft.format.reader import is_packed_checkpoint
 
     path = resolve_model(name)
     device = resolve_device(device)

@@ -6,7 +6,7 @@ checkpoint's safetensors shards when its turn comes (:mod:`quikft.quant.streamin
 whose tensor names transformers must convert is loaded whole instead, and the report says so).
 Each finished block is written at once into the job's resumable state beside the output
 (``<out>.quantize-state/``); ``--resume`` continues a killed run bit-identically. The output is a
-packed checkpoint (:mod:`quikft.checkpoint`), or with ``fake_quant`` the dequantized float
+packed checkpoint (:mod:`quikft.format`), or with ``fake_quant`` the dequantized float
 weights, a debugging format any transformers install can read; either way the directory also
 holds every layer's salient indices and the report, and appears only when complete (one
 rename), so a crash or a bad setting never leaves a half-written run. Every setting, the output
@@ -23,22 +23,22 @@ from dataclasses import asdict
 from pathlib import Path
 
 import torch
-from safetensors.torch import save_file
 
 from quikft import arch
 from quikft.atomic import atomic_directory, prepare_output, write_json
 from quikft.bits import layer_bits
-from quikft.checkpoint import (
-    DTYPE_REST,
-    build_quantization_config,
-    cast_unquantized,
-    pack_into,
-    stored_bits,
-    write_model_config,
-)
 from quikft.config import QuantizeJob, salient_text
 from quikft.data import calibration_windows, check_source, eval_text, tokenize_stream
 from quikft.eval.ppl import PplResult, max_context, quick_ppl, window_starts
+from quikft.format.inspect import stored_bits
+from quikft.format.layout import DTYPE_REST
+from quikft.format.writer import (
+    build_quantization_config,
+    pack_state,
+    write_model_config,
+    write_plain_config,
+    write_salient_indices,
+)
 from quikft.hardware import DtypeChoice, native_bf16, resolve_device
 from quikft.models import (
     cache_root,
@@ -72,7 +72,6 @@ from quikft.runinfo import library_versions, peak_rss_mb
 from quikft.weights import CheckpointWeights, load_outside_blocks, local_checkpoint, release
 
 REPORT_NAME = "quantize_report.json"
-SALIENT_NAME = "salient_indices.safetensors"
 EVAL_DATASET = "wikitext2"
 # Job settings that do not change the output tensors (a resumed run may differ in them).
 # "model" as spelled (an alias, a relative path) is not the model: model_path (resolved) and the
@@ -326,20 +325,17 @@ class _Run:
         job = self.job
         rest = rest_of(self.model, self.layout)
         if not job.fake_quant:
-            rest = cast_unquantized(pack_into(rest, self.head_results), self.head_results, self.rest_dtype)
+            rest = pack_state(rest, self.head_results, self.rest_dtype)
         with atomic_directory(self.out_dir, overwrite=job.overwrite, marker=REPORT_NAME) as staging:
             salient = shards.assemble(staging, len(self.layout), rest)
             salient.update({name: r.salient.to(torch.int32) for name, r in self.head_results.items()})
             if job.fake_quant:
-                self.model.config.save_pretrained(staging)
-                generation = getattr(self.model, "generation_config", None)
-                if generation is not None and self.model.can_generate():
-                    generation.save_pretrained(staging)
+                write_plain_config(self.model, staging)
             else:
                 qconfig = build_quantization_config(out, job.quant, source_model=model_reference(job.model))
                 write_model_config(self.model, qconfig, staging)
             self.tokenizer.save_pretrained(staging)
-            save_file({name: t.contiguous() for name, t in salient.items()}, staging / SALIENT_NAME)
+            write_salient_indices(staging, salient)
             report = build_report(job, out, time.perf_counter() - began, ppl["eval_seconds"], ppl["fp_ppl"],
                                   ppl["ppl"], bits_per_weight(job, out, staging))
             if out.plan is not None:

@@ -34,16 +34,17 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-from safetensors.torch import save_file
 from torch import nn
 from tqdm.auto import tqdm
 
 from quikft import arch, sharding, train_state
 from quikft.atomic import OutputLock, atomic_directory, prepare_output, write_json
-from quikft.checkpoint import is_packed_checkpoint, stored_bits, write_packed, write_quik_model
 from quikft.config import ConfigError, QuantConfig, RecoverConfig, build_config
 from quikft.data import calibration_windows, check_source
 from quikft.eval.ppl import quick_ppl
+from quikft.format.inspect import stored_bits
+from quikft.format.reader import is_packed_checkpoint
+from quikft.format.writer import write_packed, write_quik_model, write_salient_indices
 from quikft.hardware import DtypeChoice, native_bf16, resolve_device, resolve_dtype
 from quikft.models import (
     check_seqlen,
@@ -60,7 +61,6 @@ from quikft.train_data import IGNORE, TrainingMixture
 from quikft.train_loss import TrainingObjective
 
 REPORT_NAME = "recover_report.json"
-SALIENT_NAME = "salient_indices.safetensors"
 FP16_MAX = 65504.0  # trained columns are stored as fp16
 # Settings that change the training trajectory: a resumed run must match them.
 TRAJECTORY_KEYS = ("model", "mode", "noise", "noise_bits", "bits", "salient", "quant_config", "data", "loss",
@@ -222,7 +222,7 @@ class PreMode(RecoveryMode):
         quantized = quantize_model(job.model, job.calib, job.quant_config, progress=False, device=device)
         ppl_after = _quick_ppl(job.model, job.tokenizer, config, label)
         write_packed(job.model, job.tokenizer, quantized, staging, job.quant_config, source_model=job.source_model)
-        save_file({n: t.contiguous() for n, t in quantized.salient_indices().items()}, staging / SALIENT_NAME)
+        write_salient_indices(staging, quantized.salient_indices())
         return ppl_after
 
 

@@ -3,7 +3,7 @@
 ``quikft.load``, the transformers quantizer (``from_pretrained``) and ``quikft info`` call
 :func:`validate_layer_values` on every quantized layer's stored tensors, so they accept and
 refuse exactly the same checkpoints with the same one-line :class:`CheckpointError`. Shapes and
-dtypes are checked before (from the safetensors headers, :mod:`quikft.checkpoint`); these are
+dtypes are checked before (from the safetensors headers, :mod:`quikft.format.header`); these are
 the checks shapes cannot make: index values, grouping, finiteness, the symmetric zero-point.
 
 Checksums: every safetensors file quikft writes records the sha256 of each tensor's bytes in its
@@ -37,7 +37,7 @@ class CheckpointError(ValueError):
 
 
 class StoredTensor(Protocol):
-    """Where a tensor's bytes are: what a safetensors header says (see ``checkpoint.TensorInfo``)."""
+    """Where a tensor's bytes are: what a safetensors header says (see ``quikft.format.layout.TensorInfo``)."""
 
     file: Path
     offset: int  # absolute byte offset of the data in ``file``

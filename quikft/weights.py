@@ -26,15 +26,10 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from quikft.checkpoint import (
-    CheckpointError,
-    TensorInfo,
-    materialize_non_persistent,
-    read_headers,
-    read_metadata,
-    tied_weight_keys,
-    weight_files,
-)
+from quikft.format.header import read_headers, read_metadata, weight_files
+from quikft.format.layout import TensorInfo, tied_weight_keys
+from quikft.format.loader import materialize_non_persistent
+from quikft.validation import CheckpointError
 
 SEQUENTIAL_LOAD = "HF_DEACTIVATE_ASYNC_LOAD"  # transformers' switch for loading without a thread pool
 

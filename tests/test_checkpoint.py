@@ -20,6 +20,7 @@ from quikft.checkpoint import CheckpointError, load, save_packed
 from quikft.cli import main
 from quikft.config import QuantConfig
 from quikft.data import calibration_windows
+from quikft.format import writer
 from quikft.models import load_model
 from quikft.nn import QuikLinear, nonsalient_columns
 from quikft.packing import pack_codes, unpack_codes, unpack_zeros
@@ -220,7 +221,7 @@ def test_failed_save_leaves_nothing_behind(tiny, text_file, tmp_path, monkeypatc
     def explode(*args, **kwargs):
         raise RuntimeError("disk full")
 
-    monkeypatch.setattr(checkpoint, "write_model_config", explode)  # after the shards are written
+    monkeypatch.setattr(writer, "write_model_config", explode)  # after the shards are written
     with pytest.raises(RuntimeError, match="disk full"):
         save_packed(model, tokenizer, quantized, tmp_path / "runs" / "out", config)
     assert list((tmp_path / "runs").iterdir()) == []  # neither the target nor a partial staging directory
@@ -355,7 +356,7 @@ def test_format_1_checkpoints_load_and_convert(packed_dir, tmp_path):
 
 
 def test_convert_checks_its_output_like_every_job_and_copies_no_links(packed_dir, tmp_path, monkeypatch):
-    import quikft.checkpoint as checkpoint
+    from quikft.format import conversion
 
     old = shutil.copytree(packed_dir, tmp_path / "v1")
     _as_format_1(old)
@@ -364,7 +365,7 @@ def test_convert_checks_its_output_like_every_job_and_copies_no_links(packed_dir
     unrelated = tmp_path / "photos"
     unrelated.mkdir()
     (unrelated / "cat.jpg").write_bytes(b"cat")
-    monkeypatch.setattr(checkpoint, "load", lambda *a, **k: pytest.fail("loaded before checking --out"))
+    monkeypatch.setattr(conversion, "load", lambda *a, **k: pytest.fail("loaded before checking --out"))
     result = CliRunner().invoke(main, ["convert", str(old), "--out", str(unrelated)])
     assert result.exit_code == 1 and result.output.count("\n") == 1, result.output
     assert "is not a previous output of this command" in result.output and "--overwrite" not in result.output

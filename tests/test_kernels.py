@@ -235,7 +235,7 @@ def test_upgrade_from_format_1_keeps_the_weight():
 def test_info_lists_layout_refusals_only():
     """``quikft info`` names what a layer's own layout costs it, not kernels for other devices or widths:
     it goes by the refusal's kind, with the texts as the JSON summary records them."""
-    from quikft.checkpoint import _kernel_cell
+    from quikft.format.inspect import _kernel_cell
 
     layout = exact_layer(3, 4, (32, 100), 16, True, bias=False).layout()
     refusals = {name: why_not(get_kernel(name), layout, CPU, torch.bfloat16) for name in ("cpu-int4", "cpu-int8")}

@@ -85,3 +85,43 @@ def test_low_layers_import_no_higher_layer():
         assert not graph[name] & training, f"{name} imports training code"
     for name, targets in graph.items():
         assert "quikft.cli" not in targets, f"{name} imports the CLI"
+
+
+def _reachable(graph: dict[str, set[str]], start: str) -> set[str]:
+    """Every module ``start`` imports, directly or through others."""
+    seen, todo = set(), [start]
+    while todo:
+        for target in graph[todo.pop()] - seen:
+            seen.add(target)
+            todo.append(target)
+    return seen
+
+
+def test_the_format_sits_below_the_quantizer_and_the_jobs():
+    """quikft.format (the checkpoint contract) depends on the layer it stores (quikft.nn), never on
+    what produces or consumes checkpoints; its names, headers and config checks need no model code."""
+    graph = import_graph()
+    fmt = [name for name in graph if name == "quikft.format" or name.startswith("quikft.format.")]
+    above = ("quikft.quant", "quikft.quantize", "quikft.recover", "quikft.hf", "quikft.weights", "quikft.models",
+             "quikft.eval", "quikft.train", "quikft.integrations", "quikft.cli", "quikft.checkpoint")
+    for name in fmt:
+        reached = sorted(t for t in _reachable(graph, name) if t.startswith(above))
+        assert not reached, f"{name} imports {reached[0]}"
+    for name in ("quikft.format.layout", "quikft.format.protocol", "quikft.format.header", "quikft.format.reader"):
+        model_code = sorted(t for t in _reachable(graph, name) if t.startswith(("quikft.nn", "quikft.arch")))
+        assert not model_code, f"{name} imports {model_code[0]}"
+    for name, targets in graph.items():
+        if name.startswith(("quikft.nn", "quikft.arch")):
+            assert not {t for t in targets if t.startswith("quikft.format")}, f"{name} imports the format"
+        # quikft.checkpoint is a compatibility shim for users: the package itself imports the format.
+        assert name == "quikft.checkpoint" or "quikft.checkpoint" not in targets, f"{name} imports quikft.checkpoint"
+
+
+def test_only_the_format_spells_checkpoint_file_names():
+    """File names of a checkpoint directory live in quikft.format.layout; others use its constants."""
+    names = ('"model.safetensors', "index.json", '"model-', "salient_indices.safetensors")
+    for path in PACKAGE.rglob("*.py"):
+        if path.parent.name == "format":
+            continue
+        spelled = [name for name in names if name in path.read_text()]
+        assert not spelled, f"{path.relative_to(PACKAGE)} spells {spelled[0]}"

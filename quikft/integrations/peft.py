@@ -151,7 +151,7 @@ def load_lora(adapter: str | Path, model: nn.Module | None = None, trainable: bo
         raise FileNotFoundError(f"{adapter} holds no adapter_config.json: pass the adapter directory "
                                 f"(`quikft recover --mode lora` writes it as <out>/adapter)")
     if model is None:
-        from quikft.checkpoint import load
+        from quikft.format.loader import load
 
         base = json.loads((adapter / "adapter_config.json").read_text()).get("base_model_name_or_path")
         if not base:

@@ -23,7 +23,6 @@
 from __future__ import annotations
 
 import contextlib
-import json
 import os
 import time
 from dataclasses import asdict, dataclass, field
@@ -37,15 +36,10 @@ from torch import nn
 
 from quikft import arch
 from quikft.atomic import is_regular_file
-from quikft.checkpoint import (
-    INDEX_NAME,
-    cast_unquantized,
-    check_layer_grid,
-    pack_into,
-    save_weights,
-    tied_weight_keys,
-)
 from quikft.eval.ppl import HEAD_CHUNK
+from quikft.format.header import read_header
+from quikft.format.layout import INDEX_NAME, shard_name, tied_weight_keys
+from quikft.format.writer import pack_state, save_weights, write_index
 from quikft.quant.activations import ActivationStore, link_or_copy, store_batches
 from quikft.quant.gptq import QuantResult
 from quikft.quant.pipeline import (
@@ -114,11 +108,7 @@ class BlockShards:
         if not self.packed:
             arch.fuse_all_experts(module)
         state = {f"{prefix}.{key}" if prefix else key: value for key, value in module.state_dict().items()}
-        if not self.packed:
-            return state
-        for name, result in results.items():
-            check_layer_grid(name, result, self.settings)
-        return cast_unquantized(pack_into(state, results), results, self.rest_dtype)
+        return pack_state(state, results, self.rest_dtype, self.settings) if self.packed else state
 
     def write_block(self, index: int, prefix: str, block: nn.Module, results: dict[str, QuantResult]
                     ) -> list[Path]:
@@ -131,7 +121,7 @@ class BlockShards:
         """Move the block shards into ``staging`` under ``save_pretrained``'s names, write the rest
         (embeddings, final norm, head) as the first shard and the index; returns the salient indices."""
         total = blocks + 1
-        names = [f"model-{i + 1:05d}-of-{total:05d}.safetensors" for i in range(total)]
+        names = [shard_name(i, total) for i in range(total)]
         weight_map = {}
         with _writing(staging / names[0]):
             save_weights(rest, staging / names[0])
@@ -142,24 +132,17 @@ class BlockShards:
             if not is_regular_file(source):  # checked on resume too: never carry a link out
                 raise QuantizeStateError(f"{source} is not a regular file; delete {self.directory.parent} to start "
                                          f"over")
-            keys = _header_keys(source)
+            keys = list(read_header(source))
             # A link, not a move: if the output fails now, the state still holds every finished block.
             with _writing(staging / names[index + 1]):
                 link_or_copy(source, staging / names[index + 1])
             weight_map.update(dict.fromkeys(keys, names[index + 1]))
             salient.update(load_file(self.salient_file(index)))
+        # The index's total_size: the shards' bytes on disk (headers included), as streamed jobs always wrote.
         size = sum((staging / name).stat().st_size for name in names)
-        index_json = {"metadata": {"total_size": size}, "weight_map": dict(sorted(weight_map.items()))}
         with _writing(staging / INDEX_NAME):
-            (staging / INDEX_NAME).write_text(json.dumps(index_json, indent=2) + "\n")
+            write_index(staging, weight_map, {"total_size": size})
         return salient
-
-
-def _header_keys(path: Path) -> list[str]:
-    from safetensors import safe_open
-
-    with safe_open(path, framework="pt") as handle:
-        return list(handle.keys())
 
 
 # ------------------------------------------------------------------------------------ evaluation streams
