@@ -55,7 +55,8 @@ from quikft.models import (
     resolve_model,
 )
 from quikft.nn.gift_linear import unwrap_after_training, wrap_for_training
-from quikft.quant.pipeline import quantize_model, select_salient_model
+from quikft.quant.model import quantize_model
+from quikft.quant.pipeline import select_salient_model
 from quikft.runinfo import library_versions, peak_rss_mb
 from quikft.train_data import IGNORE, TrainingMixture
 from quikft.train_loss import TrainingObjective

@@ -115,7 +115,7 @@ def packed(tmp_path_factory, tiny_dir, corpus) -> Path:
     from quikft.config import QuantConfig
     from quikft.data import calibration_windows
     from quikft.models import load_model
-    from quikft.quant.pipeline import quantize_model
+    from quikft.quant.model import quantize_model
 
     model, tokenizer = load_model(str(tiny_dir))
     config = QuantConfig(bits=3, salient=8, group_size=32, nsamples=4, seqlen=32, clip_search=False)

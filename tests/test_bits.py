@@ -20,7 +20,7 @@ from quikft.config import QuantConfig
 from quikft.data import calibration_windows
 from quikft.models import load_model
 from quikft.nn import QuikLinear
-from quikft.quant.pipeline import quantize_model
+from quikft.quant.model import quantize_model
 
 SCHEMES = [  # bits, salient (count or fraction), group size, method, dtype_rest, shard size
     (2, 0, 32, "rtn", "bf16", "5GB"),

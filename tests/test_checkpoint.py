@@ -24,7 +24,7 @@ from quikft.format import writer
 from quikft.models import load_model
 from quikft.nn import QuikLinear, nonsalient_columns
 from quikft.packing import pack_codes, unpack_codes, unpack_zeros
-from quikft.quant.pipeline import quantize_model
+from quikft.quant.model import quantize_model
 
 
 def _quantize(model, tokenizer, corpus, dtype_rest="fp32", **settings):

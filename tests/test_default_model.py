@@ -70,7 +70,7 @@ def test_packed_checkpoint_of_real_blocks_matches_fake_quant(default_model, tmp_
     from quikft.checkpoint import save_packed
     from quikft.config import QuantConfig
     from quikft.nn import QuikLinear
-    from quikft.quant.pipeline import quantize_model
+    from quikft.quant.model import quantize_model
 
     model, tokenizer = default_model
     small = copy.deepcopy(model)

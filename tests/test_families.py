@@ -17,7 +17,7 @@ from quikft.config import QuantConfig, RecoverConfig
 from quikft.data import calibration_windows
 from quikft.eval.ppl import evaluate_ppl
 from quikft.nn import QuikLinear
-from quikft.quant.pipeline import quantize_model
+from quikft.quant.model import quantize_model
 from quikft.recover import recover
 
 pytestmark = pytest.mark.usefixtures("exact_kernels")

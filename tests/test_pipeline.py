@@ -12,11 +12,11 @@ from quikft.config import QuantConfig, QuantizeJob, build_config
 from quikft.data import calibration_windows
 from quikft.quant.gptq import gptq_quantize, rtn_quantize
 from quikft.quant.grid import round_to_fp16
+from quikft.quant.model import quantize_model
 from quikft.quant.pipeline import (
     UnsupportedArchitectureError,
     capture_block_inputs,
     find_input_groups,
-    quantize_model,
     streaming_statistics,
 )
 from quikft.saliency import column_scores, resolve_metric, select_salient

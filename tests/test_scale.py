@@ -26,7 +26,7 @@ from quikft.models import load_model
 from quikft.quant import budget as budget_module
 from quikft.quant import streaming
 from quikft.quant.activations import ActivationStore
-from quikft.quant.pipeline import quantize_model
+from quikft.quant.model import quantize_model
 from quikft.quant.state import QuantizeState, QuantizeStateError, state_dir_for
 from quikft.quant.streaming import round_floating
 from quikft.quantize import quantize

@@ -16,7 +16,7 @@ from quikft.data import calibration_windows
 from quikft.nn import QuikLinear, available_kernels, get_kernel, why_not
 from quikft.quant.allocate import BudgetError
 from quikft.quant.budget import candidate_settings, check_budget
-from quikft.quant.pipeline import quantize_model
+from quikft.quant.model import quantize_model
 
 # Every bit-width and k in {0, 16} over the tiny model's 14 layers.
 MIX = [(2, 0), (3, 16), (4, 0), (8, 0), (2, 16), (4, 16), (3, 0)]

@@ -27,7 +27,7 @@ from families import EXTRA_FAMILIES, FAMILIES, build_extra, build_family  # noqa
 from quikft import arch  # noqa: E402
 from quikft.config import QuantConfig  # noqa: E402
 from quikft.data import calibration_windows  # noqa: E402
-from quikft.quant.pipeline import quantize_model  # noqa: E402
+from quikft.quant.model import quantize_model  # noqa: E402
 
 
 def collapse(names) -> list[str]:

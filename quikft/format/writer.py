@@ -48,7 +48,7 @@ def save_packed(model: nn.Module, tokenizer: Any, quantized: QuantizedModel, out
                 max_shard_size: int | str = "5GB", source_model: str | None = None) -> Path:
     """Write ``model`` with its quantized linears packed as a loadable checkpoint directory.
 
-    ``quantized`` is what quantizing ``model`` returned (:func:`quikft.quant.pipeline.quantize_model`);
+    ``quantized`` is what quantizing ``model`` returned (:func:`quikft.quant.model.quantize_model`);
     the model itself is not modified and no full-size weight is copied. The directory is
     written under a temporary name and renamed at the end, so a failure leaves nothing behind.
     """

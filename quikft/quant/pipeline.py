@@ -44,7 +44,7 @@ from quikft.quant.activations import ActivationStore
 from quikft.quant.gptq import HessianAccumulator, QuantResult, gptq_quantize, rtn_quantize
 from quikft.saliency import ColumnStats, column_scores, resolve_metric, select_salient
 
-__all__ = ["UnsupportedArchitectureError", "QuantizedLayers", "quantize_model", "select_salient_model"]
+__all__ = ["UnsupportedArchitectureError", "QuantizedLayers", "select_salient_model"]
 
 # How a layer's statistics were gathered (LayerReport.statistics).
 ROUTED = "routed"  # the tokens that reached it (for an expert: the tokens its router sent)
@@ -537,52 +537,6 @@ def quantize_blocks(model, layout: arch.ModelLayout, inputs: BlockInputs, config
         hooks.release(index, block)
         if losses:
             bar.set_postfix(loss=f"{sum(losses) / len(losses):.3g}")
-
-
-@torch.no_grad()
-def quantize_model(model, calib: torch.Tensor, config: QuantConfig, progress: bool = True,
-                   salient: dict[str, torch.Tensor] | None = None, device: str = "cpu",
-                   batch_size: int = 8, plan: dict[str, Any] | None = None) -> QuantizedLayers:
-    """Quantize every decoder projection of ``model`` in place (fake-quantized weights) and return
-    the integer codes, scales and salient columns of each. ``salient`` may fix the index sets
-    (Pre-GIFT-SW keeps the ones it trained). Each block is quantized on ``device`` (``auto``: cuda
-    when present), its calibration forward runs ``batch_size`` windows at a time.
-
-    Experts stored as 3-D parameters are unfused into per-expert linears first (see
-    :mod:`quikft.arch.experts`); the model keeps that layout afterwards, and results are named
-    after it. With ``config.quantize_lm_head`` the output layer is quantized last (untied from
-    the embedding first if needed). With ``config.target_bpw`` each layer's bits and salient count
-    are chosen by a measurement pass first (:mod:`quikft.quant.budget`), unless ``plan`` gives them
-    (``{"layers": {name: {"bits": b, "salient": k}}}``; a plan needs ``target_bpw`` set too).
-    """
-    layout = arch.prepare(model, config.targets, config.ignore, config.quantize_lm_head)
-    device = resolve_device(device)
-    was_training = model.training
-    model.eval()
-    began = time.perf_counter()
-    out = QuantizedLayers()
-    if config.target_bpw is not None:
-        out.plan = plan or _budget_plan(model, layout, calib, config, (device, batch_size), progress)
-    inputs = capture_block_inputs(model, layout, calib, batch_size, device)
-    quantize_blocks(model, layout, inputs, config, out, BlockHooks(), device, progress=progress, salient=salient)
-    if config.quantize_lm_head:
-        out.results.update(quantize_head(model, layout, inputs, config, out, device, salient))
-    out.seconds = time.perf_counter() - began
-    model.train(was_training)
-    return out
-
-
-def _budget_plan(model, layout: arch.ModelLayout, calib: torch.Tensor, config: QuantConfig,
-                 where: tuple[str, int], progress: bool) -> dict[str, Any]:
-    """--target-bpw in memory: the measurement pass on its own captured inputs, then the choice."""
-    from quikft.quant import budget  # the budget builds on this module's block loop
-
-    device, batch_size = where
-    budget.check_budget(budget.layer_shapes(layout), config)
-    began = time.perf_counter()
-    inputs = capture_block_inputs(model, layout, calib, batch_size, device)
-    measured = budget.measure_candidates(layout, inputs, config, BlockHooks(), device, progress)
-    return budget.plan_budget(measured, config, time.perf_counter() - began)
 
 
 @torch.no_grad()
