@@ -74,6 +74,61 @@ def run_row(row_id: str, flags: list[str], args) -> dict:
             "chosen": _chosen(plan)}
 
 
+def run_budget_row(row_id: str, error: str, target: float, args) -> dict:
+    """A --target-bpw row planned from the candidates another budget row measured (the measurement does
+    not depend on the budget or the error, so one pass serves every budget): the in-memory quantization
+    with that plan (a subprocess of this script), then the same evaluation as every row."""
+    out = Path(args.workdir) / row_id
+    source = Path(args.workdir) / args.measured_by / REPORT
+    command = [sys.executable, str(Path(__file__).resolve()), "--quantize-with-plan", str(source), error,
+               str(target), str(out)]
+    evaluate = [sys.executable, "-m", "quikft.cli", "eval", "--model", str(out), "--ppl", "wikitext2",
+                "--window-stride", "8", "--json", str(out / "eval.json")]
+    with open(Path(args.workdir) / f"{row_id}.log", "w") as log:
+        began = time.perf_counter()
+        subprocess.run(command, cwd=REPO, env=benchlib.child_env(REPO), stdout=log, stderr=subprocess.STDOUT,
+                       check=True)
+        wall = time.perf_counter() - began
+        subprocess.run(evaluate, cwd=REPO, env=benchlib.child_env(REPO, {"QUIKFT_KERNEL": "torch"}), stdout=log,
+                       stderr=subprocess.STDOUT, check=True)
+    plan = json.loads((out / "plan.json").read_text())
+    measure = json.loads(source.read_text())["target_bpw"]["measure_seconds"]
+    counted = json.loads((out / "bits.json").read_text())
+    return {"row": row_id, "flags": ["--target-bpw", str(target), "--bpw-error", error],
+            "nsamples": args.nsamples, "linear_bpw": counted["linear"], "model_bpw": counted["model"],
+            "ppl": _wikitext2_ppl(json.loads((out / "eval.json").read_text())),
+            "quantize_seconds": plan["quantize_seconds"] + measure, "measure_seconds": measure,
+            "wall_seconds": wall, "cpu": torch.backends.cpu.get_cpu_capability(),
+            "threads": torch.get_num_threads(), "chosen": _chosen(plan), "measured_by": args.measured_by}
+
+
+def quantize_with_plan(source: str, error: str, target: float, out: str) -> None:
+    """In-memory quantization of the default model with a plan made from ``source``'s measured candidates."""
+    from quikft.checkpoint import save_packed, stored_bits
+    from quikft.config import QuantConfig
+    from quikft.data import calibration_windows
+    from quikft.models import load_model
+    from quikft.quant.budget import plan_budget
+    from quikft.quant.model import quantize_model
+
+    report = json.loads(Path(source).read_text())
+    settings = {k: v for k, v in report["config"].items() if k in QuantConfig.__dataclass_fields__}
+    config = QuantConfig(**{**settings, "target_bpw": target, "bpw_error": error})
+    model, tokenizer = load_model(report["config"]["model"], dtype=torch.float32)
+    sizes = {name: m.in_features * m.out_features for name, m in model.named_modules()}
+    measured = {name: [{"bits": b, "salient": k, "storage": st, "loss": loss, "energy": energy,
+                        "weights": sizes[name]} for b, k, st, loss, energy in rows]
+                for name, rows in report["target_bpw"]["candidates"].items()}
+    plan = plan_budget(measured, config)
+    calib = calibration_windows(tokenizer, config.calib, config.nsamples, config.seqlen, config.seed)
+    began = time.perf_counter()
+    quantized = quantize_model(model, calib, config, progress=False, plan=plan)
+    plan["quantize_seconds"] = time.perf_counter() - began
+    save_packed(model, tokenizer, quantized, out, config)
+    (Path(out) / "plan.json").write_text(json.dumps({k: v for k, v in plan.items() if k != "candidates"}))
+    (Path(out) / "bits.json").write_text(json.dumps(stored_bits(out).to_dict()))
+
+
 def _wikitext2_ppl(evaluation: dict) -> float:
     return float(next(r["ppl"] for r in evaluation["ppl"] if r["dataset"] == "wikitext2"))
 
@@ -192,19 +247,33 @@ def plot(results: list[dict], path: Path) -> None:
     fig.savefig(path, dpi=120)
 
 
+def budget_rows() -> list[tuple[str, str, float]]:
+    """(row id, error, budget) of the rows planned from one measurement pass (``--measured-by``)."""
+    return [(f"plan-{error}-{target}", error, target) for target in (3.0, 4.0, 3.5, 4.5, 2.5, 5.0)
+            for error in ("relative", "output")]
+
+
 def main() -> None:
+    if len(sys.argv) == 6 and sys.argv[1] == "--quantize-with-plan":
+        quantize_with_plan(sys.argv[2], sys.argv[3], float(sys.argv[4]), sys.argv[5])
+        return
     p = benchlib.parser(__doc__.splitlines()[0], "runs/pareto/results.jsonl")
     p.add_argument("--workdir", default="runs/pareto", help="where each row's checkpoint and log go")
     p.add_argument("--nsamples", type=int, default=128, help="calibration windows of every row")
     p.add_argument("--model", default=None, help="model alias or directory [the default model]")
     p.add_argument("--plot", default=None, help="write the ppl-vs-bits plot here (PNG)")
+    p.add_argument("--measured-by", default=None,
+                   help="a finished --target-bpw row whose measured candidates plan the plan-* rows (every budget "
+                        "and error from one measurement pass); without it those rows are not run")
     args = p.parse_args()
     done = [r for r in benchlib.load_results(args.results) if r.get("nsamples") == args.nsamples]
     if not args.table_only:
         Path(args.workdir).mkdir(parents=True, exist_ok=True)
-        benchlib.run_missing(((row_id, lambda r=row_id, f=flags: run_row(r, f, args)) for row_id, flags in rows()),
-                             done, args.results, args.only,
-                             lambda r: f"{r['linear_bpw']:.2f} bpw, ppl {r['ppl']:.2f}, {r['quantize_seconds']:.0f}s")
+        summary = lambda r: f"{r['linear_bpw']:.2f} bpw, ppl {r['ppl']:.2f}, {r['quantize_seconds']:.0f}s"  # noqa: E731
+        planned = [(row_id, lambda r=row_id, e=error, t=target: run_budget_row(r, e, t, args))
+                   for row_id, error, target in budget_rows()] if args.measured_by else []
+        fixed = [(row_id, lambda r=row_id, f=flags: run_row(r, f, args)) for row_id, flags in rows()]
+        benchlib.run_missing([*planned, *fixed], done, args.results, args.only, summary)
     print(table(done))
     print()
     print(proxy_table(done, Path(args.workdir)))
