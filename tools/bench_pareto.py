@@ -115,9 +115,8 @@ def quantize_with_plan(source: str, error: str, target: float, out: str) -> None
     settings = {k: v for k, v in report["config"].items() if k in QuantConfig.__dataclass_fields__}
     config = QuantConfig(**{**settings, "target_bpw": target, "bpw_error": error})
     model, tokenizer = load_model(report["config"]["model"], dtype=torch.float32)
-    sizes = {name: m.in_features * m.out_features for name, m in model.named_modules()}
     measured = {name: [{"bits": b, "salient": k, "storage": st, "loss": loss, "energy": energy,
-                        "weights": sizes[name]} for b, k, st, loss, energy in rows]
+                        "weights": _weights(model.get_submodule(name))} for b, k, st, loss, energy in rows]
                 for name, rows in report["target_bpw"]["candidates"].items()}
     plan = plan_budget(measured, config)
     calib = calibration_windows(tokenizer, config.calib, config.nsamples, config.seqlen, config.seed)
@@ -127,6 +126,10 @@ def quantize_with_plan(source: str, error: str, target: float, out: str) -> None
     save_packed(model, tokenizer, quantized, out, config)
     (Path(out) / "plan.json").write_text(json.dumps({k: v for k, v in plan.items() if k != "candidates"}))
     (Path(out) / "bits.json").write_text(json.dumps(stored_bits(out).to_dict()))
+
+
+def _weights(linear) -> int:
+    return linear.in_features * linear.out_features
 
 
 def _wikitext2_ppl(evaluation: dict) -> float:
