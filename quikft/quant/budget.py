@@ -14,10 +14,13 @@ the default model's 576-wide layers k = 128 alone adds 3.6 bits per weight — m
 2 to 4 bits — and measured allocations rarely pick it; k = 16..64 are where a few columns buy
 more than a bit of width does. 8 bits with salient columns is never better than 8 bits alone.
 
-Errors (``bpw_error``). ``output``: the layer's mean squared output error on the calibration
-tokens (GPTQ's own objective, :func:`quikft.quant.gptq.hessian_objective`), summed over layers;
-``relative``: the same divided by the layer's output energy (every layer's error counts by the
-fraction of its signal it loses). Both are recorded in the plan, whichever one chose it.
+Errors (``bpw_error``). ``relative`` (the default): the layer's mean squared output error on the
+calibration tokens (GPTQ's own objective, :func:`quikft.quant.gptq.hessian_objective`) divided by
+its output energy, so every layer counts by the fraction of its signal it loses; ``output``: the
+absolute error. On the default model (32 calibration windows, 19 WikiText-2 windows) relative gave
+ppl 73.89 vs 77.02 at 3.0 bits per weight and 30.72 vs 34.62 at 4.0: the absolute error puts the
+early blocks, whose activations are small, at 2 bits. Neither sees how an error propagates to the
+loss (both still give block 0 two bits at 3.0 bpw); see the README for where that leaves the budget.
 """
 
 from __future__ import annotations
