@@ -47,21 +47,12 @@ def rows() -> list[tuple[str, list[str]]]:
 
 def run_row(row_id: str, flags: list[str], args) -> dict:
     """Quantize (no built-in evaluation: its two streams through every block cost more than one pass of
-    the packed model), then evaluate the checkpoint with the exact reference kernel, so the perplexity
-    is the method's, not a kernel's activation rounding."""
+    the packed model), then evaluate the checkpoint (:func:`_quantize_and_evaluate`)."""
     out = Path(args.workdir) / row_id
     model = ["--model", args.model] if args.model else []
     quantize = [sys.executable, "-m", "quikft.cli", "quantize", *flags, *model, "--nsamples", str(args.nsamples),
                 "--eval-windows", "0", "--out", str(out), "--overwrite"]
-    evaluate = [sys.executable, "-m", "quikft.cli", "eval", "--model", str(out), "--ppl", "wikitext2",
-                "--window-stride", "8", "--json", str(out / "eval.json")]
-    with open(Path(args.workdir) / f"{row_id}.log", "w") as log:
-        began = time.perf_counter()
-        subprocess.run(quantize, cwd=REPO, env=benchlib.child_env(REPO), stdout=log, stderr=subprocess.STDOUT,
-                       check=True)
-        wall = time.perf_counter() - began
-        subprocess.run(evaluate, cwd=REPO, env=benchlib.child_env(REPO, {"QUIKFT_KERNEL": "torch"}), stdout=log,
-                       stderr=subprocess.STDOUT, check=True)
+    wall = _quantize_and_evaluate(quantize, out, Path(args.workdir) / f"{row_id}.log")
     report = json.loads((out / REPORT).read_text())
     evaluation = json.loads((out / "eval.json").read_text())
     plan = report.get("target_bpw") or {}
@@ -82,15 +73,7 @@ def run_budget_row(row_id: str, error: str, target: float, args) -> dict:
     source = Path(args.workdir) / args.measured_by / REPORT
     command = [sys.executable, str(Path(__file__).resolve()), "--quantize-with-plan", str(source), error,
                str(target), str(out)]
-    evaluate = [sys.executable, "-m", "quikft.cli", "eval", "--model", str(out), "--ppl", "wikitext2",
-                "--window-stride", "8", "--json", str(out / "eval.json")]
-    with open(Path(args.workdir) / f"{row_id}.log", "w") as log:
-        began = time.perf_counter()
-        subprocess.run(command, cwd=REPO, env=benchlib.child_env(REPO), stdout=log, stderr=subprocess.STDOUT,
-                       check=True)
-        wall = time.perf_counter() - began
-        subprocess.run(evaluate, cwd=REPO, env=benchlib.child_env(REPO, {"QUIKFT_KERNEL": "torch"}), stdout=log,
-                       stderr=subprocess.STDOUT, check=True)
+    wall = _quantize_and_evaluate(command, out, Path(args.workdir) / f"{row_id}.log")
     plan = json.loads((out / "plan.json").read_text())
     measure = json.loads(source.read_text())["target_bpw"]["measure_seconds"]
     counted = json.loads((out / "bits.json").read_text())
@@ -134,6 +117,21 @@ def _weights(linear) -> int:
 
 def _wikitext2_ppl(evaluation: dict) -> float:
     return float(next(r["ppl"] for r in evaluation["ppl"] if r["dataset"] == "wikitext2"))
+
+
+def _quantize_and_evaluate(quantize: list[str], out: Path, log_path: Path) -> float:
+    """Run a row's quantize command, then evaluate ``out`` with the exact reference kernel (so the ppl is
+    the method's, not a kernel's activation rounding); returns the quantize command's wall seconds."""
+    evaluate = [sys.executable, "-m", "quikft.cli", "eval", "--model", str(out), "--ppl", "wikitext2",
+                "--window-stride", "8", "--json", str(out / "eval.json")]
+    with open(log_path, "w") as log:
+        began = time.perf_counter()
+        subprocess.run(quantize, cwd=REPO, env=benchlib.child_env(REPO), stdout=log, stderr=subprocess.STDOUT,
+                       check=True)
+        wall = time.perf_counter() - began
+        subprocess.run(evaluate, cwd=REPO, env=benchlib.child_env(REPO, {"QUIKFT_KERNEL": "torch"}), stdout=log,
+                       stderr=subprocess.STDOUT, check=True)
+    return wall
 
 
 def _chosen(plan: dict) -> dict | None:
