@@ -162,8 +162,8 @@ def generate(prompt, model_name, max_new_tokens, temperature, chat, seed, dtype,
               help="Bits-per-weight budget of the linear layers: bits (2-8) and salient columns (0-64) are chosen "
                    "per layer from measured errors; replaces --bits and --salient.")
 @click.option("--bpw-error", type=click.Choice(list(BPW_ERRORS)), default=None,
-              help="What --target-bpw minimises: each layer's output error relative to its output energy, or "
-                   "the absolute output error [relative].")
+              help="What --target-bpw minimises: each layer's output error weighed by the loss's sensitivity to "
+                   "that layer (fisher), relative to its output energy, or absolute [fisher].")
 @click.option("--metric", default=None, help="Saliency metric: gift, quik, owq, wanda or custom [gift].")
 @click.option("--tau", type=float, default=None, help="Metric: norm of the weight error D_j (inf allowed).")
 @click.option("--rho", type=float, default=None, help="Metric: norm of the input column X_j (1, 2 or inf).")

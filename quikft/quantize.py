@@ -50,8 +50,9 @@ from quikft.models import (
     resolve_model,
 )
 from quikft.quant.activations import store_batches
-from quikft.quant.budget import check_budget, layer_shapes, measure_candidates, plan_budget
+from quikft.quant.budget import check_budget, layer_shapes, measure_candidates, needs_sensitivity, plan_budget
 from quikft.quant.pipeline import QuantizedLayers, capture_block_inputs, quantize_blocks, quantize_head
+from quikft.quant.sensitivity import layer_sensitivity
 from quikft.quant.state import QuantizeState, directory_bytes
 from quikft.quant.streaming import (
     CALIBRATION,
@@ -280,7 +281,14 @@ class _Run:
         hooks = BlockWeights(self.model, self.layout, self.weights)
         measured = measure_candidates(self.layout, inputs, self.job.quant, hooks, self.device, self.progress,
                                       done=self.state.measurement(), on_block=self.state.save_measurement)
-        return plan_budget(measured, self.job.quant, time.perf_counter() - began)
+        sensitivity = None
+        if needs_sensitivity(self.job.quant):
+            if self.weights is not None:
+                self.weights.load(self.model, self.layout.block_name(0))
+            self._load_head()
+            sensitivity = layer_sensitivity(self.model, self.layout, calib, hooks,
+                                            (self.device, self.job.batch_size), self.progress)
+        return plan_budget(measured, self.job.quant, time.perf_counter() - began, sensitivity)
 
     def _rounded_outside(self) -> dict[str, torch.Tensor]:
         """The loaded tensors outside the blocks, rounded to ``dtype_rest`` (the saved stream's start)."""

@@ -14,13 +14,15 @@ the default model's 576-wide layers k = 128 alone adds 3.6 bits per weight — m
 2 to 4 bits — and measured allocations rarely pick it; k = 16..64 are where a few columns buy
 more than a bit of width does. 8 bits with salient columns is never better than 8 bits alone.
 
-Errors (``bpw_error``). ``relative`` (the default): the layer's mean squared output error on the
-calibration tokens (GPTQ's own objective, :func:`quikft.quant.gptq.hessian_objective`) divided by
-its output energy, so every layer counts by the fraction of its signal it loses; ``output``: the
-absolute error. On the default model (32 calibration windows, 19 WikiText-2 windows) relative gave
-ppl 73.89 vs 77.02 at 3.0 bits per weight and 30.72 vs 34.62 at 4.0: the absolute error puts the
-early blocks, whose activations are small, at 2 bits. Neither sees how an error propagates to the
-loss (both still give block 0 two bits at 3.0 bpw); see the README for where that leaves the budget.
+Errors (``bpw_error``). ``fisher`` (the default): the layer's mean squared output error on the
+calibration tokens (GPTQ's own objective, :func:`quikft.quant.gptq.hessian_objective`) times the
+layer's loss sensitivity (:mod:`quikft.quant.sensitivity`: the mean squared gradient of the calibration
+loss at the layer's output), a second-order estimate of how much the candidate raises the loss;
+``relative``: the output error divided by the layer's output energy; ``output``: the output error alone.
+On the default model (32 calibration windows, 19 WikiText-2 windows, planned from one measurement)
+ppl at 4.0 bits per weight was 26.37 (fisher), 30.72 (relative), 34.62 (output), and at 3.5 bits
+31.14 (fisher) vs 37.67 (relative): the two per-layer errors cannot see that an early value
+projection's error costs the loss a thousand times what a late MLP's does.
 """
 
 from __future__ import annotations
@@ -54,17 +56,33 @@ CANDIDATE_SALIENT = (0, 16, 32, 64)
 TOP_SETTINGS = ((8, 0),)
 
 
-def _output_error(loss: float, energy: float) -> float:
+@dataclasses.dataclass(frozen=True)
+class ErrorMeasure:
+    """One ``--bpw-error``: a layer candidate's error from its measured ``loss`` (mean squared output
+    error), its layer's output ``energy`` and the layer's loss ``sensitivity`` (only when ``needs_sensitivity``)."""
+
+    of: Callable[[float, float, float], float]
+    needs_sensitivity: bool = False
+
+
+def _output_error(loss: float, energy: float, sensitivity: float) -> float:
     return loss
 
 
-def _relative_error(loss: float, energy: float) -> float:
+def _relative_error(loss: float, energy: float, sensitivity: float) -> float:
     return loss / energy if energy > 0 else loss
 
 
-ERRORS: dict[str, Callable[[float, float], float]] = {"output": _output_error, "relative": _relative_error}
+def _fisher_error(loss: float, energy: float, sensitivity: float) -> float:
+    return loss * sensitivity
 
-__all__ = ["BudgetError", "ERRORS", "candidate_settings", "check_budget", "measure_candidates", "plan_budget"]
+
+ERRORS: dict[str, ErrorMeasure] = {"fisher": ErrorMeasure(_fisher_error, needs_sensitivity=True),
+                                   "relative": ErrorMeasure(_relative_error),
+                                   "output": ErrorMeasure(_output_error)}
+
+__all__ = ["BudgetError", "ERRORS", "ErrorMeasure", "candidate_settings", "check_budget", "measure_candidates",
+           "needs_sensitivity", "plan_budget"]
 
 
 def candidate_settings(in_features: int) -> list[tuple[int, int]]:
@@ -148,13 +166,23 @@ def _measure_block(block: nn.Module, index: int, layout: arch.ModelLayout, input
     return outputs
 
 
-def plan_budget(measured: Mapping[str, list[dict[str, Any]]], config: QuantConfig, seconds: float = 0.0
-                ) -> dict[str, Any]:
-    """The per-layer choice for ``config.target_bpw`` from measured candidates: the plan the block
-    loop quantizes with (``layers``: name -> bits, salient), with what the report shows."""
+def needs_sensitivity(config: QuantConfig) -> bool:
+    """Whether ``config``'s budget error weighs layers by :func:`quikft.quant.sensitivity.layer_sensitivity`."""
+    return config.target_bpw is not None and ERRORS[config.bpw_error].needs_sensitivity
+
+
+def plan_budget(measured: Mapping[str, list[dict[str, Any]]], config: QuantConfig, seconds: float = 0.0,
+                sensitivity: Mapping[str, float] | None = None) -> dict[str, Any]:
+    """The per-layer choice for ``config.target_bpw`` from measured candidates (and, for the ``fisher``
+    error, each layer's loss sensitivity): the plan the block loop quantizes with (``layers``: name ->
+    bits, salient), with what the report shows."""
     error = ERRORS[config.bpw_error]
-    candidates = {name: [Candidate(m["bits"], m["salient"], m["storage"], error(m["loss"], m["energy"]))
-                         for m in rows] for name, rows in measured.items()}
+    if error.needs_sensitivity and sensitivity is None:
+        raise ValueError(f"--bpw-error {config.bpw_error} needs each layer's sensitivity")
+    weight = dict(sensitivity or {})
+    candidates = {name: [Candidate(m["bits"], m["salient"], m["storage"],
+                                   error.of(m["loss"], m["energy"], weight.get(name, 0.0))) for m in rows]
+                  for name, rows in measured.items()}
     weights = sum(rows[0]["weights"] for rows in measured.values())
     began = time.perf_counter()
     choice = allocate(candidates, weights, config.target_bpw)
@@ -163,9 +191,11 @@ def plan_budget(measured: Mapping[str, list[dict[str, Any]]], config: QuantConfi
     return {"target_bpw": config.target_bpw, "error": config.bpw_error,
             "bits_per_weight": sum(c.storage for c in choice.values()) / weights,
             "predicted_error": sum(c.error for c in choice.values()),
+            **({"sensitivity": weight} if weight else {}),
             "measure_seconds": seconds, "allocate_seconds": time.perf_counter() - began,
             "layers": {name: {"bits": m["bits"], "salient": m["salient"], "loss": m["loss"],
-                              "relative": _relative_error(m["loss"], m["energy"]), "storage": m["storage"]}
+                              "relative": _relative_error(m["loss"], m["energy"], 0.0), "storage": m["storage"],
+                              **({"sensitivity": weight[name]} if name in weight else {})}
                        for name, m in chosen.items()},
             "candidates": {name: [[m["bits"], m["salient"], m["storage"], m["loss"], m["energy"]] for m in rows]
                            for name, rows in measured.items()}}

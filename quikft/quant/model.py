@@ -24,6 +24,7 @@ from quikft.quant.pipeline import (
     quantize_blocks,
     quantize_head,
 )
+from quikft.quant.sensitivity import layer_sensitivity
 
 __all__ = ["quantize_model"]
 
@@ -69,4 +70,7 @@ def _budget_plan(model, layout: arch.ModelLayout, calib: torch.Tensor, config: Q
     began = time.perf_counter()
     inputs = capture_block_inputs(model, layout, calib, batch_size, device)
     measured = budget.measure_candidates(layout, inputs, config, BlockHooks(), device, progress)
-    return budget.plan_budget(measured, config, time.perf_counter() - began)
+    weights = None
+    if budget.needs_sensitivity(config):
+        weights = layer_sensitivity(model, layout, calib, BlockHooks(), where, progress)
+    return budget.plan_budget(measured, config, time.perf_counter() - began, weights)

@@ -1,0 +1,157 @@
+"""Layer sensitivity: how much the model's loss grows per unit of a layer's output error.
+
+``--target-bpw`` measures each candidate's output error on its own layer (GPTQ's objective: the
+mean squared output error on the calibration tokens). A layer's error costs the model more or less
+depending on what the rest of the network does with it: an early layer whose error every later block
+carries, or a value projection feeding an attention sink, costs far more per unit than a late MLP whose
+error the final norm shrinks. The ``fisher`` budget error therefore weighs each layer's output error by
+its **sensitivity**: the mean squared gradient of the calibration loss with respect to the layer's
+output (the diagonal of the Fisher information at the output, averaged over tokens and channels). The
+product is the second-order estimate of the loss increase, ``1/2 * sum_t sum_i g_ti^2 * e_ti^2``, with
+the error assumed spread evenly over tokens and channels; the constant factor is the same for every layer
+and no allocation sees it.
+
+The pass takes :data:`SENSITIVITY_WINDOWS` calibration windows through the full-precision blocks
+keeping each block's inputs, takes the loss gradient at the last hidden state through the model's own
+head (every block a stub, as the streamed evaluation does), then walks the blocks backward, recomputing
+each from its kept input and collecting the squared gradient at every layer's output. Block weights are
+loaded and released through the same :class:`~quikft.quant.pipeline.BlockHooks` as every other walk, so a
+streamed model needs one block in memory at a time, plus the kept inputs (windows x seqlen x hidden
+values per block).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from tqdm.auto import tqdm
+
+from quikft import arch
+from quikft.quant.pipeline import (
+    BlockHooks,
+    BlockInputs,
+    _block_output,
+    _on_device,
+    capture_block_inputs,
+    like_output,
+    onloaded,
+    patched_forwards,
+    run_block,
+)
+
+# 8 windows of the default 512 tokens: on the default model the layers' sensitivities from 8 and from
+# 32 windows rank the layers alike, and the pass costs about a quarter of one statistics forward.
+SENSITIVITY_WINDOWS = 8
+HEAD_CHUNK = 256  # positions per head call: the logits of a whole batch would not fit a large vocabulary
+
+__all__ = ["SENSITIVITY_WINDOWS", "layer_sensitivity"]
+
+
+def layer_sensitivity(model: nn.Module, layout: arch.ModelLayout, calib: torch.Tensor, hooks: BlockHooks,
+                      where: tuple[str, int], progress: bool = True) -> dict[str, float]:
+    """Mean squared loss gradient at the output of every layer ``layout`` quantizes, by full name (see the
+    module docstring). ``where`` is (device, batch size); block 0's weights must be present (its inputs are
+    caught by running it), the model's head in memory, and every block loadable by ``hooks``."""
+    device, batch_size = where
+    windows = calib[:SENSITIVITY_WINDOWS]
+    inputs = capture_block_inputs(model, layout, windows, batch_size, device)
+    kept = _forward_keeping_inputs(layout, inputs, hooks, device, progress)
+    grads = _head_gradients(model, layout, windows, inputs, device)
+    squares: dict[str, list[float]] = {}
+    for index in tqdm(reversed(range(len(layout))), total=len(layout), desc="layer sensitivity", unit="block",
+                      disable=not progress):
+        grads = _block_backward(layout, index, (inputs, kept[index], grads), hooks, device, squares)
+    return {name: total / count if count else 0.0 for name, (total, count) in squares.items()}
+
+
+@torch.no_grad()
+def _forward_keeping_inputs(layout: arch.ModelLayout, inputs: BlockInputs, hooks: BlockHooks, device: str,
+                            progress: bool) -> list[list[torch.Tensor]]:
+    """Walk ``inputs`` through every block; returns what entered each block (the backward recomputes from it)."""
+    kept = []
+    for index in tqdm(range(len(layout)), desc="layer sensitivity", unit="block", disable=not progress):
+        block = layout.blocks[index]
+        hooks.load(index, block)
+        arch.unfuse_all_experts(block)
+        kept.append(list(inputs.batches))
+        with _on_device(block, device):
+            inputs.advance(run_block(block, inputs, index))
+        hooks.release(index, block)
+    return kept
+
+
+def _head_gradients(model: nn.Module, layout: arch.ModelLayout, windows: torch.Tensor, inputs: BlockInputs,
+                    device: str) -> list[torch.Tensor]:
+    """Gradient of the summed next-token loss at the last block's output, one tensor per batch.
+
+    The model's own forward computes the logits (final norm, head, any logit transform), its blocks
+    stubbed so that the last one returns the hidden states given, one chunk of positions at a time."""
+    blocks, current = list(layout.blocks), {}
+
+    def stub(index: int) -> Callable:
+        def forward(*args, **kwargs):
+            return like_output(inputs.template, current["hidden"]) if index == len(blocks) - 1 else inputs.template
+        return forward
+
+    grads, start = [], 0
+    with onloaded(model, layout, device), patched_forwards(blocks, stub), torch.enable_grad():
+        for hidden in inputs.batches:
+            ids = windows[start:start + hidden.shape[0]].to(device)
+            start += hidden.shape[0]
+            grads.append(torch.cat([_chunk_gradient(model, ids, hidden, (begin, current))
+                                    for begin in range(0, ids.shape[1], HEAD_CHUNK)], dim=1))
+    return grads
+
+
+def _chunk_gradient(model: nn.Module, ids: torch.Tensor, hidden: torch.Tensor, where: tuple[int, dict]
+                    ) -> torch.Tensor:
+    """The loss gradient at ``hidden[:, begin:begin + HEAD_CHUNK]`` (positions without a next token: zero)."""
+    begin, current = where
+    end = min(begin + HEAD_CHUNK, ids.shape[1])
+    chunk = hidden[:, begin:end].detach().requires_grad_(True)
+    current["hidden"] = chunk
+    predicted = min(end, ids.shape[1] - 1) - begin  # the last position has no next token
+    if predicted <= 0:
+        return torch.zeros_like(chunk)
+    logits = model(input_ids=ids[:, begin:end], use_cache=False).logits[:, :predicted].float()
+    loss = F.cross_entropy(logits.flatten(0, 1), ids[:, begin + 1:begin + 1 + predicted].flatten(), reduction="sum")
+    return torch.autograd.grad(loss, chunk)[0].detach()
+
+
+def _block_backward(layout: arch.ModelLayout, index: int, flow: tuple[BlockInputs, list, list], hooks: BlockHooks,
+                    device: str, squares: dict[str, list[float]]) -> list[torch.Tensor]:
+    """Recompute block ``index`` from its kept inputs, pull ``grads`` (at its output) back to its input,
+    adding each layer's squared output gradient and element count to ``squares``; returns the input gradients."""
+    inputs, kept, grads = flow
+    block, prefix = layout.blocks[index], layout.block_name(index)
+    hooks.load(index, block)
+    arch.unfuse_all_experts(block)
+    handles = [module.register_forward_hook(_collector(squares.setdefault(f"{prefix}.{name}", [0.0, 0])))
+               for name, module in layout.layers(index).items()]
+    upstream = []
+    try:
+        with _on_device(block, device), torch.enable_grad():
+            for hidden, grad in zip(kept, grads, strict=True):
+                x = hidden.detach().requires_grad_(True)
+                call = inputs.call(index, x)
+                y = _block_output(block(x, *call.args, **call.kwargs))
+                upstream.append(torch.autograd.grad(y, x, grad_outputs=grad.to(y.dtype))[0].detach())
+    finally:
+        for handle in handles:
+            handle.remove()
+    hooks.release(index, block)
+    return upstream
+
+
+def _collector(total: list[float]) -> Callable:
+    """A forward hook adding the squared gradient that reaches the module's output to ``total`` ([sum, count])."""
+    def on_output(module: nn.Module, args: tuple, output: torch.Tensor) -> None:
+        def on_gradient(grad: torch.Tensor) -> None:
+            total[0] += float(grad.float().square().sum(dtype=torch.float64))
+            total[1] += grad.numel()
+        if isinstance(output, torch.Tensor) and output.requires_grad:
+            output.register_hook(on_gradient)
+    return on_output
