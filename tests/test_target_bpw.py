@@ -168,3 +168,85 @@ def test_pre_mode_refuses_a_budget_preset(tiny_dir, corpus, tmp_path):
     with pytest.raises(ConfigError, match="--mode pre trains salient columns it then keeps"):
         recover(recover_config(tiny_dir, corpus, tmp_path / "pre", mode="pre", quant_config=str(preset)),
                 progress=False)
+
+
+# ------------------------------------------------------------------------ the measurement's shortcuts
+
+
+def _layer(rows: int, cols: int, seed: int = 0):
+    generator = torch.Generator().manual_seed(seed)
+    x = torch.randn(4 * cols, cols, generator=generator) * torch.rand(cols, generator=generator) * 3
+    return torch.randn(rows, cols, generator=generator) * 0.05, 2 * x.T @ x / x.shape[0]
+
+
+@pytest.mark.parametrize("grid", [{"group_size": 32, "sym": False}, {"group_size": -1, "sym": True},
+                                  {"group_size": 32, "sym": True, "clip_search": False}])
+def test_stacked_widths_give_the_losses_of_separate_gptq_runs(grid):
+    from quikft.quant.gptq import gptq_losses, gptq_quantize
+
+    weight, hessian = _layer(40, 96)
+    config = QuantConfig(**grid)
+    for salient in (torch.arange(0), torch.tensor([3, 50, 77])):
+        stacked = gptq_losses(weight, hessian, salient, [2, 3, 4, 8], config)
+        separate = [gptq_quantize(weight, hessian, salient, bits, config.group_size, config.sym, config.act_order,
+                                  config.block_size, config.percdamp, config.clip_search).loss for bits in (2, 3, 4, 8)]
+        assert stacked == pytest.approx(separate, rel=1e-6)
+        assert stacked[0] > stacked[1] > stacked[2] > stacked[3]
+
+
+def test_per_row_widths_fit_each_row_as_its_own_width():
+    from quikft.quant.grid import fake_quantize, fit_scale_zero
+
+    weight, _ = _layer(12, 64)
+    widths = torch.tensor([2.0, 3.0, 4.0, 8.0]).repeat_interleave(3)[:, None]
+    for sym in (False, True):
+        scale, zero = fit_scale_zero(weight, widths, sym)
+        for row in range(12):
+            bits = int(widths[row])
+            s, z = fit_scale_zero(weight[row:row + 1], bits, sym)
+            assert torch.equal(scale[row:row + 1], s) and torch.equal(zero[row:row + 1], z)
+            assert torch.equal(fake_quantize(weight[row:row + 1], s, z, bits),
+                               fake_quantize(weight, scale, zero, widths)[row:row + 1])
+    with pytest.raises(ConfigError, match="bits must be one of"):
+        fit_scale_zero(weight, torch.full((12, 1), 5.0), False)
+
+
+def _measured_and_exact(rows: int, cols: int) -> tuple[dict, dict]:
+    from quikft.quant.budget import measure_layer
+    from quikft.quant.gptq import HessianAccumulator
+    from quikft.quant.pipeline import LayerStats, quantize_linear
+    from quikft.saliency import ColumnStats
+
+    weight, _ = _layer(rows, cols, seed=1)
+    linear = torch.nn.Linear(cols, rows, bias=False)
+    linear.weight.data.copy_(weight)
+    x = torch.randn(512, cols, generator=torch.Generator().manual_seed(2)) * torch.linspace(0.1, 3, cols)
+    accumulator, columns = HessianAccumulator(cols), ColumnStats(cols)
+    accumulator.add_batch(x)
+    columns.update(x)
+    stats = LayerStats(accumulator, columns)
+    config = _config(target_bpw=4.0)
+    measured = {(m["bits"], m["salient"]): m["loss"] for m in measure_layer(linear, "layer", stats, config)}
+    exact = {setting: quantize_linear(linear, accumulator.hessian(), columns, _config(bits=setting[0],
+                                      salient=setting[1]), "layer").loss for setting in measured}
+    return measured, exact
+
+
+def test_small_layers_are_measured_exactly_as_the_final_pass_quantizes_them():
+    measured, exact = _measured_and_exact(rows=96, cols=64)
+    assert set(measured) == set(candidate_settings(64))
+    for setting, loss in measured.items():
+        assert loss == pytest.approx(exact[setting], rel=1e-6), setting
+
+
+def test_a_large_layer_is_measured_on_a_row_sample_that_estimates_its_loss():
+    from quikft.quant.budget import MEASURED_ROWS, sampled_rows
+
+    rows = 4 * MEASURED_ROWS
+    assert sampled_rows(rows).tolist() == list(range(0, rows, 4)) and sampled_rows(100).numel() == 100
+    measured, exact = _measured_and_exact(rows=rows, cols=64)
+    for setting, loss in measured.items():
+        assert loss == pytest.approx(exact[setting], rel=0.1), setting
+    # the estimate keeps every layer's ranking of its candidates by width
+    for k in (0, 16, 32):
+        assert measured[(2, k)] > measured[(3, k)] > measured[(4, k)]

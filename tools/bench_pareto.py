@@ -39,7 +39,7 @@ def rows() -> list[tuple[str, list[str]]]:
     grid.update({f"target-{t}": ["--target-bpw", str(t)] for t in (2.5, 3.0, 3.5, 4.0, 4.5, 5.0)})
     # the other error the budget can minimise, to compare the two (quikft.quant.budget)
     grid.update({f"target-relative-{t}": ["--target-bpw", str(t), "--bpw-error", "relative"] for t in (3.0, 4.0)})
-    first = ["gptq-w3-k0", "gptq-w4-k0", "target-3.0", "target-4.0", "target-3.5", "target-4.5", "gptq-w3-k16",
+    first = ["target-4.0", "gptq-w4-k0", "gptq-w3-k0", "target-3.0", "target-3.5", "target-4.5", "gptq-w3-k16",
              "gptq-w3-k32", "gptq-w4-k16", "gptq-w3-k128", "target-relative-3.0", "target-relative-4.0",
              "gptq-w2-k0", "gptq-w8-k0", "target-2.5", "target-5.0"]
     return [(row, grid[row]) for row in first] + [(row, flags) for row, flags in grid.items() if row not in first]
@@ -101,7 +101,7 @@ def quantize_with_plan(source: str, error: str, target: float, out: str) -> None
     measured = {name: [{"bits": b, "salient": k, "storage": st, "loss": loss, "energy": energy,
                         "weights": _weights(model.get_submodule(name))} for b, k, st, loss, energy in rows]
                 for name, rows in report["target_bpw"]["candidates"].items()}
-    plan = plan_budget(measured, config)
+    plan = plan_budget(measured, config, sensitivity=report["target_bpw"].get("sensitivity"))
     calib = calibration_windows(tokenizer, config.calib, config.nsamples, config.seqlen, config.seed)
     began = time.perf_counter()
     quantized = quantize_model(model, calib, config, progress=False, plan=plan)
@@ -178,16 +178,18 @@ def proxy_table(results: list[dict], workdir: Path) -> str:
         setting = _fixed_setting(r["row"])
         if setting is None:
             continue
-        totals = _totals(plan["candidates"], setting)
+        totals = _totals(plan["candidates"], setting, plan.get("sensitivity") or {})
         if totals is not None:
             rows.append((r["row"], r["linear_bpw"], r["ppl"], *totals))
-    lines = ["| row | bits/weight | ppl | summed output error | summed relative error |", "|---|---|---|---|---|"]
-    lines += [f"| {row} | {bpw:.2f} | {ppl:.2f} | {out:.4g} | {rel:.4g} |" for row, bpw, ppl, out, rel in
-              sorted(rows, key=lambda row: row[1])]
+    lines = ["| row | bits/weight | ppl | summed output error | summed relative error | summed fisher error |",
+             "|---|---|---|---|---|---|"]
+    lines += [f"| {row} | {bpw:.2f} | {ppl:.2f} | {out:.4g} | {rel:.4g} | {fisher:.4g} |"
+              for row, bpw, ppl, out, rel, fisher in sorted(rows, key=lambda row: row[1])]
     if len(rows) >= 3:
         ppl = [row[2] for row in rows]
-        lines.append(f"\nrank correlation with ppl over {len(rows)} rows: output {_spearman([r[3] for r in rows], ppl):.3f}, "
-                     f"relative {_spearman([r[4] for r in rows], ppl):.3f}")
+        correlations = ", ".join(f"{name} {_spearman([r[3 + i] for r in rows], ppl):.3f}"
+                                 for i, name in enumerate(("output", "relative", "fisher")))
+        lines.append(f"\nrank correlation with ppl over {len(rows)} rows: {correlations}")
     return "\n".join(lines)
 
 
@@ -198,16 +200,17 @@ def _fixed_setting(row_id: str) -> tuple[int, int] | None:
     return int(parts[1][1:]), int(parts[2][1:])
 
 
-def _totals(candidates: dict, setting: tuple[int, int]) -> tuple[float, float] | None:
-    output = relative = 0.0
-    for rows in candidates.values():
+def _totals(candidates: dict, setting: tuple[int, int], sensitivity: dict) -> tuple[float, float, float] | None:
+    output = relative = fisher = 0.0
+    for name, rows in candidates.items():
         match = [c for c in rows if (c[0], c[1]) == setting]
         if not match:
             return None
         bits, k, storage, loss, energy = match[0]
         output += loss
         relative += loss / energy if energy > 0 else loss
-    return output, relative
+        fisher += loss * sensitivity.get(name, float("nan"))
+    return output, relative, fisher
 
 
 def _spearman(a: list[float], b: list[float]) -> float:
@@ -250,8 +253,8 @@ def plot(results: list[dict], path: Path) -> None:
 
 def budget_rows() -> list[tuple[str, str, float]]:
     """(row id, error, budget) of the rows planned from one measurement pass (``--measured-by``)."""
-    return [(f"plan-{error}-{target}", error, target) for target in (3.0, 4.0, 3.5, 4.5, 2.5, 5.0)
-            for error in ("relative", "output")]
+    return [(f"plan-{error}-{target}", error, target) for target in (3.0, 3.5, 4.5, 4.0, 2.5, 5.0)
+            for error in ("fisher", "relative", "output") if error == "fisher" or target in (3.0, 4.0)]
 
 
 def main() -> None:

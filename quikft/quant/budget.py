@@ -2,17 +2,27 @@
 
 The measurement pass walks the blocks once before quantization, on full-precision weights: one
 forward per block gathers each layer's Hessian and column statistics (and the block's outputs,
-the next block's inputs), then every candidate setting (bits, k) of every layer is quantized
-exactly as the final pass would quantize it (same metric, grid, GPTQ and clipping search) and
-its error and exact storage recorded. :func:`quikft.quant.allocate.allocate` then picks the
+the next block's inputs), then every candidate setting (bits, k) of every layer is quantized as
+the final pass would quantize it (same metric and salient columns, grid, GPTQ and clipping search)
+and its error and exact storage recorded. :func:`quikft.quant.allocate.allocate` then picks the
 setting per layer; the usual block loop quantizes with it (later blocks see the quantized
 earlier ones, as always).
 
-Candidates. Bits 2, 3 and 4 with k in {0, 16, 32, 64}, and 8 bits with k = 0 (the top of the
-range). Why these k: a salient column costs ``out × 16`` bits of fp16 values plus its index, so on
-the default model's 576-wide layers k = 128 alone adds 3.6 bits per weight — more than going from
-2 to 4 bits — and measured allocations rarely pick it; k = 16..64 are where a few columns buy
-more than a bit of width does. 8 bits with salient columns is never better than 8 bits alone.
+What keeps the pass cheap (the issue's bound: quantizing with a budget at most 3x a fixed-setting
+run). GPTQ quantizes each row on its own given the Hessian, so (1) a layer's candidates are run on
+at most :data:`MEASURED_ROWS` evenly spaced rows and their loss scaled by the sampling ratio (an
+estimate of the whole layer's, a few percent off on the default model's 1536-row layers, far less
+than the factor of about 4 between neighbouring widths), and (2) the candidates that share a salient
+set (every k = 0 one, and k > 0 ones whose metric picks the same columns at several widths) run as
+one GPTQ pass over the rows stacked once per width (:func:`quikft.quant.gptq.gptq_losses`).
+
+Candidates. Bits 2, 3 and 4 with k in {0, 16, 32}, and 8 bits with k = 0 (the top of the range).
+Why these k: a salient column costs ``out x 16`` bits of fp16 values plus its index, so on the
+default model's 576-wide layers k = 128 alone adds 3.6 bits per weight (more than going from 2 to 4
+bits), and k = 16 already 0.45. Measured with the ``fisher`` error on the default model, plans at 3.0
+to 5.0 bits per weight gave k = 16 or 32 to 10-30% of the layers (mostly at 4 bits) and k = 64 to one
+layer of 210 at every budget, so k = 64 is not measured. 8 bits with salient columns is never better
+than 8 bits alone.
 
 Errors (``bpw_error``). ``fisher`` (the default): the layer's mean squared output error on the
 calibration tokens (GPTQ's own objective, :func:`quikft.quant.gptq.hessian_objective`) times the
@@ -40,20 +50,22 @@ from quikft import arch
 from quikft.bits import layer_bits
 from quikft.config import QuantConfig, resolve_salient
 from quikft.quant.allocate import BudgetError, Candidate, allocate, reachable
-from quikft.quant.gptq import hessian_objective
+from quikft.quant.gptq import gptq_losses, hessian_objective
 from quikft.quant.pipeline import (
     BlockHooks,
     BlockInputs,
     LayerStats,
     _on_device,
+    choose_salient,
     collect_statistics,
     quantize_linear,
     run_block,
 )
 
 CANDIDATE_BITS = (2, 3, 4)
-CANDIDATE_SALIENT = (0, 16, 32, 64)
+CANDIDATE_SALIENT = (0, 16, 32)
 TOP_SETTINGS = ((8, 0),)
+MEASURED_ROWS = 256
 
 
 @dataclasses.dataclass(frozen=True)
@@ -114,19 +126,52 @@ def layer_shapes(layout: arch.ModelLayout) -> dict[str, tuple[int, int]]:
 
 
 def measure_layer(module: nn.Module, name: str, stats: LayerStats, config: QuantConfig) -> list[dict[str, Any]]:
-    """Every candidate of one layer quantized as the final pass would: setting, storage, loss, energy."""
+    """Every candidate of one layer quantized as the final pass would (same salient columns, grid and
+    GPTQ), on at most :data:`MEASURED_ROWS` of its rows: setting, storage, loss, energy (see the module
+    docstring for the row sample and the stacked widths)."""
     hessian = stats.hessian.hessian() if stats.hessian is not None and stats.tokens else None
     weight = arch.weight_of(module).float()
     energy = hessian_objective(weight, hessian) if hessian is not None else float(weight.square().sum())
     in_features, out_features = arch.dims_of(module)
-    measured = []
-    for setting in candidate_settings(in_features):
-        scheme = dataclasses.replace(config, bits=setting[0], salient=setting[1], target_bpw=None)
-        result = quantize_linear(module, hessian, stats.columns, scheme, name)
-        measured.append({"bits": setting[0], "salient": setting[1], "loss": result.loss, "energy": energy,
-                         "storage": _storage(in_features, out_features, setting, config.group_size),
-                         "weights": in_features * out_features})
-    return measured
+    losses = _candidate_losses(module, (name, stats, hessian), config, candidate_settings(in_features))
+    return [{"bits": bits, "salient": k, "loss": loss, "energy": energy,
+             "storage": _storage(in_features, out_features, (bits, k), config.group_size),
+             "weights": in_features * out_features} for (bits, k), loss in losses.items()]
+
+
+def _candidate_losses(module: nn.Module, layer: tuple[str, LayerStats, torch.Tensor | None], config: QuantConfig,
+                      settings: list[tuple[int, int]]) -> dict[tuple[int, int], float]:
+    """The loss of each setting: one stacked GPTQ pass per distinct salient set, on the sampled rows and
+    scaled to the whole layer; RTN (or a layer no calibration token reached) quantizes each setting whole."""
+    name, stats, hessian = layer
+    schemes = {setting: dataclasses.replace(config, bits=setting[0], salient=setting[1], target_bpw=None)
+               for setting in settings}
+    if config.method == "rtn" or hessian is None:
+        return {setting: quantize_linear(module, hessian, stats.columns, scheme, name).loss
+                for setting, scheme in schemes.items()}
+    weight = arch.weight_of(module).float()
+    rows = sampled_rows(weight.shape[0])
+    by_set: dict[tuple[int, ...], list[tuple[int, int]]] = {}
+    chosen = {}
+    for setting, scheme in schemes.items():
+        chosen[setting] = choose_salient(weight, stats.columns, scheme, name)
+        by_set.setdefault(tuple(chosen[setting].tolist()), []).append(setting)
+    losses = {}
+    for group in by_set.values():
+        widths = [bits for bits, _ in group]
+        measured = gptq_losses(weight[rows], hessian, chosen[group[0]], widths, config)
+        losses.update({setting: loss * weight.shape[0] / rows.numel() for setting, loss in zip(group, measured,
+                                                                                              strict=True)})
+    return {setting: losses[setting] for setting in settings}
+
+
+def sampled_rows(out_features: int) -> torch.Tensor:
+    """The rows a layer's candidates are measured on: all up to :data:`MEASURED_ROWS`, else that many
+    evenly spaced (GPTQ quantizes each row on its own given the Hessian, so their summed loss scaled by
+    the sampling ratio estimates the layer's)."""
+    if out_features <= MEASURED_ROWS:
+        return torch.arange(out_features)
+    return torch.arange(MEASURED_ROWS) * out_features // MEASURED_ROWS
 
 
 @torch.no_grad()

@@ -19,7 +19,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from quikft.config import check_bits
+from quikft.config import QuantConfig, check_bits
 from quikft.quant.grid import dequantize, fit_scale_zero, quantize_codes, round_to_fp16
 
 
@@ -309,6 +309,19 @@ def gptq_quantize(
         raise ValueError(
             f"hessian must have shape ({in_features}, {in_features}); got {tuple(hessian.shape)}"
         )
+    w, hinv_u, order = _prepared(weight, hessian, salient, act_order, percdamp)
+    m = order.numel()
+    codes, scales, zeros = _gptq_columns(w, hinv_u, m, bits, group_size, sym, clip_search, block_size)
+
+    result = _assemble(order, codes, scales, zeros, salient, w[:, m:], bits, group_size, sym)
+    result.loss = hessian_objective(result.weight - weight.float(), hessian.float())
+    return result
+
+
+def _prepared(weight: Tensor, hessian: Tensor, salient: Tensor, act_order: bool, percdamp: float
+              ) -> tuple[Tensor, Tensor, Tensor]:
+    """GPTQ's starting point: the weight (a copy) in processing order with the salient columns last, the
+    upper Cholesky factor of its damped inverse Hessian in that order, and the non-salient order."""
     w = weight.detach().float().clone()
     h = hessian.detach().to(device=w.device, dtype=torch.float32).clone()
 
@@ -320,16 +333,36 @@ def gptq_quantize(
     zero_cols[salient] = False
     w[:, zero_cols] = 0.0
 
-    order = _nonsalient_order(in_features, salient, h.diagonal() if act_order else None)
+    order = _nonsalient_order(weight.shape[1], salient, h.diagonal() if act_order else None)
     perm = torch.cat([order, salient])
-    w = w[:, perm]
-    hinv_u = _inverse_hessian_factor(h[perm][:, perm], percdamp)
-    m = order.numel()
-    codes, scales, zeros = _gptq_columns(w, hinv_u, m, bits, group_size, sym, clip_search, block_size)
+    return w[:, perm], _inverse_hessian_factor(h[perm][:, perm], percdamp), order
 
-    result = _assemble(order, codes, scales, zeros, salient, w[:, m:], bits, group_size, sym)
-    result.loss = hessian_objective(result.weight - weight.float(), hessian.float())
-    return result
+
+def gptq_losses(weight: Tensor, hessian: Tensor, salient: Tensor, widths: list[int], scheme: QuantConfig
+                ) -> list[float]:
+    """:func:`hessian_objective` of :func:`gptq_quantize` at each of ``widths`` (same salient columns, the
+    grid and GPTQ settings of ``scheme``), from one GPTQ pass.
+
+    GPTQ treats every row on its own given the Hessian, so the rows are stacked once per width (each copy
+    with its own width) and share the column order, the Cholesky factor and the column loop: --target-bpw's
+    measurement pays one loop per salient set instead of one per candidate. The losses equal separate runs'
+    up to float rounding in the block updates (a larger matrix product may sum in another order)."""
+    salient = _check_args(weight, salient, max(widths), scheme.group_size)
+    for width in widths:
+        check_bits(width)
+    rows = weight.shape[0]
+    w, hinv_u, order = _prepared(weight.repeat(len(widths), 1), hessian, salient, scheme.act_order, scheme.percdamp)
+    target = w.clone()
+    per_row = torch.tensor(widths, dtype=torch.float32, device=w.device).repeat_interleave(rows)[:, None]
+    m, group_size = order.numel(), scheme.group_size
+    codes, scales, zeros = _gptq_columns(w, hinv_u, m, per_row, group_size, scheme.sym, scheme.clip_search,
+                                         scheme.block_size)
+    group = torch.arange(m, device=w.device) // group_size if group_size > 0 else torch.zeros(m, dtype=torch.long)
+    delta = torch.cat([dequantize(codes, scales[:, group], zeros[:, group]), round_to_fp16(w[:, m:])], 1) - target
+    perm = torch.cat([order, salient])
+    h = hessian.detach().to(device=w.device, dtype=torch.float32)[perm][:, perm]
+    per_row_loss = 0.5 * ((delta @ h) * delta).sum(dim=1, dtype=torch.float64)
+    return [float(part.sum()) for part in per_row_loss.split(rows)]
 
 
 def rtn_quantize(

@@ -70,29 +70,52 @@ def _fp16_scale(scale: Tensor) -> Tensor:
     return scale.clamp(_FP16_TINY, _FP16_MAX).half().float()
 
 
-def _scale_zero_for_range(xmin: Tensor, xmax: Tensor, bits: int, sym: bool) -> tuple[Tensor, Tensor]:
+# Widths. Every storage-grid function takes ``bits`` as an int, or as a (rows, 1) float tensor of
+# widths, one per row: --target-bpw measures several widths of one layer in a single GPTQ pass over
+# the weight's rows stacked once per width (quikft.quant.gptq.gptq_losses). The int path is the one
+# every checkpoint is written with and stays as it was.
+Bits = int | Tensor
+
+
+def _check_widths(bits: Bits) -> None:
+    if not isinstance(bits, Tensor):
+        check_bits(bits)
+        return
+    for width in bits.unique().tolist():
+        check_bits(int(width) if float(width).is_integer() else width)
+
+
+def _clamp_to_grid(x: Tensor, maxq: int | Tensor) -> Tensor:
+    """``x`` clamped in place to the codes ``[0, maxq]``."""
+    if isinstance(maxq, Tensor):
+        return torch.minimum(x.clamp_(min=0), maxq, out=x)
+    return x.clamp_(0, maxq)
+
+
+def _scale_zero_for_range(xmin: Tensor, xmax: Tensor, bits: Bits, sym: bool) -> tuple[Tensor, Tensor]:
     """Storage-grid scale and zero-point for per-row ranges ``[xmin, xmax]`` (0 inside)."""
     maxq = 2**bits - 1
     if sym:
         amax = torch.maximum(-xmin, xmax)
         # All-zero rows: any nonzero scale decodes the zero code back to exactly 0.
         scale = _fp16_scale(torch.where(amax > 0, 2 * amax / maxq, torch.ones_like(amax)))
-        zero = torch.full_like(scale, float(2 ** (bits - 1)))
+        middle = 2 ** (bits - 1)
+        zero = middle.expand_as(scale).clone() if isinstance(middle, Tensor) else torch.full_like(scale, float(middle))
         return scale, zero
     span = xmax - xmin
     scale = _fp16_scale(torch.where(span > 0, span / maxq, torch.ones_like(span)))
     # The zero-point is derived from the fp16-rounded scale so that codes and
     # decode use the same numbers.
-    zero = (-xmin / scale).round_().clamp_(0, maxq)
+    zero = _clamp_to_grid((-xmin / scale).round_(), maxq)
     return scale, zero
 
 
-def _row_sq_error(w: Tensor, scale: Tensor, zero: Tensor, bits: int) -> Tensor:
+def _row_sq_error(w: Tensor, scale: Tensor, zero: Tensor, bits: Bits) -> Tensor:
     """Per-row sum of squared storage-grid error, shape (rows,)."""
     return (fake_quantize(w, scale, zero, bits) - w).pow(2).sum(dim=1)
 
 
-def fit_scale_zero(w: Tensor, bits: int, sym: bool, clip_search: bool = True) -> tuple[Tensor, Tensor]:
+def fit_scale_zero(w: Tensor, bits: Bits, sym: bool, clip_search: bool = True) -> tuple[Tensor, Tensor]:
     """Fit per-row storage-grid parameters on the columns of ``w`` (rows, cols).
 
     Returns ``scale`` (rows, 1) float32 holding fp16-exact values and ``zero``
@@ -100,7 +123,7 @@ def fit_scale_zero(w: Tensor, bits: int, sym: bool, clip_search: bool = True) ->
     shrunk by each factor of ``SHRINK_FACTORS`` and the least-squared-error
     candidate is kept per row; ties keep the widest (first) candidate.
     """
-    check_bits(bits)
+    _check_widths(bits)
     w = w.float()
     if w.dim() != 2:
         raise ValueError(f"expected a 2-D weight, got shape {tuple(w.shape)}")
@@ -123,10 +146,10 @@ def fit_scale_zero(w: Tensor, bits: int, sym: bool, clip_search: bool = True) ->
     return best_scale, best_zero
 
 
-def quantize_codes(w: Tensor, scale: Tensor, zero: Tensor, bits: int) -> Tensor:
+def quantize_codes(w: Tensor, scale: Tensor, zero: Tensor, bits: Bits) -> Tensor:
     """Storage-grid codes ``clamp(round(w / scale) + zero, 0, 2^b - 1)`` as uint8."""
     maxq = 2**bits - 1
-    return ((w.float() / scale).round_() + zero).clamp_(0, maxq).to(torch.uint8)
+    return _clamp_to_grid((w.float() / scale).round_() + zero, maxq).to(torch.uint8)
 
 
 def dequantize(codes: Tensor, scale: Tensor, zero: Tensor) -> Tensor:
@@ -134,7 +157,7 @@ def dequantize(codes: Tensor, scale: Tensor, zero: Tensor) -> Tensor:
     return (codes.float() - zero) * scale
 
 
-def fake_quantize(w: Tensor, scale: Tensor, zero: Tensor, bits: int) -> Tensor:
+def fake_quantize(w: Tensor, scale: Tensor, zero: Tensor, bits: Bits) -> Tensor:
     """Quantize to the storage grid and decode again (float32)."""
     return dequantize(quantize_codes(w, scale, zero, bits), scale, zero)
 
