@@ -154,7 +154,8 @@ def _candidate_losses(module: nn.Module, layer: tuple[str, LayerStats, torch.Ten
     by_set: dict[tuple[int, ...], list[tuple[int, int]]] = {}
     chosen = {}
     for setting, scheme in schemes.items():
-        chosen[setting] = choose_salient(weight, stats.columns, scheme, name)
+        # k = 0 selects nothing: skip scoring the columns (the metric's quantizer search is not free)
+        chosen[setting] = choose_salient(weight, stats.columns, scheme, name) if setting[1] else torch.arange(0)
         by_set.setdefault(tuple(chosen[setting].tolist()), []).append(setting)
     losses = {}
     for group in by_set.values():
