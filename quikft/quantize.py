@@ -272,23 +272,28 @@ class _Run:
         return calibration, evals
 
     def _measure(self, calib: torch.Tensor) -> dict:
-        """--target-bpw: the measurement pass over the full-precision blocks, then the per-layer choice."""
+        """--target-bpw: the layers' loss sensitivity if the error needs it, the measurement pass over the
+        full-precision blocks, then the per-layer choice."""
         began = time.perf_counter()
-        if self.weights is not None:
-            self.weights.load(self.model, self.layout.block_name(0))
-        inputs = capture_block_inputs(self.model, self.layout, calib, self.job.batch_size, self.device)
-        inputs.batches = store_batches(inputs.batches, self.job.offload_activations, self.device, self.scratch)
         hooks = BlockWeights(self.model, self.layout, self.weights)
-        measured = measure_candidates(self.layout, inputs, self.job.quant, hooks, self.device, self.progress,
-                                      done=self.state.measurement(), on_block=self.state.save_measurement)
         sensitivity = None
         if needs_sensitivity(self.job.quant):
-            if self.weights is not None:
-                self.weights.load(self.model, self.layout.block_name(0))
+            self._load_block_zero()
             self._load_head()
-            sensitivity = layer_sensitivity(self.model, self.layout, calib, hooks,
-                                            (self.device, self.job.batch_size), self.progress)
-        return plan_budget(measured, self.job.quant, time.perf_counter() - began, sensitivity)
+            sensitivity = layer_sensitivity(self.model, self.layout, calib, hooks, (self.device, self.job.batch_size),
+                                            self.progress)
+        self._load_block_zero()
+        inputs = capture_block_inputs(self.model, self.layout, calib, self.job.batch_size, self.device)
+        inputs.batches = store_batches(inputs.batches, self.job.offload_activations, self.device, self.scratch)
+        measured = measure_candidates(self.layout, inputs, self.job.quant, hooks, self.device, self.progress,
+                                      done=self.state.measurement(), on_block=self.state.save_measurement,
+                                      sensitivity=sensitivity)
+        return plan_budget(measured, self.job.quant, time.perf_counter() - began)
+
+    def _load_block_zero(self) -> None:
+        """Block 0's weights present: catching the block inputs runs it."""
+        if self.weights is not None:
+            self.weights.load(self.model, self.layout.block_name(0))
 
     def _rounded_outside(self) -> dict[str, torch.Tensor]:
         """The loaded tensors outside the blocks, rounded to ``dtype_rest`` (the saved stream's start)."""

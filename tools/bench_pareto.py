@@ -99,9 +99,10 @@ def quantize_with_plan(source: str, error: str, target: float, out: str) -> None
     config = QuantConfig(**{**settings, "target_bpw": target, "bpw_error": error})
     model, tokenizer = load_model(report["config"]["model"], dtype=torch.float32)
     measured = {name: [{"bits": b, "salient": k, "storage": st, "loss": loss, "energy": energy,
-                        "weights": _weights(model.get_submodule(name))} for b, k, st, loss, energy in rows]
+                        **({"fisher": fisher[0]} if fisher else {}), "weights": _weights(model.get_submodule(name))}
+                       for b, k, st, loss, energy, *fisher in rows]
                 for name, rows in report["target_bpw"]["candidates"].items()}
-    plan = plan_budget(measured, config, sensitivity=report["target_bpw"].get("sensitivity"))
+    plan = plan_budget(measured, config)
     calib = calibration_windows(tokenizer, config.calib, config.nsamples, config.seqlen, config.seed)
     began = time.perf_counter()
     quantized = quantize_model(model, calib, config, progress=False, plan=plan)
@@ -178,7 +179,7 @@ def proxy_table(results: list[dict], workdir: Path) -> str:
         setting = _fixed_setting(r["row"])
         if setting is None:
             continue
-        totals = _totals(plan["candidates"], setting, plan.get("sensitivity") or {})
+        totals = _totals(plan["candidates"], setting)
         if totals is not None:
             rows.append((r["row"], r["linear_bpw"], r["ppl"], *totals))
     lines = ["| row | bits/weight | ppl | summed output error | summed relative error | summed fisher error |",
@@ -200,16 +201,16 @@ def _fixed_setting(row_id: str) -> tuple[int, int] | None:
     return int(parts[1][1:]), int(parts[2][1:])
 
 
-def _totals(candidates: dict, setting: tuple[int, int], sensitivity: dict) -> tuple[float, float, float] | None:
+def _totals(candidates: dict, setting: tuple[int, int]) -> tuple[float, float, float] | None:
     output = relative = fisher = 0.0
-    for name, rows in candidates.items():
+    for rows in candidates.values():
         match = [c for c in rows if (c[0], c[1]) == setting]
         if not match:
             return None
-        bits, k, storage, loss, energy = match[0]
+        bits, k, storage, loss, energy, *weighed = match[0]
         output += loss
         relative += loss / energy if energy > 0 else loss
-        fisher += loss * sensitivity.get(name, float("nan"))
+        fisher += weighed[0] if weighed and weighed[0] is not None else float("nan")
     return output, relative, fisher
 
 

@@ -14,7 +14,7 @@ at most :data:`MEASURED_ROWS` evenly spaced rows and their loss scaled by the sa
 estimate of the whole layer's, a few percent off on the default model's 1536-row layers, far less
 than the factor of about 4 between neighbouring widths), and (2) the candidates that share a salient
 set (every k = 0 one, and k > 0 ones whose metric picks the same columns at several widths) run as
-one GPTQ pass over the rows stacked once per width (:func:`quikft.quant.gptq.gptq_losses`).
+one GPTQ pass over the rows stacked once per width (:func:`quikft.quant.gptq.gptq_row_losses`).
 
 Candidates. Bits 2, 3 and 4 with k in {0, 16, 32}, and 8 bits with k = 0 (the top of the range).
 Why these k: a salient column costs ``out x 16`` bits of fp16 values plus its index, so on the
@@ -50,7 +50,7 @@ from quikft import arch
 from quikft.bits import layer_bits
 from quikft.config import QuantConfig, resolve_salient
 from quikft.quant.allocate import BudgetError, Candidate, allocate, reachable
-from quikft.quant.gptq import gptq_losses, hessian_objective
+from quikft.quant.gptq import gptq_row_losses, hessian_objective, row_objective
 from quikft.quant.pipeline import (
     BlockHooks,
     BlockInputs,
@@ -70,28 +70,21 @@ MEASURED_ROWS = 256
 
 @dataclasses.dataclass(frozen=True)
 class ErrorMeasure:
-    """One ``--bpw-error``: a layer candidate's error from its measured ``loss`` (mean squared output
-    error), its layer's output ``energy`` and the layer's loss ``sensitivity`` (only when ``needs_sensitivity``)."""
+    """One ``--bpw-error``: a candidate's error from its measured record (``loss``: mean squared output
+    error, ``energy``: the layer's output energy, ``fisher``: see :func:`measure_layer`); ``needs_sensitivity``:
+    the measurement needs :func:`quikft.quant.sensitivity.layer_sensitivity` first."""
 
-    of: Callable[[float, float, float], float]
+    of: Callable[[Mapping[str, Any]], float]
     needs_sensitivity: bool = False
 
 
-def _output_error(loss: float, energy: float, sensitivity: float) -> float:
-    return loss
+def _relative_error(measured: Mapping[str, Any]) -> float:
+    return measured["loss"] / measured["energy"] if measured["energy"] > 0 else measured["loss"]
 
 
-def _relative_error(loss: float, energy: float, sensitivity: float) -> float:
-    return loss / energy if energy > 0 else loss
-
-
-def _fisher_error(loss: float, energy: float, sensitivity: float) -> float:
-    return loss * sensitivity
-
-
-ERRORS: dict[str, ErrorMeasure] = {"fisher": ErrorMeasure(_fisher_error, needs_sensitivity=True),
+ERRORS: dict[str, ErrorMeasure] = {"fisher": ErrorMeasure(lambda m: m["fisher"], needs_sensitivity=True),
                                    "relative": ErrorMeasure(_relative_error),
-                                   "output": ErrorMeasure(_output_error)}
+                                   "output": ErrorMeasure(lambda m: m["loss"])}
 
 __all__ = ["BudgetError", "ERRORS", "ErrorMeasure", "candidate_settings", "check_budget", "measure_candidates",
            "needs_sensitivity", "plan_budget"]
@@ -125,31 +118,43 @@ def layer_shapes(layout: arch.ModelLayout) -> dict[str, tuple[int, int]]:
             for i in range(len(layout)) for name, module in layout.layers(i).items()}
 
 
-def measure_layer(module: nn.Module, name: str, stats: LayerStats, config: QuantConfig) -> list[dict[str, Any]]:
+def measure_layer(module: nn.Module, name: str, stats: LayerStats, config: QuantConfig,
+                  channel_weight: torch.Tensor | None = None) -> list[dict[str, Any]]:
     """Every candidate of one layer quantized as the final pass would (same salient columns, grid and
-    GPTQ), on at most :data:`MEASURED_ROWS` of its rows: setting, storage, loss, energy (see the module
-    docstring for the row sample and the stacked widths)."""
+    GPTQ), on at most :data:`MEASURED_ROWS` of its rows (see the module docstring): setting, storage,
+    loss, output energy and, given the layer's per-channel loss sensitivity, the ``fisher`` error (each
+    row's loss weighed by its channel's sensitivity) and the mean sensitivity."""
     hessian = stats.hessian.hessian() if stats.hessian is not None and stats.tokens else None
     weight = arch.weight_of(module).float()
     energy = hessian_objective(weight, hessian) if hessian is not None else float(weight.square().sum())
     in_features, out_features = arch.dims_of(module)
-    losses = _candidate_losses(module, (name, stats, hessian), config, candidate_settings(in_features))
-    return [{"bits": bits, "salient": k, "loss": loss, "energy": energy,
-             "storage": _storage(in_features, out_features, (bits, k), config.group_size),
-             "weights": in_features * out_features} for (bits, k), loss in losses.items()]
+    row_losses = _candidate_row_losses(module, (name, stats, hessian), config, candidate_settings(in_features))
+    measured = []
+    for (bits, k), (rows, losses) in row_losses.items():
+        scale = out_features / rows.numel()  # the sampled rows' loss estimates the whole layer's
+        entry = {"bits": bits, "salient": k, "loss": float(losses.sum()) * scale, "energy": energy,
+                 "storage": _storage(in_features, out_features, (bits, k), config.group_size),
+                 "weights": in_features * out_features}
+        if channel_weight is not None:
+            entry["fisher"] = float((losses * channel_weight[rows].double()).sum()) * scale
+            entry["sensitivity"] = float(channel_weight.mean())
+        measured.append(entry)
+    return measured
 
 
-def _candidate_losses(module: nn.Module, layer: tuple[str, LayerStats, torch.Tensor | None], config: QuantConfig,
-                      settings: list[tuple[int, int]]) -> dict[tuple[int, int], float]:
-    """The loss of each setting: one stacked GPTQ pass per distinct salient set, on the sampled rows and
-    scaled to the whole layer; RTN (or a layer no calibration token reached) quantizes each setting whole."""
+def _candidate_row_losses(module: nn.Module, layer: tuple[str, LayerStats, torch.Tensor | None],
+                          config: QuantConfig, settings: list[tuple[int, int]]
+                          ) -> dict[tuple[int, int], tuple[torch.Tensor, torch.Tensor]]:
+    """Each setting's measured rows and their losses: one stacked GPTQ pass per distinct salient set, on
+    the sampled rows; RTN (or a layer no calibration token reached) quantizes each setting whole."""
     name, stats, hessian = layer
+    weight = arch.weight_of(module).float()
     schemes = {setting: dataclasses.replace(config, bits=setting[0], salient=setting[1], target_bpw=None)
                for setting in settings}
     if config.method == "rtn" or hessian is None:
-        return {setting: quantize_linear(module, hessian, stats.columns, scheme, name).loss
-                for setting, scheme in schemes.items()}
-    weight = arch.weight_of(module).float()
+        every = torch.arange(weight.shape[0])
+        return {setting: (every, row_objective(quantize_linear(module, hessian, stats.columns, scheme, name).weight
+                                               - weight, hessian)) for setting, scheme in schemes.items()}
     rows = sampled_rows(weight.shape[0])
     by_set: dict[tuple[int, ...], list[tuple[int, int]]] = {}
     chosen = {}
@@ -159,10 +164,8 @@ def _candidate_losses(module: nn.Module, layer: tuple[str, LayerStats, torch.Ten
         by_set.setdefault(tuple(chosen[setting].tolist()), []).append(setting)
     losses = {}
     for group in by_set.values():
-        widths = [bits for bits, _ in group]
-        measured = gptq_losses(weight[rows], hessian, chosen[group[0]], widths, config)
-        losses.update({setting: loss * weight.shape[0] / rows.numel() for setting, loss in zip(group, measured,
-                                                                                              strict=True)})
+        measured = gptq_row_losses(weight[rows], hessian, chosen[group[0]], [bits for bits, _ in group], config)
+        losses.update({setting: (rows, row) for setting, row in zip(group, measured, strict=True)})
     return {setting: losses[setting] for setting in settings}
 
 
@@ -178,12 +181,14 @@ def sampled_rows(out_features: int) -> torch.Tensor:
 @torch.no_grad()
 def measure_candidates(layout: arch.ModelLayout, inputs: BlockInputs, config: QuantConfig, hooks: BlockHooks,
                        device: str, progress: bool = True, done: Mapping[str, list[dict[str, Any]]] | None = None,
-                       on_block: Callable[[int, dict[str, list[dict[str, Any]]]], None] | None = None
-                       ) -> dict[str, list[dict[str, Any]]]:
+                       on_block: Callable[[int, dict[str, list[dict[str, Any]]]], None] | None = None,
+                       sensitivity: Mapping[str, torch.Tensor] | None = None) -> dict[str, list[dict[str, Any]]]:
     """The measurement pass (see the module docstring); ``inputs`` are advanced through the
     full-precision blocks, so the caller captures fresh block-0 inputs for the final pass. Blocks
     whose layers are all in ``done`` (an interrupted pass's record) only pass their inputs on;
-    ``on_block(blocks, measured)`` is called after each block (the job commits it there)."""
+    ``on_block(blocks, measured)`` is called after each block (the job commits it there). With
+    ``sensitivity`` (:func:`quikft.quant.sensitivity.layer_sensitivity`) every candidate also gets its
+    ``fisher`` error (a layer missing from it, which no token reached, weighs nothing)."""
     measured: dict[str, list[dict[str, Any]]] = dict(done or {})
     for index in tqdm(range(len(layout)), desc="measure candidates", unit="block", disable=not progress):
         block, prefix = layout.blocks[index], layout.block_name(index)
@@ -194,7 +199,7 @@ def measure_candidates(layout: arch.ModelLayout, inputs: BlockInputs, config: Qu
             if all(f"{prefix}.{name}" in measured for name in layers):
                 inputs.advance(run_block(block, inputs, index))
             else:
-                inputs.advance(_measure_block(block, index, layout, inputs, config, measured))
+                inputs.advance(_measure_block(block, index, layout, inputs, (config, sensitivity), measured))
         hooks.release(index, block)
         if on_block is not None:
             on_block(index + 1, measured)
@@ -202,13 +207,19 @@ def measure_candidates(layout: arch.ModelLayout, inputs: BlockInputs, config: Qu
 
 
 def _measure_block(block: nn.Module, index: int, layout: arch.ModelLayout, inputs: BlockInputs,
-                   config: QuantConfig, measured: dict[str, list[dict[str, Any]]]) -> list[torch.Tensor]:
+                   how: tuple[QuantConfig, Mapping[str, torch.Tensor] | None],
+                   measured: dict[str, list[dict[str, Any]]]) -> list[torch.Tensor]:
     """Measure every layer of one block into ``measured``; returns the block's outputs."""
+    config, sensitivity = how
     layers, prefix = layout.layers(index), layout.block_name(index)
     found, outputs = collect_statistics(block, layers, layout.experts(index), inputs, index, config,
                                         keep_outputs=True)
     for name, module in layers.items():
-        measured[f"{prefix}.{name}"] = measure_layer(module, f"{prefix}.{name}", found.stats[name], config)
+        full = f"{prefix}.{name}"
+        weight = None
+        if sensitivity is not None:
+            weight = sensitivity.get(full, torch.zeros(arch.dims_of(module)[1]))
+        measured[full] = measure_layer(module, full, found.stats[name], config, weight)
     return outputs
 
 
@@ -217,17 +228,15 @@ def needs_sensitivity(config: QuantConfig) -> bool:
     return config.target_bpw is not None and ERRORS[config.bpw_error].needs_sensitivity
 
 
-def plan_budget(measured: Mapping[str, list[dict[str, Any]]], config: QuantConfig, seconds: float = 0.0,
-                sensitivity: Mapping[str, float] | None = None) -> dict[str, Any]:
-    """The per-layer choice for ``config.target_bpw`` from measured candidates (and, for the ``fisher``
-    error, each layer's loss sensitivity): the plan the block loop quantizes with (``layers``: name ->
-    bits, salient), with what the report shows."""
+def plan_budget(measured: Mapping[str, list[dict[str, Any]]], config: QuantConfig, seconds: float = 0.0
+                ) -> dict[str, Any]:
+    """The per-layer choice for ``config.target_bpw`` from measured candidates: the plan the block loop
+    quantizes with (``layers``: name -> bits, salient), with what the report shows."""
     error = ERRORS[config.bpw_error]
-    if error.needs_sensitivity and sensitivity is None:
-        raise ValueError(f"--bpw-error {config.bpw_error} needs each layer's sensitivity")
-    weight = dict(sensitivity or {})
-    candidates = {name: [Candidate(m["bits"], m["salient"], m["storage"],
-                                   error.of(m["loss"], m["energy"], weight.get(name, 0.0))) for m in rows]
+    if error.needs_sensitivity and any("fisher" not in m for rows in measured.values() for m in rows):
+        raise ValueError(f"--bpw-error {config.bpw_error}: the candidates were measured without the layers' "
+                         "sensitivity (quikft.quant.sensitivity)")
+    candidates = {name: [Candidate(m["bits"], m["salient"], m["storage"], error.of(m)) for m in rows]
                   for name, rows in measured.items()}
     weights = sum(rows[0]["weights"] for rows in measured.values())
     began = time.perf_counter()
@@ -237,11 +246,11 @@ def plan_budget(measured: Mapping[str, list[dict[str, Any]]], config: QuantConfi
     return {"target_bpw": config.target_bpw, "error": config.bpw_error,
             "bits_per_weight": sum(c.storage for c in choice.values()) / weights,
             "predicted_error": sum(c.error for c in choice.values()),
-            **({"sensitivity": weight} if weight else {}),
             "measure_seconds": seconds, "allocate_seconds": time.perf_counter() - began,
             "layers": {name: {"bits": m["bits"], "salient": m["salient"], "loss": m["loss"],
-                              "relative": _relative_error(m["loss"], m["energy"], 0.0), "storage": m["storage"],
-                              **({"sensitivity": weight[name]} if name in weight else {})}
+                              "relative": _relative_error(m),
+                              **{key: m[key] for key in ("fisher", "sensitivity") if key in m},
+                              "storage": m["storage"]}
                        for name, m in chosen.items()},
-            "candidates": {name: [[m["bits"], m["salient"], m["storage"], m["loss"], m["energy"]] for m in rows]
-                           for name, rows in measured.items()}}
+            "candidates": {name: [[m["bits"], m["salient"], m["storage"], m["loss"], m["energy"], m.get("fisher")]
+                                  for m in rows] for name, rows in measured.items()}}

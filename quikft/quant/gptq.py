@@ -338,10 +338,11 @@ def _prepared(weight: Tensor, hessian: Tensor, salient: Tensor, act_order: bool,
     return w[:, perm], _inverse_hessian_factor(h[perm][:, perm], percdamp), order
 
 
-def gptq_losses(weight: Tensor, hessian: Tensor, salient: Tensor, widths: list[int], scheme: QuantConfig
-                ) -> list[float]:
-    """:func:`hessian_objective` of :func:`gptq_quantize` at each of ``widths`` (same salient columns, the
-    grid and GPTQ settings of ``scheme``), from one GPTQ pass.
+def gptq_row_losses(weight: Tensor, hessian: Tensor, salient: Tensor, widths: list[int], scheme: QuantConfig
+                    ) -> Tensor:
+    """Each row's share of :func:`hessian_objective` (float64, shape (len(widths), rows)) of
+    :func:`gptq_quantize` at each of ``widths`` (same salient columns, the grid and GPTQ settings of
+    ``scheme``), from one GPTQ pass.
 
     GPTQ treats every row on its own given the Hessian, so the rows are stacked once per width (each copy
     with its own width) and share the column order, the Cholesky factor and the column loop: --target-bpw's
@@ -361,8 +362,15 @@ def gptq_losses(weight: Tensor, hessian: Tensor, salient: Tensor, widths: list[i
     delta = torch.cat([dequantize(codes, scales[:, group], zeros[:, group]), round_to_fp16(w[:, m:])], 1) - target
     perm = torch.cat([order, salient])
     h = hessian.detach().to(device=w.device, dtype=torch.float32)[perm][:, perm]
-    per_row_loss = 0.5 * ((delta @ h) * delta).sum(dim=1, dtype=torch.float64)
-    return [float(part.sum()) for part in per_row_loss.split(rows)]
+    return row_objective(delta, h).reshape(len(widths), rows)
+
+
+def row_objective(delta: Tensor, hessian: Tensor | None) -> Tensor:
+    """Each row's share of :func:`hessian_objective` (float64); the squared error without a Hessian."""
+    delta = delta.float()
+    if hessian is None:
+        return delta.square().sum(dim=1, dtype=torch.float64)
+    return 0.5 * ((delta @ hessian.to(delta)) * delta).sum(dim=1, dtype=torch.float64)
 
 
 def rtn_quantize(

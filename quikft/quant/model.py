@@ -68,9 +68,10 @@ def _budget_plan(model, layout: arch.ModelLayout, calib: torch.Tensor, config: Q
     device, batch_size = where
     budget.check_budget(budget.layer_shapes(layout), config)
     began = time.perf_counter()
-    inputs = capture_block_inputs(model, layout, calib, batch_size, device)
-    measured = budget.measure_candidates(layout, inputs, config, BlockHooks(), device, progress)
-    weights = None
+    sensitivity = None
     if budget.needs_sensitivity(config):
-        weights = layer_sensitivity(model, layout, calib, BlockHooks(), where, progress)
-    return budget.plan_budget(measured, config, time.perf_counter() - began, weights)
+        sensitivity = layer_sensitivity(model, layout, calib, BlockHooks(), where, progress)
+    inputs = capture_block_inputs(model, layout, calib, batch_size, device)
+    measured = budget.measure_candidates(layout, inputs, config, BlockHooks(), device, progress,
+                                         sensitivity=sensitivity)
+    return budget.plan_budget(measured, config, time.perf_counter() - began)

@@ -4,12 +4,15 @@
 mean squared output error on the calibration tokens). A layer's error costs the model more or less
 depending on what the rest of the network does with it: an early layer whose error every later block
 carries, or a value projection feeding an attention sink, costs far more per unit than a late MLP whose
-error the final norm shrinks. The ``fisher`` budget error therefore weighs each layer's output error by
-its **sensitivity**: the mean squared gradient of the calibration loss with respect to the layer's
-output (the diagonal of the Fisher information at the output, averaged over tokens and channels). The
-product is the second-order estimate of the loss increase, ``1/2 * sum_t sum_i g_ti^2 * e_ti^2``, with
-the error assumed spread evenly over tokens and channels; the constant factor is the same for every layer
-and no allocation sees it.
+error the final norm shrinks. The ``fisher`` budget error therefore weighs each output channel's error by
+its **sensitivity**: the mean squared gradient of the calibration loss with respect to that output (the
+diagonal of the Fisher information at the layer's output, averaged over tokens). Summed over channels,
+``1/2 * sum_i f_i * E_t[e_ti^2]`` is the second-order estimate of the loss increase per token, with the
+error assumed independent of the gradient over tokens. Per channel, not per layer, because GPTQ's error
+is not spread evenly over a layer's outputs, and the channels the loss is most sensitive to (the
+residual stream's few massive ones, which ``o_proj`` and ``down_proj`` write) are where it hurts: the
+measurement weighs each output row's GPTQ loss by its channel's sensitivity
+(:func:`quikft.quant.budget.measure_layer`).
 
 The pass takes :data:`SENSITIVITY_WINDOWS` calibration windows through the full-precision blocks
 keeping each block's inputs, takes the loss gradient at the last hidden state through the model's own
@@ -51,20 +54,21 @@ __all__ = ["SENSITIVITY_WINDOWS", "layer_sensitivity"]
 
 
 def layer_sensitivity(model: nn.Module, layout: arch.ModelLayout, calib: torch.Tensor, hooks: BlockHooks,
-                      where: tuple[str, int], progress: bool = True) -> dict[str, float]:
-    """Mean squared loss gradient at the output of every layer ``layout`` quantizes, by full name (see the
-    module docstring). ``where`` is (device, batch size); block 0's weights must be present (its inputs are
-    caught by running it), the model's head in memory, and every block loadable by ``hooks``."""
+                      where: tuple[str, int], progress: bool = True) -> dict[str, torch.Tensor]:
+    """Mean squared loss gradient at each output channel of every layer ``layout`` quantizes (a float32
+    vector on the CPU), by full name (see the module docstring); layers no token reached are left out.
+    ``where`` is (device, batch size); block 0's weights must be present (its inputs are caught by running
+    it), the model's head in memory, and every block loadable by ``hooks``."""
     device, batch_size = where
     windows = calib[:SENSITIVITY_WINDOWS]
     inputs = capture_block_inputs(model, layout, windows, batch_size, device)
     kept = _forward_keeping_inputs(layout, inputs, hooks, device, progress)
     grads = _head_gradients(model, layout, windows, inputs, device)
-    squares: dict[str, list[float]] = {}
+    squares: dict[str, list] = {}
     for index in tqdm(reversed(range(len(layout))), total=len(layout), desc="layer sensitivity", unit="block",
                       disable=not progress):
         grads = _block_backward(layout, index, (inputs, kept[index], grads), hooks, device, squares)
-    return {name: total / count if count else 0.0 for name, (total, count) in squares.items()}
+    return {name: (total / count).float().cpu() for name, (total, count) in squares.items() if count}
 
 
 @torch.no_grad()
@@ -122,7 +126,7 @@ def _chunk_gradient(model: nn.Module, ids: torch.Tensor, hidden: torch.Tensor, w
 
 
 def _block_backward(layout: arch.ModelLayout, index: int, flow: tuple[BlockInputs, list, list], hooks: BlockHooks,
-                    device: str, squares: dict[str, list[float]]) -> list[torch.Tensor]:
+                    device: str, squares: dict[str, list]) -> list[torch.Tensor]:
     """Recompute block ``index`` from its kept inputs, pull ``grads`` (at its output) back to its input,
     adding each layer's squared output gradient and element count to ``squares``; returns the input gradients."""
     inputs, kept, grads = flow
@@ -146,12 +150,13 @@ def _block_backward(layout: arch.ModelLayout, index: int, flow: tuple[BlockInput
     return upstream
 
 
-def _collector(total: list[float]) -> Callable:
-    """A forward hook adding the squared gradient that reaches the module's output to ``total`` ([sum, count])."""
+def _collector(total: list) -> Callable:
+    """A forward hook adding the squared gradient that reaches the module's output to ``total``: [per-channel
+    sums (float64), tokens]."""
     def on_output(module: nn.Module, args: tuple, output: torch.Tensor) -> None:
         def on_gradient(grad: torch.Tensor) -> None:
-            total[0] += float(grad.float().square().sum(dtype=torch.float64))
-            total[1] += grad.numel()
+            total[0] = total[0] + grad.float().square().flatten(0, -2).sum(dim=0, dtype=torch.float64)
+            total[1] += grad.flatten(0, -2).shape[0]
         if isinstance(output, torch.Tensor) and output.requires_grad:
             output.register_hook(on_gradient)
     return on_output
