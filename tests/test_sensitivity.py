@@ -80,7 +80,7 @@ def test_rows_are_weighed_by_their_channels_sensitivity():
     on one channel gives that row's loss alone, uniform weight gives the layer's loss."""
     from quikft.quant.budget import measure_layer
     from quikft.quant.gptq import HessianAccumulator
-    from quikft.quant.pipeline import LayerStats, quantize_linear
+    from quikft.quant.pipeline import LayerStats, choose_salient, quantize_linear
     from quikft.saliency import ColumnStats
 
     generator = torch.Generator().manual_seed(0)
@@ -91,14 +91,44 @@ def test_rows_are_weighed_by_their_channels_sensitivity():
     accumulator.add_batch(x)
     columns.update(x)
     stats = LayerStats(accumulator, columns)
-    config = QuantConfig(group_size=16, target_bpw=4.0)
+    config = QuantConfig(group_size=16, target_bpw=4.0, clip_search=False)  # the measurement searches coarser
     uniform = measure_layer(linear, "layer", stats, config, torch.ones(24))
     assert all(m["fisher"] == pytest.approx(m["loss"], rel=1e-9) and m["sensitivity"] == 1.0 for m in uniform)
     single = torch.zeros(24)
     single[5] = 2.0
     one_row = measure_layer(linear, "layer", stats, config, single)
     for m in one_row:
-        scheme = QuantConfig(group_size=16, bits=m["bits"], salient=m["salient"])
-        delta = quantize_linear(linear, accumulator.hessian(), columns, scheme, "layer").weight - linear.weight.detach()
+        scheme = QuantConfig(group_size=16, bits=m["bits"], salient=m["salient"], clip_search=False)
+        columns_at_4 = choose_salient(linear.weight.detach(), columns, QuantConfig(bits=4, salient=m["salient"]), "layer")
+        delta = (quantize_linear(linear, accumulator.hessian(), columns, scheme, "layer", columns_at_4).weight
+                 - linear.weight.detach())
         row = 0.5 * float((delta[5] @ accumulator.hessian()) @ delta[5])
         assert m["fisher"] == pytest.approx(2.0 * row, rel=1e-5)
+
+
+def test_a_hot_channel_outside_the_even_spread_is_measured_exactly():
+    """On a layer with more rows than are measured, a channel carrying most of the sensitivity is always in
+    the sample and stands for itself: its weighed loss is exact, not an even-spread guess."""
+    from quikft.quant.budget import MEASURED_ROWS, measure_layer
+    from quikft.quant.gptq import HessianAccumulator
+    from quikft.quant.pipeline import LayerStats, quantize_linear
+    from quikft.saliency import ColumnStats
+
+    rows, hot = 2 * MEASURED_ROWS, 3  # row 3 is not in the even spread (every second row from 0... is; 3 is odd)
+    generator = torch.Generator().manual_seed(0)
+    linear = torch.nn.Linear(32, rows, bias=False)
+    torch.nn.init.normal_(linear.weight, std=0.05, generator=generator)
+    x = torch.randn(256, 32, generator=generator)
+    accumulator, columns = HessianAccumulator(32), ColumnStats(32)
+    accumulator.add_batch(x)
+    columns.update(x)
+    sensitivity = torch.full((rows,), 1e-9)
+    sensitivity[hot] = 1.0
+    config = QuantConfig(group_size=16, target_bpw=4.0, clip_search=False)
+    for m in measure_layer(linear, "layer", LayerStats(accumulator, columns), config, sensitivity):
+        if m["salient"]:
+            continue
+        scheme = QuantConfig(group_size=16, bits=m["bits"], salient=0, clip_search=False)
+        delta = quantize_linear(linear, accumulator.hessian(), columns, scheme, "layer").weight - linear.weight.detach()
+        row = 0.5 * float((delta[hot] @ accumulator.hessian()) @ delta[hot])
+        assert m["fisher"] == pytest.approx(row, rel=1e-3)

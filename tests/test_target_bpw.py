@@ -183,13 +183,15 @@ def _layer(rows: int, cols: int, seed: int = 0):
                                   {"group_size": 32, "sym": True, "clip_search": False}])
 def test_stacked_widths_give_the_losses_of_separate_gptq_runs(grid):
     from quikft.quant.gptq import gptq_quantize, gptq_row_losses
+    from quikft.quant.grid import COARSE_SHRINK_FACTORS
 
     weight, hessian = _layer(40, 96)
     config = QuantConfig(**grid)
     for salient in (torch.arange(0), torch.tensor([3, 50, 77])):
         stacked = gptq_row_losses(weight, hessian, salient, [2, 3, 4, 8], config).sum(dim=1).tolist()
+        search = COARSE_SHRINK_FACTORS if config.clip_search else False  # the measurement's coarse search
         separate = [gptq_quantize(weight, hessian, salient, bits, config.group_size, config.sym, config.act_order,
-                                  config.block_size, config.percdamp, config.clip_search).loss for bits in (2, 3, 4, 8)]
+                                  config.block_size, config.percdamp, search).loss for bits in (2, 3, 4, 8)]
         assert stacked == pytest.approx(separate, rel=1e-6)
         assert stacked[0] > stacked[1] > stacked[2] > stacked[3]
 
@@ -214,7 +216,7 @@ def test_per_row_widths_fit_each_row_as_its_own_width():
 def _measured_and_exact(rows: int, cols: int) -> tuple[dict, dict]:
     from quikft.quant.budget import measure_layer
     from quikft.quant.gptq import HessianAccumulator
-    from quikft.quant.pipeline import LayerStats, quantize_linear
+    from quikft.quant.pipeline import LayerStats, choose_salient, quantize_linear
     from quikft.saliency import ColumnStats
 
     weight, _ = _layer(rows, cols, seed=1)
@@ -227,12 +229,15 @@ def _measured_and_exact(rows: int, cols: int) -> tuple[dict, dict]:
     stats = LayerStats(accumulator, columns)
     config = _config(target_bpw=4.0)
     measured = {(m["bits"], m["salient"]): m["loss"] for m in measure_layer(linear, "layer", stats, config)}
+    # every width of one k is measured with the columns the metric picks at the widest (4 bits)
+    picked = {k: choose_salient(weight, columns, _config(bits=4, salient=k), "layer") for k in (16, 32)}
     exact = {setting: quantize_linear(linear, accumulator.hessian(), columns, _config(bits=setting[0],
-                                      salient=setting[1]), "layer").loss for setting in measured}
+                                      salient=setting[1]), "layer", picked.get(setting[1])).loss
+             for setting in measured}
     return measured, exact
 
 
-def test_small_layers_are_measured_exactly_as_the_final_pass_quantizes_them():
+def test_small_layers_are_measured_exactly_as_quantized_with_the_measured_columns():
     measured, exact = _measured_and_exact(rows=96, cols=64)
     assert set(measured) == set(candidate_settings(64))
     for setting, loss in measured.items():
@@ -240,10 +245,17 @@ def test_small_layers_are_measured_exactly_as_the_final_pass_quantizes_them():
 
 
 def test_a_large_layer_is_measured_on_a_row_sample_that_estimates_its_loss():
-    from quikft.quant.budget import MEASURED_ROWS, sampled_rows
+    from quikft.quant.budget import MEASURED_ROWS, SENSITIVE_ROWS, sample_rows
 
     rows = 4 * MEASURED_ROWS
-    assert sampled_rows(rows).tolist() == list(range(0, rows, 4)) and sampled_rows(100).numel() == 100
+    even = sample_rows(rows)
+    assert even.rows.tolist() == list(range(0, rows, 4)) and torch.all(even.scale == 4.0)
+    assert sample_rows(100).rows.numel() == 100 and torch.all(sample_rows(100).scale == 1.0)
+    # the most sensitive channels stand for themselves, the rest for their share: the scales add up to every row
+    weight = torch.rand(rows, generator=torch.Generator().manual_seed(3))
+    stratified = sample_rows(rows, weight)
+    assert set(torch.topk(weight, SENSITIVE_ROWS).indices.tolist()) <= set(stratified.rows.tolist())
+    assert stratified.rows.unique().numel() == MEASURED_ROWS and float(stratified.scale.sum()) == pytest.approx(rows)
     measured, exact = _measured_and_exact(rows=rows, cols=64)
     for setting, loss in measured.items():
         assert loss == pytest.approx(exact[setting], rel=0.1), setting

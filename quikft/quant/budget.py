@@ -3,18 +3,21 @@
 The measurement pass walks the blocks once before quantization, on full-precision weights: one
 forward per block gathers each layer's Hessian and column statistics (and the block's outputs,
 the next block's inputs), then every candidate setting (bits, k) of every layer is quantized as
-the final pass would quantize it (same metric and salient columns, grid, GPTQ and clipping search)
-and its error and exact storage recorded. :func:`quikft.quant.allocate.allocate` then picks the
+the final pass would quantize it (same metric, grid, GPTQ and clipping search) and its error and exact
+storage recorded. :func:`quikft.quant.allocate.allocate` then picks the
 setting per layer; the usual block loop quantizes with it (later blocks see the quantized
 earlier ones, as always).
 
 What keeps the pass cheap (the issue's bound: quantizing with a budget at most 3x a fixed-setting
 run). GPTQ quantizes each row on its own given the Hessian, so (1) a layer's candidates are run on
-at most :data:`MEASURED_ROWS` evenly spaced rows and their loss scaled by the sampling ratio (an
-estimate of the whole layer's, a few percent off on the default model's 1536-row layers, far less
-than the factor of about 4 between neighbouring widths), and (2) the candidates that share a salient
-set (every k = 0 one, and k > 0 ones whose metric picks the same columns at several widths) run as
-one GPTQ pass over the rows stacked once per width (:func:`quikft.quant.gptq.gptq_row_losses`).
+at most :data:`MEASURED_ROWS` of its rows (:func:`sample_rows`: the rows of the channels the loss is
+most sensitive to, plus an even spread of the rest, each weighed by how many it stands for), an
+estimate of the whole layer's loss a few percent off on the default model's 576- and 1536-row layers,
+far less than the factor of about 4 between neighbouring widths; (2) the widths of one k share one
+salient set (the metric's choice at the widest, :func:`salient_for_measuring`) and run as one GPTQ pass
+over the rows stacked once per width (:func:`quikft.quant.gptq.gptq_row_losses`): three passes per
+layer; (3) that pass searches every fourth clipping factor
+(:data:`~quikft.quant.grid.COARSE_SHRINK_FACTORS`).
 
 Candidates. Bits 2, 3 and 4 with k in {0, 16, 32}, and 8 bits with k = 0 (the top of the range).
 Why these k: a salient column costs ``out x 16`` bits of fp16 values plus its index, so on the
@@ -61,11 +64,13 @@ from quikft.quant.pipeline import (
     quantize_linear,
     run_block,
 )
+from quikft.saliency import ColumnStats
 
 CANDIDATE_BITS = (2, 3, 4)
 CANDIDATE_SALIENT = (0, 16, 32)
 TOP_SETTINGS = ((8, 0),)
 MEASURED_ROWS = 256
+SENSITIVE_ROWS = 64
 
 
 @dataclasses.dataclass(frozen=True)
@@ -120,62 +125,95 @@ def layer_shapes(layout: arch.ModelLayout) -> dict[str, tuple[int, int]]:
 
 def measure_layer(module: nn.Module, name: str, stats: LayerStats, config: QuantConfig,
                   channel_weight: torch.Tensor | None = None) -> list[dict[str, Any]]:
-    """Every candidate of one layer quantized as the final pass would (same salient columns, grid and
-    GPTQ), on at most :data:`MEASURED_ROWS` of its rows (see the module docstring): setting, storage,
-    loss, output energy and, given the layer's per-channel loss sensitivity, the ``fisher`` error (each
-    row's loss weighed by its channel's sensitivity) and the mean sensitivity."""
+    """Every candidate of one layer quantized as the final pass would (grid, GPTQ; see the module
+    docstring for the salient columns, the clipping search and the row sample): setting, storage, loss,
+    output energy and, given the layer's per-channel loss sensitivity, the ``fisher`` error (each row's
+    loss weighed by its channel's sensitivity) and the mean sensitivity."""
     hessian = stats.hessian.hessian() if stats.hessian is not None and stats.tokens else None
     weight = arch.weight_of(module).float()
     energy = hessian_objective(weight, hessian) if hessian is not None else float(weight.square().sum())
     in_features, out_features = arch.dims_of(module)
-    row_losses = _candidate_row_losses(module, (name, stats, hessian), config, candidate_settings(in_features))
+    sample = sample_rows(out_features, channel_weight) if config.method != "rtn" and hessian is not None \
+        else RowSample(torch.arange(out_features), torch.ones(out_features, dtype=torch.float64))
+    row_losses = _candidate_row_losses(module, (name, stats, hessian), config, sample.rows)
     measured = []
-    for (bits, k), (rows, losses) in row_losses.items():
-        scale = out_features / rows.numel()  # the sampled rows' loss estimates the whole layer's
-        entry = {"bits": bits, "salient": k, "loss": float(losses.sum()) * scale, "energy": energy,
+    for (bits, k), losses in row_losses.items():
+        weighed = losses * sample.scale
+        entry = {"bits": bits, "salient": k, "loss": float(weighed.sum()), "energy": energy,
                  "storage": _storage(in_features, out_features, (bits, k), config.group_size),
                  "weights": in_features * out_features}
         if channel_weight is not None:
-            entry["fisher"] = float((losses * channel_weight[rows].double()).sum()) * scale
+            entry["fisher"] = float((weighed * channel_weight[sample.rows].double()).sum())
             entry["sensitivity"] = float(channel_weight.mean())
         measured.append(entry)
     return measured
 
 
+@dataclasses.dataclass(frozen=True)
+class RowSample:
+    """The rows a layer's candidates are measured on, and each one's weight in the estimate of the layer's
+    summed loss (1 for a row that stands for itself)."""
+
+    rows: torch.Tensor
+    scale: torch.Tensor  # float64, one per row of ``rows``
+
+
+def sample_rows(out_features: int, channel_weight: torch.Tensor | None = None) -> RowSample:
+    """All rows up to :data:`MEASURED_ROWS`; else a stratified sample of that many: the
+    :data:`SENSITIVE_ROWS` rows whose channels the loss is most sensitive to, each standing for itself
+    (a few channels of the residual stream can carry most of a layer's weighed error: an even sample
+    would miss them), and evenly spaced rows of the rest, each standing for its share of the rest.
+    GPTQ quantizes each row on its own given the Hessian, so the weighed sum estimates the layer's."""
+    if out_features <= MEASURED_ROWS:
+        return RowSample(torch.arange(out_features), torch.ones(out_features, dtype=torch.float64))
+    top = torch.empty(0, dtype=torch.long)
+    if channel_weight is not None:
+        top = torch.topk(channel_weight.float(), SENSITIVE_ROWS).indices.sort().values
+    rest = torch.ones(out_features, dtype=torch.bool)
+    rest[top] = False
+    rest = torch.nonzero(rest).flatten()
+    count = MEASURED_ROWS - top.numel()
+    spread = rest[torch.arange(count) * rest.numel() // count]
+    scale = torch.cat([torch.ones(top.numel(), dtype=torch.float64),
+                       torch.full((count,), rest.numel() / count, dtype=torch.float64)])
+    return RowSample(torch.cat([top, spread]), scale)
+
+
 def _candidate_row_losses(module: nn.Module, layer: tuple[str, LayerStats, torch.Tensor | None],
-                          config: QuantConfig, settings: list[tuple[int, int]]
-                          ) -> dict[tuple[int, int], tuple[torch.Tensor, torch.Tensor]]:
-    """Each setting's measured rows and their losses: one stacked GPTQ pass per distinct salient set, on
-    the sampled rows; RTN (or a layer no calibration token reached) quantizes each setting whole."""
+                          config: QuantConfig, rows: torch.Tensor) -> dict[tuple[int, int], torch.Tensor]:
+    """Each setting's losses on ``rows``: one stacked GPTQ pass per k (:func:`salient_for_measuring`); RTN
+    (or a layer no calibration token reached) quantizes each setting whole."""
     name, stats, hessian = layer
     weight = arch.weight_of(module).float()
-    schemes = {setting: dataclasses.replace(config, bits=setting[0], salient=setting[1], target_bpw=None)
-               for setting in settings}
+    settings = candidate_settings(weight.shape[1])
     if config.method == "rtn" or hessian is None:
-        every = torch.arange(weight.shape[0])
-        return {setting: (every, row_objective(quantize_linear(module, hessian, stats.columns, scheme, name).weight
-                                               - weight, hessian)) for setting, scheme in schemes.items()}
-    rows = sampled_rows(weight.shape[0])
-    by_set: dict[tuple[int, ...], list[tuple[int, int]]] = {}
-    chosen = {}
-    for setting, scheme in schemes.items():
-        # k = 0 selects nothing: skip scoring the columns (the metric's quantizer search is not free)
-        chosen[setting] = choose_salient(weight, stats.columns, scheme, name) if setting[1] else torch.arange(0)
-        by_set.setdefault(tuple(chosen[setting].tolist()), []).append(setting)
+        schemes = {setting: dataclasses.replace(config, bits=setting[0], salient=setting[1], target_bpw=None)
+                   for setting in settings}
+        return {setting: row_objective(quantize_linear(module, hessian, stats.columns, scheme, name).weight
+                                       - weight, hessian)[rows] for setting, scheme in schemes.items()}
+    by_k: dict[int, list[tuple[int, int]]] = {}
+    for setting in settings:
+        by_k.setdefault(setting[1], []).append(setting)
     losses = {}
-    for group in by_set.values():
-        measured = gptq_row_losses(weight[rows], hessian, chosen[group[0]], [bits for bits, _ in group], config)
-        losses.update({setting: (rows, row) for setting, row in zip(group, measured, strict=True)})
+    for group in by_k.values():
+        salient = salient_for_measuring(weight, stats.columns, (config, group), name)
+        losses.update(zip(group, gptq_row_losses(weight[rows], hessian, salient, [b for b, _ in group], config),
+                          strict=True))
     return {setting: losses[setting] for setting in settings}
 
 
-def sampled_rows(out_features: int) -> torch.Tensor:
-    """The rows a layer's candidates are measured on: all up to :data:`MEASURED_ROWS`, else that many
-    evenly spaced (GPTQ quantizes each row on its own given the Hessian, so their summed loss scaled by
-    the sampling ratio estimates the layer's)."""
-    if out_features <= MEASURED_ROWS:
-        return torch.arange(out_features)
-    return torch.arange(MEASURED_ROWS) * out_features // MEASURED_ROWS
+def salient_for_measuring(weight: torch.Tensor, columns: ColumnStats,
+                          how: tuple[QuantConfig, list[tuple[int, int]]], name: str) -> torch.Tensor:
+    """The salient columns every width of one k is measured with: the metric's choice at the widest of
+    them (k = 0: none). The final pass picks the columns at the layer's own width, which the metric
+    ranks alike (its quantization error term scales with the step at every width), so a narrower
+    candidate's measured loss is at most slightly pessimistic; one set per k lets all its widths run as
+    one stacked GPTQ pass."""
+    config, group = how
+    bits, k = max(group)
+    if not k:
+        return torch.arange(0)
+    return choose_salient(weight, columns, dataclasses.replace(config, bits=bits, salient=k, target_bpw=None), name)
 
 
 @torch.no_grad()

@@ -20,7 +20,7 @@ import torch
 from torch import Tensor
 
 from quikft.config import QuantConfig, check_bits
-from quikft.quant.grid import dequantize, fit_scale_zero, quantize_codes, round_to_fp16
+from quikft.quant.grid import COARSE_SHRINK_FACTORS, dequantize, fit_scale_zero, quantize_codes, round_to_fp16
 
 
 class HessianNotPositiveDefiniteError(RuntimeError):
@@ -245,7 +245,7 @@ def _gptq_columns(
     bits: int,
     group_size: int,
     sym: bool,
-    clip_search: bool,
+    clip_search: bool | tuple[float, ...],
     block_size: int,
 ) -> tuple[Tensor, Tensor, Tensor]:
     """Quantize the first ``m`` columns of ``w`` in place with error feedback (lazy-batch GPTQ).
@@ -342,12 +342,13 @@ def gptq_row_losses(weight: Tensor, hessian: Tensor, salient: Tensor, widths: li
                     ) -> Tensor:
     """Each row's share of :func:`hessian_objective` (float64, shape (len(widths), rows)) of
     :func:`gptq_quantize` at each of ``widths`` (same salient columns, the grid and GPTQ settings of
-    ``scheme``), from one GPTQ pass.
+    ``scheme``, the clipping search over :data:`~quikft.quant.grid.COARSE_SHRINK_FACTORS`), from one GPTQ pass.
 
     GPTQ treats every row on its own given the Hessian, so the rows are stacked once per width (each copy
     with its own width) and share the column order, the Cholesky factor and the column loop: --target-bpw's
     measurement pays one loop per salient set instead of one per candidate. The losses equal separate runs'
-    up to float rounding in the block updates (a larger matrix product may sum in another order)."""
+    (:func:`gptq_quantize` with ``clip_search=COARSE_SHRINK_FACTORS``) up to float rounding in the block
+    updates (a larger matrix product may sum in another order)."""
     salient = _check_args(weight, salient, max(widths), scheme.group_size)
     for width in widths:
         check_bits(width)
@@ -356,8 +357,8 @@ def gptq_row_losses(weight: Tensor, hessian: Tensor, salient: Tensor, widths: li
     target = w.clone()
     per_row = torch.tensor(widths, dtype=torch.float32, device=w.device).repeat_interleave(rows)[:, None]
     m, group_size = order.numel(), scheme.group_size
-    codes, scales, zeros = _gptq_columns(w, hinv_u, m, per_row, group_size, scheme.sym, scheme.clip_search,
-                                         scheme.block_size)
+    search = COARSE_SHRINK_FACTORS if scheme.clip_search else False
+    codes, scales, zeros = _gptq_columns(w, hinv_u, m, per_row, group_size, scheme.sym, search, scheme.block_size)
     group = torch.arange(m, device=w.device) // group_size if group_size > 0 else torch.zeros(m, dtype=torch.long)
     delta = torch.cat([dequantize(codes, scales[:, group], zeros[:, group]), round_to_fp16(w[:, m:])], 1) - target
     perm = torch.cat([order, salient])
