@@ -6,7 +6,7 @@ import os
 
 import click
 
-from quikft.config import BPW_ERRORS, RECOVER_MODES
+from quikft.config import RECOVER_MODES, BpwError
 from quikft.models import DEFAULT_MODEL
 
 MODEL_HELP = f"Model: an alias ({DEFAULT_MODEL}, the default), a hub id or a local directory."
@@ -161,7 +161,7 @@ def generate(prompt, model_name, max_new_tokens, temperature, chat, seed, dtype,
 @click.option("--target-bpw", type=float, default=None,
               help="Bits-per-weight budget of the linear layers: bits (2-8) and salient columns (0-64) are chosen "
                    "per layer from measured errors; replaces --bits and --salient.")
-@click.option("--bpw-error", type=click.Choice(list(BPW_ERRORS)), default=None,
+@click.option("--bpw-error", type=click.Choice(BpwError.names()), default=None,
               help="What --target-bpw minimises: each layer's output error weighed by the loss's sensitivity to "
                    "that layer (fisher), relative to its output energy, or absolute [fisher].")
 @click.option("--metric", default=None, help="Saliency metric: gift, quik, owq, wanda or custom [gift].")

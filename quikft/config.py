@@ -17,11 +17,22 @@ chosen so the default run finishes in minutes on a laptop-class CPU; the paper's
 Every value is type-checked when a config is built (``bits: 4.0`` or ``nsamples: "8"`` in a
 YAML preset is a one-line error naming the setting), before any model is loaded. This module
 imports nothing else from quikft: every other layer may use it.
+
+Named choices (a setting that takes one of a few names) are :class:`Choice` enums, the one source
+of their names: the scheme's and the job's live here, beside the fields they type (a field
+annotated with a ``Choice`` accepts exactly its members, and the CLI builds the flag's choices and
+``[default]`` from the field); the evaluation's (zero-shot task, scorer backend) live beside their
+tables in :mod:`quikft.eval`. Implementations register against the members (the metric presets in
+:mod:`quikft.saliency`, the ``--target-bpw`` errors in :mod:`quikft.quant.budget`, the storage
+dtypes in :mod:`quikft.format.layout`), and tests check that every member has one. Members are
+``str`` subclasses, so YAML presets, reports and checkpoints keep plain strings: ``to_dict`` gives
+``str`` values, and a member equals, hashes and formats as its name.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import enum
 import math
 import reprlib
 import types
@@ -33,16 +44,67 @@ from typing import Any
 import yaml
 
 BITS = (2, 3, 4, 8)
-METHODS = ("gptq", "rtn")
-REST_DTYPES = ("bf16", "fp16", "fp32")  # storage dtypes of a checkpoint's unquantized tensors
-BPW_ERRORS = ("fisher", "relative", "output")  # what --target-bpw minimises (quikft.quant.budget.ERRORS)
-METRICS = ("gift", "quik", "owq", "wanda", "custom")  # custom: free tau/rho/gamma (quikft.saliency)
 SUPPORTED_RHO = (1.0, 2.0, math.inf)  # the input norms the streamed column statistics can give
 RECOVER_MODES = ("post", "pre", "salient-ft", "lora")
-OFFLOAD_MODES = ("none", "cpu", "disk")
 LOSSES = ("ce", "kd")
 RECOVER_DTYPES = ("auto", "bf16", "fp32")
 SHARDING_MODES = ("ddp", "fsdp2")  # how several recovery processes split the model (quikft.sharding)
+
+
+class Choice(enum.StrEnum):
+    """A named choice: each member is its name as a ``str`` (equal to it, hashed and formatted as it)."""
+
+    @classmethod
+    def names(cls) -> tuple[str, ...]:
+        """The accepted names, in declaration order (CLI choices, error messages)."""
+        return tuple(member.value for member in cls)
+
+
+class QuantMethod(Choice):
+    """How the non-salient columns are rounded (SPEC §4)."""
+
+    GPTQ = "gptq"
+    RTN = "rtn"  # round to nearest, no error feedback: the baseline
+
+
+class SaliencyMetric(Choice):
+    """The sensitivity metric choosing salient columns (SPEC §2); presets in quikft.saliency.PRESETS."""
+
+    GIFT = "gift"
+    QUIK = "quik"
+    OWQ = "owq"
+    WANDA = "wanda"
+    CUSTOM = "custom"  # free tau/rho/gamma
+
+
+class RestDtype(Choice):
+    """Storage dtype of a checkpoint's unquantized tensors; torch dtypes in quikft.format.layout.DTYPE_REST."""
+
+    BF16 = "bf16"
+    FP16 = "fp16"
+    FP32 = "fp32"
+
+
+class BpwError(Choice):
+    """What --target-bpw minimises; each member's measure in quikft.quant.budget.ERRORS."""
+
+    FISHER = "fisher"
+    RELATIVE = "relative"
+    OUTPUT = "output"
+
+
+class OffloadMode(Choice):
+    """Where calibration activations wait between blocks (quikft.quant.activations)."""
+
+    NONE = "none"  # on the compute device
+    CPU = "cpu"
+    DISK = "disk"
+
+
+def plain(value: Any) -> Any:
+    """A member as its plain ``str`` name (anything else as it is): what reports and checkpoints store,
+    so their bytes, and every repr of a stored value, do not depend on the enum classes."""
+    return value.value if isinstance(value, Choice) else value
 
 
 _BRIEF = reprlib.Repr()
@@ -137,6 +199,8 @@ def _coerce(name: str, value: Any, kind: Any) -> Any:
         if value is None and type(None) in options:
             return None
         kind = next(option for option in options if option is not type(None))
+    if isinstance(kind, type) and issubclass(kind, Choice):
+        kind = str  # a name; validate() checks it is a member (after the type checks, as for every value)
     if typing.get_origin(kind) is tuple:
         if isinstance(value, str):
             value = (value,)
@@ -184,9 +248,12 @@ def _non_negative(config: Any, names: tuple[str, ...]) -> None:
             raise ConfigError(f"{name} must be >= 0 (got {getattr(config, name)})", name)
 
 
-def _one_of(name: str, value: str, allowed: tuple[str, ...], what: str | None = None) -> None:
-    if value not in allowed:
-        raise ConfigError(f"unknown {what or name} {brief(value)}; use one of {', '.join(allowed)}", name)
+def _one_of(name: str, value: str, allowed: type[Choice] | tuple[str, ...], what: str | None = None) -> Any:
+    """``value`` if it is one of ``allowed`` (as the member, for a :class:`Choice`), else a one-line error."""
+    names = allowed.names() if isinstance(allowed, type) else allowed
+    if value not in names:
+        raise ConfigError(f"unknown {what or name} {brief(value)}; use one of {', '.join(names)}", name)
+    return allowed(value) if isinstance(allowed, type) else value
 
 
 # ------------------------------------------------------------------------------------ quantize
@@ -199,11 +266,11 @@ class QuantConfig:
     # FP16 input columns per linear layer: a count k (capped at in_features - 1) or a fraction of each
     # layer's input columns (0.03, "3%"); see resolve_salient.
     salient: int | float = field(default=128, metadata={"parse": parse_salient})
-    metric: str = "gift"  # gift | quik | owq | wanda | custom (with tau/rho/gamma)
+    metric: SaliencyMetric = SaliencyMetric.GIFT  # custom: with tau/rho/gamma
     tau: float | None = None
     rho: float | None = None
     gamma: float | None = None
-    method: str = "gptq"  # gptq | rtn
+    method: QuantMethod = QuantMethod.GPTQ
     group_size: int = 128  # -1 = one scale per output row
     sym: bool = False
     act_order: bool = True
@@ -218,14 +285,14 @@ class QuantConfig:
     ignore: tuple[str, ...] = ()  # glob patterns of module names to leave in full precision
     quantize_lm_head: bool = False  # also quantize the output layer (untied from the embedding if tied)
     expert_min_tokens: int = 128  # an MoE expert routed fewer calibration tokens uses all of its layer's tokens
-    dtype_rest: str = "bf16"  # dtype of the unquantized tensors (embeddings, norms, an untied head) when saved
+    dtype_rest: RestDtype = RestDtype.BF16  # dtype of the unquantized tensors (embeddings, norms, an untied head) when saved
     # A bits-per-weight budget for the quantized linear layers: bits and salient columns are then chosen
     # per layer from measured errors (quikft.quant.budget), and bits/salient above are not used.
     target_bpw: float | None = None
-    # The error --target-bpw minimises: fisher | relative | output (quikft.quant.budget); fisher (output error
+    # The error --target-bpw minimises (quikft.quant.budget); fisher (output error
     # weighed by the loss's sensitivity to it) gave the lowest ppl at every budget measured on the default
     # model (README, accuracy per bit).
-    bpw_error: str = "fisher"
+    bpw_error: BpwError = BpwError.FISHER
 
     def __post_init__(self) -> None:
         self.targets = _patterns(self.targets)
@@ -236,9 +303,9 @@ class QuantConfig:
         """One-line errors for settings that cannot work, raised before anything is loaded."""
         _check_types(self)
         check_bits(self.bits)
-        _one_of("method", self.method, METHODS)
-        _one_of("metric", self.metric, METRICS, "saliency metric")
-        if self.metric == "custom" and (self.rho is None or self.gamma is None):
+        self.method = _one_of("method", self.method, QuantMethod)
+        self.metric = _one_of("metric", self.metric, SaliencyMetric, "saliency metric")
+        if self.metric is SaliencyMetric.CUSTOM and (self.rho is None or self.gamma is None):
             raise ConfigError("metric custom needs rho and gamma (and tau, or none to ignore the weight term)",
                               "metric")
         check_metric_norms(self.tau, self.rho)
@@ -247,14 +314,14 @@ class QuantConfig:
                               f"or -1 for one scale per row", "group_size")
         _non_negative(self, ("percdamp", "expert_min_tokens"))
         _positive(self, ("nsamples", "seqlen", "block_size"))
-        _one_of("dtype_rest", self.dtype_rest, REST_DTYPES)
-        _one_of("bpw_error", self.bpw_error, BPW_ERRORS, "--target-bpw error")
+        self.dtype_rest = _one_of("dtype_rest", self.dtype_rest, RestDtype)
+        self.bpw_error = _one_of("bpw_error", self.bpw_error, BpwError, "--target-bpw error")
         if self.target_bpw is not None and not 0 < self.target_bpw < 64:
             raise ConfigError(f"target_bpw {self.target_bpw:g} is not a bits-per-weight budget; use e.g. 3.5",
                               "target_bpw")
 
     def to_dict(self) -> dict[str, Any]:
-        out = asdict(self)
+        out = {name: plain(value) for name, value in asdict(self).items()}
         out["targets"], out["ignore"] = list(self.targets), list(self.ignore)
         return out
 
@@ -277,7 +344,7 @@ class QuantizeJob:
     out: str | None = None
     overwrite: bool = False  # replace a previous quantize output at --out
     resume: bool = False  # continue an interrupted quantize from its state beside --out
-    offload_activations: str = "none"  # where calibration activations wait between blocks: none | cpu | disk
+    offload_activations: OffloadMode = OffloadMode.NONE  # where calibration activations wait between blocks
     fake_quant: bool = False  # save dequantized float weights (debugging) instead of the packed checkpoint
     eval_windows: int = 4  # quick ppl on the first N windows of the stride-8 WikiText-2 subset (0: none)
     eval_stride: int = 8
@@ -292,11 +359,12 @@ class QuantizeJob:
         self.quant.validate()
         _positive(self, ("batch_size", "eval_stride", "eval_seqlen"))
         _non_negative(self, ("eval_windows",))
-        _one_of("offload_activations", self.offload_activations, OFFLOAD_MODES, "--offload-activations mode")
+        self.offload_activations = _one_of("offload_activations", self.offload_activations, OffloadMode,
+                                           "--offload-activations mode")
 
     def to_dict(self) -> dict[str, Any]:
         """Flat, with the names of the CLI flags (as reports record it)."""
-        out = {item.name: getattr(self, item.name) for item in fields(self) if item.name != "quant"}
+        out = {item.name: plain(getattr(self, item.name)) for item in fields(self) if item.name != "quant"}
         return {**out, **self.quant.to_dict()}
 
 
@@ -397,6 +465,19 @@ def _nested(cls) -> dict[str, type]:
     """Fields of ``cls`` that are themselves config dataclasses (their settings are given flat)."""
     hints = typing.get_type_hints(cls)
     return {item.name: hints[item.name] for item in fields(cls) if dataclasses.is_dataclass(hints[item.name])}
+
+
+def setting_field(cls, name: str) -> tuple[dataclasses.Field, Any]:
+    """The field of the flat setting ``name`` of ``cls`` (nested configs searched) and its type."""
+    hints = typing.get_type_hints(cls)
+    nested = _nested(cls)
+    for item in fields(cls):
+        if item.name == name and item.name not in nested:
+            return item, hints[name]
+    for sub in nested.values():
+        if name in setting_names(sub):
+            return setting_field(sub, name)
+    raise KeyError(f"{cls.__name__} has no setting {name!r}")
 
 
 def setting_names(cls) -> set[str]:

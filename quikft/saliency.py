@@ -19,7 +19,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from quikft.config import check_metric_norms
+from quikft.config import SaliencyMetric, check_metric_norms
 from quikft.quant.grid import paper_quantize, paper_step
 
 
@@ -42,11 +42,12 @@ class MetricSpec:
         check_metric_norms(self.tau, self.rho)
 
 
-PRESETS: dict[str, MetricSpec] = {
-    "gift": MetricSpec(tau=math.inf, rho=math.inf, gamma=1.0),
-    "quik": MetricSpec(tau=None, rho=math.inf, gamma=1.0),
-    "owq": MetricSpec(tau=2.0, rho=2.0, gamma=2.0, d_power=2.0),
-    "wanda": MetricSpec(tau=1.0, rho=2.0, gamma=1.0),
+# Every SaliencyMetric but CUSTOM (the free tau/rho/gamma) names one of these (tests check it).
+PRESETS: dict[SaliencyMetric, MetricSpec] = {
+    SaliencyMetric.GIFT: MetricSpec(tau=math.inf, rho=math.inf, gamma=1.0),
+    SaliencyMetric.QUIK: MetricSpec(tau=None, rho=math.inf, gamma=1.0),
+    SaliencyMetric.OWQ: MetricSpec(tau=2.0, rho=2.0, gamma=2.0, d_power=2.0),
+    SaliencyMetric.WANDA: MetricSpec(tau=1.0, rho=2.0, gamma=1.0),
 }
 
 
@@ -64,11 +65,11 @@ def resolve_metric(
     """Build a ``MetricSpec`` from a preset name, free values, or a preset with overrides.
 
     With ``name`` the preset is the base and any of ``tau``/``rho``/``gamma`` given
-    replaces its value. With ``name=None``, ``rho`` and ``gamma`` are required and
-    ``tau=None`` means ``D`` is ignored.
+    replaces its value. With ``name=None`` (or ``custom``), ``rho`` and ``gamma`` are
+    required and ``tau=None`` means ``D`` is ignored.
     """
     tau_f, rho_f, gamma_f = _as_float(tau), _as_float(rho), _as_float(gamma)
-    if name is not None:
+    if name is not None and name != SaliencyMetric.CUSTOM:
         key = name.lower()
         if key not in PRESETS:
             raise ValueError(f"unknown saliency metric {name!r}; presets: {', '.join(PRESETS)}")

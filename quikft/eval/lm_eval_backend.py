@@ -11,10 +11,11 @@ from __future__ import annotations
 
 import os
 import time
+from collections.abc import Callable
 from pathlib import Path
 
-from quikft.eval.results import TaskResult
-from quikft.eval.tasks import TASKS, TaskRef, task_records, task_source
+from quikft.eval.results import EvalBackend, TaskResult
+from quikft.eval.tasks import TASKS, TaskRef, ZeroShotTask, task_records, task_source
 
 INSTALL_HINT = 'pip install -e ".[eval]"'
 
@@ -40,13 +41,21 @@ def _boolq_target(doc: dict) -> int:
     return int(doc["answer"] if "answer" in doc else doc["label"])
 
 
-def _schema_overrides(name: str, path: Path) -> dict:
-    """Config changes that let lm-eval's task read our (Hugging Face schema) file."""
-    if name == "boolq":
-        return {"doc_to_target": _boolq_target}
-    if name == "hellaswag" and "query" in _first_record(path):  # already preprocessed: skip process_docs
+def _boolq_overrides(path: Path) -> dict:
+    return {"doc_to_target": _boolq_target}
+
+
+def _hellaswag_overrides(path: Path) -> dict:
+    if "query" in _first_record(path):  # already preprocessed: skip process_docs
         return {"process_docs": None, "doc_to_target": "gold"}
     return {}
+
+
+# Config changes that let lm-eval's task read our (Hugging Face schema) file; other tasks need none.
+SCHEMA_OVERRIDES: dict[ZeroShotTask, Callable[[Path], dict]] = {
+    ZeroShotTask.BOOLQ: _boolq_overrides,
+    ZeroShotTask.HELLASWAG: _hellaswag_overrides,
+}
 
 
 def task_config(ref: TaskRef, task_manager) -> str | dict:
@@ -62,7 +71,8 @@ def task_config(ref: TaskRef, task_manager) -> str | dict:
     config.update(dataset_path="json", dataset_name=None,
                   dataset_kwargs={"data_files": {"validation": str(path.resolve())}},
                   training_split=None, validation_split="validation", test_split=None, fewshot_split=None)
-    config.update(_schema_overrides(ref.name, path))
+    if ref.name in SCHEMA_OVERRIDES:
+        config.update(SCHEMA_OVERRIDES[ref.name](path))
     return config
 
 
@@ -97,5 +107,6 @@ def evaluate_tasks_lm_eval(model, tokenizer, refs: list[TaskRef], limit: int | N
         out.append(TaskResult(
             model=model_name or getattr(model.config, "_name_or_path", "model"), task=ref.name,
             n=int(samples.get("effective", 0)), metrics=_metrics(results["results"][ref.name], ref.name),
-            seconds=time.perf_counter() - began, source=str(task_source(ref) or "hub"), backend="lm-eval"))
+            seconds=time.perf_counter() - began, source=str(task_source(ref) or "hub"),
+            backend=EvalBackend.LM_EVAL.value))
     return out

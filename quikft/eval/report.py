@@ -18,6 +18,7 @@ from pathlib import Path
 from quikft.atomic import write_text
 from quikft.config import salient_text
 from quikft.data import DataError
+from quikft.eval.results import EvalBackend
 
 # Files a model directory always has and that are never run reports: skipped without a note.
 MODEL_FILES = {"config.json", "generation_config.json", "tokenizer.json", "tokenizer_config.json",
@@ -187,7 +188,7 @@ def eval_row(data: dict, run: str) -> RunRow:
     seconds = sum(s for s in parts if s is not None) if any(s is not None for s in parts) else None
     backend = data.get("backend")
     notes = [f"model {data['model']}" if data.get("model") else "",
-             f"backend {backend}" if backend not in (None, "native") else "",
+             f"backend {backend}" if backend not in (None, EvalBackend.NATIVE) else "",
              f"first {data['limit']} per task" if _int(data.get("limit")) else ""]
     return RunRow(run=run, method="eval", model=str(data.get("model") or ""), ppl=ppl, ppl_windows=windows,
                   seconds=seconds, zeroshot=zeroshot_of(data), notes=", ".join(n for n in notes if n))

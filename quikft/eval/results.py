@@ -4,7 +4,15 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field
 
+from quikft.config import Choice
 from quikft.runinfo import library_versions
+
+
+class EvalBackend(Choice):
+    """Which scorer produced a zero-shot result (``quikft eval --backend``)."""
+
+    NATIVE = "native"  # ours (quikft.eval.zeroshot)
+    LM_EVAL = "lm-eval"  # lm-evaluation-harness on the same model object (quikft.eval.lm_eval_backend)
 
 
 @dataclass
@@ -17,7 +25,7 @@ class TaskResult:
     metrics: dict[str, dict[str, float | None]]
     seconds: float
     source: str = ""
-    backend: str = "native"
+    backend: str = EvalBackend.NATIVE.value
     versions: dict = field(default_factory=library_versions)
 
     def to_dict(self) -> dict:

@@ -22,7 +22,22 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
+from quikft.config import Choice
 from quikft.data import DataError, data_root
+
+
+class ZeroShotTask(Choice):
+    """The zero-shot tasks (SPEC §8); each has its :class:`TaskSpec` in :data:`TASKS` (a test checks it)."""
+
+    ARC_EASY = "arc_easy"
+    ARC_CHALLENGE = "arc_challenge"
+    PIQA = "piqa"
+    HELLASWAG = "hellaswag"
+    BOOLQ = "boolq"
+    WINOGRANDE = "winogrande"
+
+
+ALL_TASKS = "all"  # ``--tasks all``: every ZeroShotTask
 
 
 @dataclass(frozen=True)
@@ -114,25 +129,26 @@ def winogrande_example(record: dict) -> Example:
 class TaskSpec:
     """Where a task's evaluation split lives (locally and on the hub) and how to read its records."""
 
-    name: str
+    name: ZeroShotTask
     local: str  # relative to $QUIKFT_DATA
     hub: tuple[str, str | None, str]  # (hub path, config, split)
     build: Callable[[dict], Example]
     metrics: tuple[str, ...]  # what lm-eval reports for the task
 
 
-TASKS: dict[str, TaskSpec] = {spec.name: spec for spec in (
-    TaskSpec("arc_easy", "arc_easy/validation.jsonl", ("allenai/ai2_arc", "ARC-Easy", "validation"),
+TASKS: dict[ZeroShotTask, TaskSpec] = {spec.name: spec for spec in (
+    TaskSpec(ZeroShotTask.ARC_EASY, "arc_easy/validation.jsonl", ("allenai/ai2_arc", "ARC-Easy", "validation"),
              arc_example, ("acc", "acc_norm")),
-    TaskSpec("arc_challenge", "arc_challenge/validation.jsonl", ("allenai/ai2_arc", "ARC-Challenge", "validation"),
-             arc_example, ("acc", "acc_norm")),
-    TaskSpec("piqa", "piqa/validation.jsonl", ("baber/piqa", None, "validation"), piqa_example,
+    TaskSpec(ZeroShotTask.ARC_CHALLENGE, "arc_challenge/validation.jsonl",
+             ("allenai/ai2_arc", "ARC-Challenge", "validation"), arc_example, ("acc", "acc_norm")),
+    TaskSpec(ZeroShotTask.PIQA, "piqa/validation.jsonl", ("baber/piqa", None, "validation"), piqa_example,
              ("acc", "acc_norm")),
-    TaskSpec("hellaswag", "hellaswag/validation_olmes_subsample1000.jsonl", ("Rowan/hellaswag", None, "validation"),
-             hellaswag_example, ("acc", "acc_norm")),
-    TaskSpec("boolq", "boolq/validation.jsonl", ("google/boolq", None, "validation"), boolq_example, ("acc",)),
-    TaskSpec("winogrande", "winogrande/validation.jsonl", ("allenai/winogrande", "winogrande_xl", "validation"),
-             winogrande_example, ("acc",)),
+    TaskSpec(ZeroShotTask.HELLASWAG, "hellaswag/validation_olmes_subsample1000.jsonl",
+             ("Rowan/hellaswag", None, "validation"), hellaswag_example, ("acc", "acc_norm")),
+    TaskSpec(ZeroShotTask.BOOLQ, "boolq/validation.jsonl", ("google/boolq", None, "validation"), boolq_example,
+             ("acc",)),
+    TaskSpec(ZeroShotTask.WINOGRANDE, "winogrande/validation.jsonl",
+             ("allenai/winogrande", "winogrande_xl", "validation"), winogrande_example, ("acc",)),
 )}
 
 
@@ -160,11 +176,11 @@ def parse_tasks(text: str) -> list[TaskRef]:
             continue
         name, _, path = item.partition("=")
         name = name.strip()
-        if name == "all" and not path:
-            refs.extend(TaskRef(task) for task in TASKS)
+        if name == ALL_TASKS and not path:
+            refs.extend(TaskRef(task.value) for task in TASKS)
             continue
         if name not in TASKS:
-            raise DataError(f"unknown task {name!r}; use one or more of {', '.join(TASKS)} or all "
+            raise DataError(f"unknown task {name!r}; use one or more of {', '.join(TASKS)} or {ALL_TASKS} "
                             f"(comma separated, task=PATH for a local file)")
         refs.append(TaskRef(name, path.strip() or None))
     if not refs:

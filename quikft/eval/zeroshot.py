@@ -25,7 +25,7 @@ from tqdm.auto import tqdm
 
 from quikft import arch
 from quikft.eval.lm_eval_backend import evaluate_tasks_lm_eval
-from quikft.eval.results import TaskResult
+from quikft.eval.results import EvalBackend, TaskResult
 from quikft.eval.tasks import Example, TaskData, TaskRef, load_task
 
 # ---------------------------------------------------------------------------- tokenization
@@ -173,17 +173,15 @@ def evaluate_task(model, tokenizer, task: TaskData, batch_size: int = 16, progre
                       source=task.source)
 
 
-BACKENDS = ("native", "lm-eval")
-
-
 def evaluate_tasks(model, tokenizer, refs: Sequence[TaskRef], limit: int | None = None, batch_size: int = 16,
-                   backend: str = "native", progress: bool = True, model_name: str | None = None) -> list[TaskResult]:
+                   backend: str = EvalBackend.NATIVE, progress: bool = True, model_name: str | None = None
+                   ) -> list[TaskResult]:
     """Evaluate several tasks with our scorer (``native``) or lm-evaluation-harness (``lm-eval``)."""
-    if backend not in BACKENDS:
-        raise ValueError(f"unknown backend {backend!r}; use one of {', '.join(BACKENDS)}")
+    if backend not in EvalBackend.names():
+        raise ValueError(f"unknown backend {backend!r}; use one of {', '.join(EvalBackend.names())}")
     # Read every task file first, so a bad file stops the run before any scoring.
     tasks = [load_task(ref, limit) for ref in refs]
-    if backend == "lm-eval":
+    if backend == EvalBackend.LM_EVAL:
         return evaluate_tasks_lm_eval(model, tokenizer, list(refs), limit, batch_size, model_name)
     return [evaluate_task(model, tokenizer, task, batch_size, progress, model_name) for task in tasks]
 

@@ -16,6 +16,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from quikft.config import RestDtype
 from quikft.validation import CheckpointError
 
 QUANT_METHOD = "quikft"
@@ -30,7 +31,7 @@ SHARD_PATTERN = "model{suffix}.safetensors"
 SALIENT_NAME = "salient_indices.safetensors"  # a job's salient columns per layer (int32), beside the weights
 QUIK_TENSORS = ("qweight", "qzeros", "scales", "g_idx", "perm", "salient_idx", "salient_weight")
 V1_TENSORS = tuple(name for name in QUIK_TENSORS if name != "perm")
-DTYPE_REST = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+DTYPE_REST = {RestDtype.BF16: torch.bfloat16, RestDtype.FP16: torch.float16, RestDtype.FP32: torch.float32}
 # Keys of quantization_config that loading relies on.
 REQUIRED_KEYS = ("bits", "group_size", "sym", "salient", "modules")
 SETTING_KEYS = ("bits", "group_size", "sym", "salient", "metric", "act_order", "method")

@@ -12,7 +12,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-from quikft.config import BITS, REST_DTYPES, ConfigError, brief, parse_salient
+from quikft.config import BITS, ConfigError, RestDtype, brief, parse_salient
 from quikft.format.layout import (
     CONFIG_NAME,
     LAYER_BITS_KEY,
@@ -94,8 +94,8 @@ def _check_declared_values(qconfig: Mapping[str, Any], source: str | os.PathLike
         problems.append(f"salient {brief(qconfig.get('salient'))} (a count >= 0 or a fraction in (0, 1))")
     if not isinstance(qconfig.get("sym"), bool):
         problems.append(f"sym {brief(qconfig.get('sym'))} (true or false)")
-    if "dtype_rest" in qconfig and qconfig["dtype_rest"] not in REST_DTYPES:
-        problems.append(f"dtype_rest {brief(qconfig['dtype_rest'])} (one of {', '.join(REST_DTYPES)})")
+    if "dtype_rest" in qconfig and qconfig["dtype_rest"] not in RestDtype.names():
+        problems.append(f"dtype_rest {brief(qconfig['dtype_rest'])} (one of {', '.join(RestDtype.names())})")
     layer_bits = qconfig.get(LAYER_BITS_KEY)
     if layer_bits is not None and not (isinstance(layer_bits, dict) and all(
             isinstance(v, int) and not isinstance(v, bool) and v in BITS for v in layer_bits.values())

@@ -20,7 +20,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
-from quikft.config import OFFLOAD_MODES
+from quikft.config import OffloadMode
 
 
 class ActivationStore:
@@ -29,13 +29,13 @@ class ActivationStore:
     _generations = itertools.count()
 
     def __init__(self, mode: str, device: str | torch.device, scratch: str | os.PathLike | None = None):
-        if mode not in OFFLOAD_MODES:
-            raise ValueError(f"--offload-activations {mode!r} is not one of {', '.join(OFFLOAD_MODES)}")
-        self.mode = mode
+        if mode not in OffloadMode.names():
+            raise ValueError(f"--offload-activations {mode!r} is not one of {', '.join(OffloadMode.names())}")
+        self.mode = OffloadMode(mode)
         self.device = torch.device(device)
         self._items: list = []
         self._dir: Path | None = None
-        if mode == "disk":
+        if self.mode is OffloadMode.DISK:
             root = Path(scratch) if scratch is not None else None
             if root is not None:
                 root.mkdir(parents=True, exist_ok=True)
@@ -47,9 +47,9 @@ class ActivationStore:
 
     def append(self, batch: torch.Tensor) -> None:
         batch = batch.detach()
-        if self.mode == "none":
+        if self.mode is OffloadMode.NONE:
             self._items.append(batch.to(self.device))
-        elif self.mode == "cpu":
+        elif self.mode is OffloadMode.CPU:
             self._items.append(batch.to("cpu"))
         else:
             path = self._dir / f"{len(self._items):05d}.safetensors"
@@ -93,7 +93,7 @@ class ActivationStore:
         """A store of ``mode`` holding the batches :meth:`persist` wrote to ``directory``."""
         store = cls(mode, device, scratch)
         for path in sorted(directory.glob("*.safetensors")):
-            if mode == "disk":
+            if store.mode is OffloadMode.DISK:
                 target = store._dir / path.name
                 link_or_copy(path, target)
                 store._items.append(target)

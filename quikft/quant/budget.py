@@ -51,7 +51,7 @@ from tqdm.auto import tqdm
 
 from quikft import arch
 from quikft.bits import layer_bits
-from quikft.config import QuantConfig, resolve_salient
+from quikft.config import BpwError, QuantConfig, QuantMethod, resolve_salient
 from quikft.quant.allocate import BudgetError, Candidate, allocate, reachable
 from quikft.quant.gptq import gptq_row_losses, hessian_objective, row_objective
 from quikft.quant.pipeline import (
@@ -87,9 +87,9 @@ def _relative_error(measured: Mapping[str, Any]) -> float:
     return measured["loss"] / measured["energy"] if measured["energy"] > 0 else measured["loss"]
 
 
-ERRORS: dict[str, ErrorMeasure] = {"fisher": ErrorMeasure(lambda m: m["fisher"], needs_sensitivity=True),
-                                   "relative": ErrorMeasure(_relative_error),
-                                   "output": ErrorMeasure(lambda m: m["loss"])}
+ERRORS: dict[BpwError, ErrorMeasure] = {BpwError.FISHER: ErrorMeasure(lambda m: m["fisher"], needs_sensitivity=True),
+                                        BpwError.RELATIVE: ErrorMeasure(_relative_error),
+                                        BpwError.OUTPUT: ErrorMeasure(lambda m: m["loss"])}
 
 __all__ = ["BudgetError", "ERRORS", "ErrorMeasure", "candidate_settings", "check_budget", "measure_candidates",
            "needs_sensitivity", "plan_budget"]
@@ -133,7 +133,7 @@ def measure_layer(module: nn.Module, name: str, stats: LayerStats, config: Quant
     weight = arch.weight_of(module).float()
     energy = hessian_objective(weight, hessian) if hessian is not None else float(weight.square().sum())
     in_features, out_features = arch.dims_of(module)
-    sample = sample_rows(out_features, channel_weight) if config.method != "rtn" and hessian is not None \
+    sample = sample_rows(out_features, channel_weight) if config.method != QuantMethod.RTN and hessian is not None \
         else RowSample(torch.arange(out_features), torch.ones(out_features, dtype=torch.float64))
     row_losses = _candidate_row_losses(module, (name, stats, hessian), config, sample.rows)
     measured = []
@@ -186,7 +186,7 @@ def _candidate_row_losses(module: nn.Module, layer: tuple[str, LayerStats, torch
     name, stats, hessian = layer
     weight = arch.weight_of(module).float()
     settings = candidate_settings(weight.shape[1])
-    if config.method == "rtn" or hessian is None:
+    if config.method == QuantMethod.RTN or hessian is None:
         schemes = {setting: dataclasses.replace(config, bits=setting[0], salient=setting[1], target_bpw=None)
                    for setting in settings}
         return {setting: row_objective(quantize_linear(module, hessian, stats.columns, scheme, name).weight

@@ -38,7 +38,7 @@ from tqdm.auto import tqdm
 
 from quikft import arch
 from quikft.arch import RoutedExperts, UnsupportedArchitectureError
-from quikft.config import QuantConfig, resolve_salient, salient_request, salient_text
+from quikft.config import QuantConfig, QuantMethod, resolve_salient, salient_request, salient_text
 from quikft.hardware import resolve_device
 from quikft.quant.activations import ActivationStore
 from quikft.quant.gptq import HessianAccumulator, QuantResult, gptq_quantize, rtn_quantize
@@ -436,7 +436,7 @@ def effective_salient(salient: int | float, in_features: int, name: str) -> int:
 def choose_salient(weight: torch.Tensor, stats: ColumnStats, config: QuantConfig, name: str) -> torch.Tensor:
     """The layer's k salient input columns by the configured metric (sorted, int64)."""
     k = effective_salient(config.salient, weight.shape[1], name)
-    metric = resolve_metric(config.metric if config.metric != "custom" else None, config.tau, config.rho, config.gamma)
+    metric = resolve_metric(config.metric, config.tau, config.rho, config.gamma)
     if stats.n_tokens == 0:
         stats = _uniform_stats(weight.shape[1])
     return select_salient(column_scores(weight, stats, metric, config.bits), k)
@@ -451,7 +451,7 @@ def quantize_linear(linear: nn.Module, hessian: torch.Tensor | None, stats: Colu
     weight = arch.weight_of(linear).float()
     if salient is None:
         salient = choose_salient(weight, stats, config, name)
-    if config.method == "rtn" or hessian is None:
+    if config.method == QuantMethod.RTN or hessian is None:
         return rtn_quantize(weight, salient, config.bits, config.group_size, config.sym, config.clip_search,
                             hessian=hessian)
     return gptq_quantize(weight, hessian, salient, config.bits, config.group_size, config.sym,
