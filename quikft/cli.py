@@ -2,14 +2,74 @@
 
 from __future__ import annotations
 
+import dataclasses
 import os
+import types
+import typing
+from collections.abc import Callable, Sequence
+from typing import Any
 
 import click
 
-from quikft.config import RECOVER_MODES, BpwError
+from quikft.config import BITS, RECOVER_MODES, Choice, QuantizeJob, setting_field
+from quikft.eval.results import EvalBackend
+from quikft.eval.tasks import ALL_TASKS, ZeroShotTask
 from quikft.models import DEFAULT_MODEL
 
 MODEL_HELP = f"Model: an alias ({DEFAULT_MODEL}, the default), a hub id or a local directory."
+
+
+def spoken(names: Sequence[object]) -> str:
+    """``a, b or c``: a list of names as help text says it."""
+    words = [str(name) for name in names]
+    return words[0] if len(words) == 1 else f"{', '.join(words[:-1])} or {words[-1]}"
+
+
+def _default_text(decl: str, default: Any) -> str | None:
+    """How help shows a setting's default: the value; on/off, or the chosen name, for a flag pair;
+    nothing for None, an empty list or a lone flag."""
+    if isinstance(default, bool):
+        if "/" not in decl:
+            return None
+        on, off = decl.split("/")
+        if off == on.replace("--", "--no-", 1):
+            return "on" if default else "off"
+        return (on if default else off).removeprefix("--")
+    return None if default in (None, ()) else str(default)
+
+
+def setting_option(config_cls: type, decl: str, help: str = "", *, default_text: str | None = None,
+                   click_choice: bool = True) -> Callable:
+    """A click option for the setting of ``config_cls`` that ``decl`` names (``--dtype-rest``, ``--sym/--asym``).
+
+    The setting's field is the one source: its type gives the option's type (a :class:`Choice` gives
+    ``click.Choice`` of its names, which ``{choices}`` in ``help`` also spells), and its default ends
+    the help as ``[default]`` (or ``default_text``). The option's own default is None, so a value
+    from a YAML preset stands unless the flag is given. ``click_choice=False`` leaves the check to
+    the config (a one-line error instead of click's usage error)."""
+    item, kind = setting_field(config_cls, decl.split("/")[0].removeprefix("--").replace("-", "_"))
+    if isinstance(kind, types.UnionType) and type(None) in typing.get_args(kind):
+        kind = next(option for option in typing.get_args(kind) if option is not type(None))
+    attrs: dict[str, Any] = {}
+    if isinstance(kind, type) and issubclass(kind, Choice):
+        help = help.replace("{choices}", spoken(kind.names()))
+        if click_choice:
+            attrs["type"] = click.Choice(kind.names())
+    elif kind in (int, float):
+        attrs["type"] = kind
+    elif kind is bool and "/" not in decl:
+        attrs["is_flag"] = True
+    elif typing.get_origin(kind) is tuple:
+        attrs["multiple"] = True
+    default = None if item.default is dataclasses.MISSING else item.default
+    shown = default_text or _default_text(decl, default)
+    if shown:
+        help = f"{help.removesuffix('.')} [{shown}]." if help.endswith(".") else f"{help} [{shown}]".lstrip()
+    return click.option(decl, default=None, help=help, **attrs)
+
+
+def quantize_option(decl: str, help: str = "", **kwargs: Any) -> Callable:
+    return setting_option(QuantizeJob, decl, help, **kwargs)
 
 
 class UserError(click.ClickException):
@@ -57,11 +117,11 @@ def main() -> None:
               help="Perplexity dataset (wikitext2, ptb, c4 or a text file); repeatable. "
                    "[wikitext2 when --tasks is not given]")
 @click.option("--tasks", default=None,
-              help="Zero-shot tasks, comma separated: arc_easy, arc_challenge, piqa, hellaswag, boolq, winogrande "
-                   "or all; task=PATH reads that task from a jsonl file.")
+              help=f"Zero-shot tasks, comma separated: {', '.join(ZeroShotTask.names())} or {ALL_TASKS}; "
+                   f"task=PATH reads that task from a jsonl file.")
 @click.option("--limit", type=int, default=None, help="Zero-shot: evaluate only the first N examples of each task.")
 @click.option("--batch-size", default=16, show_default=True, help="Zero-shot: sequences per forward pass.")
-@click.option("--backend", type=click.Choice(["native", "lm-eval"]), default="native", show_default=True,
+@click.option("--backend", type=click.Choice(EvalBackend.names()), default=EvalBackend.NATIVE.value, show_default=True,
               help="Zero-shot scorer: ours, or lm-evaluation-harness on the same model (needs the [eval] extra).")
 @click.option("--split", default="test", show_default=True, help="Split of a named dataset.")
 @click.option("--seqlen", default=2048, show_default=True, help="Window length in tokens (capped at the model's).")
@@ -153,55 +213,49 @@ def generate(prompt, model_name, max_new_tokens, temperature, chat, seed, dtype,
 @main.command()
 @click.option("--config", "config_path", type=click.Path(dir_okay=False), default=None,
               help="YAML preset (see configs/); flags given here override it.")
-@click.option("--model", default=None, help=MODEL_HELP)
-@click.option("--bits", type=int, default=None, help="Bit-width of the non-salient weights: 2, 3, 4 or 8 [3].")
-@click.option("--salient", default=None,
-              help="FP16 input columns kept per linear layer: a count, or a fraction of each layer's inputs "
-                   "(3% or 0.03) [128].")
-@click.option("--target-bpw", type=float, default=None,
-              help="Bits-per-weight budget of the linear layers: bits (2-8) and salient columns (0-64) are chosen "
-                   "per layer from measured errors; replaces --bits and --salient.")
-@click.option("--bpw-error", type=click.Choice(BpwError.names()), default=None,
-              help="What --target-bpw minimises: each layer's output error weighed by the loss's sensitivity to "
-                   "that layer (fisher), relative to its output energy, or absolute [fisher].")
-@click.option("--metric", default=None, help="Saliency metric: gift, quik, owq, wanda or custom [gift].")
-@click.option("--tau", type=float, default=None, help="Metric: norm of the weight error D_j (inf allowed).")
-@click.option("--rho", type=float, default=None, help="Metric: norm of the input column X_j (1, 2 or inf).")
-@click.option("--gamma", type=float, default=None, help="Metric: exponent on ||X_j||.")
-@click.option("--method", type=click.Choice(["gptq", "rtn"]), default=None, help="[gptq]")
-@click.option("--group-size", type=int, default=None, help="Columns per scale; -1 = per row [128].")
-@click.option("--sym/--asym", default=None, help="Symmetric or asymmetric grid [asym].")
-@click.option("--act-order/--no-act-order", default=None, help="GPTQ column order by Hessian diagonal [on].")
-@click.option("--clip-search/--no-clip-search", default=None, help="Search the clipping range per row [on].")
-@click.option("--calib", default=None, help="Calibration data: c4, wikitext2, a name or a file [c4].")
-@click.option("--nsamples", type=int, default=None, help="Calibration windows [128].")
-@click.option("--seqlen", type=int, default=None, help="Tokens per calibration window [512].")
-@click.option("--seed", type=int, default=None, help="[0]")
-@click.option("--batch-size", type=int, default=None, help="Calibration windows per block forward [8].")
-@click.option("--device", default=None,
-              help="Where each block is quantized: auto (cuda when present), cpu, cuda or cuda:N [auto].")
-@click.option("--targets", multiple=True, default=None,
-              help="Quantize only modules whose full name matches this glob (e.g. '*.mlp.*'); repeatable [all].")
-@click.option("--ignore", multiple=True, default=None,
-              help="Keep modules whose full name matches this glob in full precision; repeatable.")
-@click.option("--quantize-lm-head/--no-quantize-lm-head", default=None,
-              help="Also quantize the output layer (a tied one is untied; the embedding stays FP) [off].")
-@click.option("--expert-min-tokens", type=int, default=None,
-              help="MoE: an expert routed fewer calibration tokens takes statistics from all tokens of its "
-                   "layer [128].")
-@click.option("--offload-activations", type=click.Choice(["none", "cpu", "disk"]), default=None,
-              help="Where calibration activations wait between blocks: on the compute device, in host memory, "
-                   "or in files beside --out [none].")
-@click.option("--resume", is_flag=True, default=None,
-              help="Continue an interrupted quantize from its state (<out>.quantize-state) with the same settings.")
-@click.option("--out", default=None, help="Output directory [runs/<model>-w<bits>-k<salient>-<method>].")
-@click.option("--overwrite", is_flag=True, default=None, help="Replace a previous quantize output at --out.")
-@click.option("--fake-quant/--packed", default=None,
-              help="Save dequantized float weights (a debugging format) instead of the packed checkpoint [packed].")
-@click.option("--eval-windows", type=int, default=None,
-              help="Quick WikiText-2 ppl on the first N windows of the stride-8 subset (19 = all of it; 0 = skip) [4].")
-@click.option("--dtype-rest", type=click.Choice(["bf16", "fp16", "fp32"]), default=None,
-              help="Dtype of the unquantized tensors (embeddings, norms, an untied head) in the checkpoint [bf16].")
+@quantize_option("--model", MODEL_HELP)
+@quantize_option("--bits", f"Bit-width of the non-salient weights: {spoken(BITS)}.")
+@quantize_option("--salient", "FP16 input columns kept per linear layer: a count, or a fraction of each layer's "
+                              "inputs (3% or 0.03).")
+@quantize_option("--target-bpw", "Bits-per-weight budget of the linear layers: bits (2-8) and salient columns (0-64) "
+                                 "are chosen per layer from measured errors; replaces --bits and --salient.")
+@quantize_option("--bpw-error", "What --target-bpw minimises: each layer's output error weighed by the loss's "
+                                "sensitivity to that layer (fisher), relative to its output energy, or absolute.")
+# The config's check gives an unknown metric its one-line error (the names also come from a YAML preset).
+@quantize_option("--metric", "Saliency metric: {choices}.", click_choice=False)
+@quantize_option("--tau", "Metric: norm of the weight error D_j (inf allowed).")
+@quantize_option("--rho", "Metric: norm of the input column X_j (1, 2 or inf).")
+@quantize_option("--gamma", "Metric: exponent on ||X_j||.")
+@quantize_option("--method")
+@quantize_option("--group-size", "Columns per scale; -1 = per row.")
+@quantize_option("--sym/--asym", "Symmetric or asymmetric grid.")
+@quantize_option("--act-order/--no-act-order", "GPTQ column order by Hessian diagonal.")
+@quantize_option("--clip-search/--no-clip-search", "Search the clipping range per row.")
+@quantize_option("--calib", "Calibration data: c4, wikitext2, a name or a file.")
+@quantize_option("--nsamples", "Calibration windows.")
+@quantize_option("--seqlen", "Tokens per calibration window.")
+@quantize_option("--seed")
+@quantize_option("--batch-size", "Calibration windows per block forward.")
+@quantize_option("--device", "Where each block is quantized: auto (cuda when present), cpu, cuda or cuda:N.")
+@quantize_option("--targets", "Quantize only modules whose full name matches this glob (e.g. '*.mlp.*'); repeatable.",
+                 default_text="all")
+@quantize_option("--ignore", "Keep modules whose full name matches this glob in full precision; repeatable.")
+@quantize_option("--quantize-lm-head/--no-quantize-lm-head",
+                 "Also quantize the output layer (a tied one is untied; the embedding stays FP).")
+@quantize_option("--expert-min-tokens", "MoE: an expert routed fewer calibration tokens takes statistics from all "
+                                        "tokens of its layer.")
+@quantize_option("--offload-activations", "Where calibration activations wait between blocks: on the compute device, "
+                                          "in host memory, or in files beside --out.")
+@quantize_option("--resume", "Continue an interrupted quantize from its state (<out>.quantize-state) with the same "
+                             "settings.")
+@quantize_option("--out", "Output directory.", default_text="runs/<model>-w<bits>-k<salient>-<method>")
+@quantize_option("--overwrite", "Replace a previous quantize output at --out.")
+@quantize_option("--fake-quant/--packed", "Save dequantized float weights (a debugging format) instead of the packed "
+                                          "checkpoint.")
+@quantize_option("--eval-windows", "Quick WikiText-2 ppl on the first N windows of the stride-8 subset (19 = all of "
+                                   "it; 0 = skip).")
+@quantize_option("--dtype-rest", "Dtype of the unquantized tensors (embeddings, norms, an untied head) in the "
+                                 "checkpoint.")
 @trust_remote_code_option
 @_fail_cleanly
 def quantize(config_path, targets, ignore, **flags):
