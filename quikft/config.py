@@ -285,13 +285,13 @@ class QuantConfig:
     ignore: tuple[str, ...] = ()  # glob patterns of module names to leave in full precision
     quantize_lm_head: bool = False  # also quantize the output layer (untied from the embedding if tied)
     expert_min_tokens: int = 128  # an MoE expert routed fewer calibration tokens uses all of its layer's tokens
-    dtype_rest: RestDtype = RestDtype.BF16  # dtype of the unquantized tensors (embeddings, norms, an untied head) when saved
+    dtype_rest: RestDtype = RestDtype.BF16  # of the unquantized tensors (embeddings, norms, an untied head) when saved
     # A bits-per-weight budget for the quantized linear layers: bits and salient columns are then chosen
     # per layer from measured errors (quikft.quant.budget), and bits/salient above are not used.
     target_bpw: float | None = None
-    # The error --target-bpw minimises (quikft.quant.budget); fisher (output error
-    # weighed by the loss's sensitivity to it) gave the lowest ppl at every budget measured on the default
-    # model (README, accuracy per bit).
+    # The error --target-bpw minimises (quikft.quant.budget); fisher (output error weighed by the loss's
+    # sensitivity to it) gave the lowest ppl at every budget measured on the default model (README,
+    # accuracy per bit).
     bpw_error: BpwError = BpwError.FISHER
 
     def __post_init__(self) -> None:
