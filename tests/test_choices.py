@@ -163,3 +163,14 @@ def test_choice_fields_are_annotated_with_their_enum():
     hints = typing.get_type_hints(QuantConfig)
     assert (hints["method"], hints["metric"], hints["dtype_rest"], hints["bpw_error"]) == (
         QuantMethod, SaliencyMetric, RestDtype, BpwError)
+
+
+def test_lm_eval_schema_adapters_are_found_by_the_plain_task_name(tmp_path):
+    """task_config looks the adapters up by the name a user typed (lm-eval itself is not needed here)."""
+    preprocessed, raw = tmp_path / "pre.jsonl", tmp_path / "raw.jsonl"
+    preprocessed.write_text(json.dumps({"query": "q", "choices": ["a", "b"], "gold": 0}) + "\n")
+    raw.write_text(json.dumps({"ctx_a": "c", "ctx_b": "d", "endings": ["a"], "label": 0}) + "\n")
+    assert SCHEMA_OVERRIDES["hellaswag"](preprocessed) == {"process_docs": None, "doc_to_target": "gold"}
+    assert SCHEMA_OVERRIDES["hellaswag"](raw) == {}
+    assert SCHEMA_OVERRIDES["boolq"](raw)["doc_to_target"]({"label": True}) == 1
+    assert "piqa" not in SCHEMA_OVERRIDES
