@@ -42,7 +42,7 @@ RECOVER_MODES = ("post", "pre", "salient-ft", "lora")
 OFFLOAD_MODES = ("none", "cpu", "disk")
 LOSSES = ("ce", "kd")
 RECOVER_DTYPES = ("auto", "bf16", "fp32")
-SHARDING_MODES = ("ddp", "fsdp2")  # how several recovery processes split the model (quikft.sharding)
+SHARDING_MODES = ("ddp", "fsdp2")  # how several recovery processes split the model (quikft.recovery.sharding)
 
 
 _BRIEF = reprlib.Repr()

@@ -37,7 +37,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from quikft import arch, sharding, train_state
+from quikft import arch
 from quikft.atomic import OutputLock, atomic_directory, prepare_output, write_json
 from quikft.config import ConfigError, QuantConfig, RecoverConfig, build_config
 from quikft.data import calibration_windows, check_source
@@ -54,12 +54,14 @@ from quikft.models import (
     model_reference,
     resolve_model,
 )
-from quikft.nn.gift_linear import unwrap_after_training, wrap_for_training
 from quikft.quant.model import quantize_model
 from quikft.quant.pipeline import select_salient_model
+from quikft.recovery import sharding
+from quikft.recovery import state as train_state
+from quikft.recovery.data import IGNORE, TrainingMixture
+from quikft.recovery.gift_linear import unwrap_after_training, wrap_for_training
+from quikft.recovery.loss import TrainingObjective
 from quikft.runinfo import library_versions, peak_rss_mb
-from quikft.train_data import IGNORE, TrainingMixture
-from quikft.train_loss import TrainingObjective
 
 REPORT_NAME = "recover_report.json"
 FP16_MAX = 65504.0  # trained columns are stored as fp16

@@ -20,7 +20,7 @@ from quikft.data import DataError
 from quikft.models import load_model, load_tokenizer
 from quikft.nn import QuikLinear
 from quikft.recover import recover
-from quikft.train_data import IGNORE, TrainingMixture, encode_instruction
+from quikft.recovery.data import IGNORE, TrainingMixture, encode_instruction
 
 QUIK_KEYS = ("qweight", "qzeros", "scales", "g_idx", "salient_idx")
 

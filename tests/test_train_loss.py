@@ -4,9 +4,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from quikft import train_loss
-from quikft.train_data import IGNORE
-from quikft.train_loss import CausalLMHead, HeadLoss, TrainingObjective, labelled_positions
+from quikft.recovery import loss as train_loss
+from quikft.recovery.data import IGNORE
+from quikft.recovery.loss import CausalLMHead, HeadLoss, TrainingObjective, labelled_positions
 
 
 def _head(vocab=50, hidden=12, seed=0, bias=True):

@@ -14,9 +14,9 @@ from click.testing import CliRunner
 from conftest import recover_config
 from safetensors.torch import load_file, save_file
 
-from quikft import train_state
 from quikft.cli import main
 from quikft.recover import recover, state_dir_for
+from quikft.recovery import state as train_state
 
 PACKAGE = Path(__file__).resolve().parents[1] / "quikft"
 STEPS, SAVE_EVERY = 5, 2  # saves after steps 2 and 4
@@ -121,7 +121,7 @@ KILL_SCRIPT = """
 import os, signal, sys
 sys.path.insert(0, {tests!r})
 from conftest import recover_config
-from quikft import train_state
+from quikft.recovery import state as train_state
 from quikft.recover import recover
 
 real, calls = train_state._write_json, []

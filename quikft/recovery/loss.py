@@ -27,7 +27,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from quikft.train_data import IGNORE
+from quikft.recovery.data import IGNORE
 
 # Rows of logits per chunk: chunk x vocabulary fp32 values stay near this many elements (32 MiB).
 # On the default model (vocabulary 49152, 170 rows) 128-341 rows ran the head's loss and gradient

@@ -1,0 +1,1 @@
+"""GIFT-SW recovery fine-tuning (``quikft recover``)."""
