@@ -11,10 +11,14 @@ from typing import Any
 
 import click
 
-from quikft.config import BITS, RECOVER_MODES, Choice, QuantizeJob, setting_field
+from quikft.config import BITS, Choice, QuantizeJob, setting_field
 from quikft.eval.results import EvalBackend
 from quikft.eval.tasks import ALL_TASKS, ZeroShotTask
 from quikft.models import DEFAULT_MODEL
+from quikft.recovery.config import RECOVER_DTYPES, RecoverConfig
+from quikft.recovery.loss import Loss
+from quikft.recovery.modes import MODES
+from quikft.recovery.sharding import Sharding
 
 MODEL_HELP = f"Model: an alias ({DEFAULT_MODEL}, the default), a hub id or a local directory."
 
@@ -281,13 +285,21 @@ def quantize(config_path, targets, ignore, **flags):
                    f"FP {report['fp_ppl']['ppl']:.3f} -> quantized {report['ppl']['ppl']:.3f}{note}")
 
 
+# --mode, --loss and --sharding: the choices and their help come from the code that implements them.
+MODE_HELP = ", ".join(f"{name} = {mode.summary}" for name, mode in MODES.items()) + f" [{RecoverConfig.mode}]."
+LOSS_HELP = "; ".join(f"{loss.value} = {loss.help}" for loss in Loss) + f" [{RecoverConfig.loss}]."
+_SHARDABLE_MODES = "/".join(name for name, mode in MODES.items() if mode.shardable)
+SHARDING_HELP = "Several processes (accelerate launch): " + "; ".join(
+    f"{choice.value} {choice.help}" + (f" ({_SHARDABLE_MODES})" if choice.shards_parameters else "")
+    for choice in Sharding) + f" [{RecoverConfig.sharding}]."
+
+
 @main.command()
 @click.option("--config", "config_path", type=click.Path(dir_okay=False), default=None,
               help="YAML preset (e.g. configs/gift-sw.yaml); flags override it.")
 @click.option("--model", default=None,
               help="post/salient-ft/lora: a packed checkpoint from `quikft quantize`; pre: a full-precision model.")
-@click.option("--mode", type=click.Choice(RECOVER_MODES), default=None,
-              help="post = Post-GIFT-SW, pre = Pre-GIFT-SW, salient-ft = post without noise, lora = baseline [post].")
+@click.option("--mode", type=click.Choice(list(MODES)), default=None, help=MODE_HELP)
 @click.option("--noise/--no-noise", default=None, help="Inject step-scaled noise [on for post/pre].")
 @click.option("--noise-bits", type=int, default=None, help="Bit-width whose step scales the noise [post 4, pre --bits].")
 @click.option("--bits", type=int, default=None, help="Pre mode: quantize to this many bits after training [3].")
@@ -296,8 +308,7 @@ def quantize(config_path, targets, ignore, **flags):
 @click.option("--quant-config", default=None, help="Pre mode: quantize YAML preset used after training.")
 @click.option("--data", multiple=True, default=None,
               help="Training data, repeatable for a mixture: alpaca, alpaca-gpt4, c4, wikitext2 or a file [alpaca, c4].")
-@click.option("--loss", type=click.Choice(["ce", "kd"]), default=None,
-              help="ce = cross-entropy on responses/text; kd = KL to the FP teacher's logits [ce].")
+@click.option("--loss", type=click.Choice([loss.value for loss in Loss]), default=None, help=LOSS_HELP)
 @click.option("--teacher", default=None, help="KD teacher model [the model the checkpoint was quantized from].")
 @click.option("--steps", type=int, default=None, help="Optimizer steps [100].")
 @click.option("--batch-size", type=int, default=None, help="Rows of --seqlen tokens per micro-batch [4].")
@@ -305,7 +316,7 @@ def quantize(config_path, targets, ignore, **flags):
 @click.option("--seqlen", type=int, default=None, help="Tokens per row [512].")
 @click.option("--lr", type=float, default=None, help="AdamW learning rate, cosine schedule, 3% warmup [1e-4].")
 @click.option("--max-grad-norm", type=float, default=None, help="Gradient clipping; 0 = off [1.0].")
-@click.option("--dtype", type=click.Choice(["auto", "bf16", "fp32"]), default=None,
+@click.option("--dtype", type=click.Choice(RECOVER_DTYPES), default=None,
               help="Autocast dtype of the frozen weights' GEMMs; auto = bf16 where the device runs it natively, "
                    "else fp32 (trainable columns always stay fp32) [auto].")
 @click.option("--bf16/--fp32", "bf16", default=None, help="Force bf16 or fp32 autocast (wins over --dtype).")
@@ -321,9 +332,8 @@ def quantize(config_path, targets, ignore, **flags):
 @click.option("--eval-before/--no-eval-before", default=None, help="Also measure the input model's ppl [on].")
 @click.option("--save-every", type=int, default=None, help="Resumable state every N steps; 0 = never [0].")
 @click.option("--resume", is_flag=True, default=None, help="Continue an interrupted run from its saved state.")
-@click.option("--sharding", type=click.Choice(["ddp", "fsdp2"]), default=None,
-              help="Several processes (accelerate launch): ddp keeps a replica per process; fsdp2 shards the "
-                   "trainable columns, their optimizer state and the float weights (post/salient-ft) [ddp].")
+@click.option("--sharding", type=click.Choice([choice.value for choice in Sharding]), default=None,
+              help=SHARDING_HELP)
 @click.option("--device", default=None, help="auto (cuda when present), cpu or cuda [auto].")
 @click.option("--out", default=None, help="Output directory [runs/<model>-<mode>].")
 @click.option("--overwrite", is_flag=True, default=None, help="Replace a previous recover output at --out.")
@@ -331,9 +341,9 @@ def quantize(config_path, targets, ignore, **flags):
 @_fail_cleanly
 def recover(config_path, data, **flags):
     """Recover a quantized model with GIFT-SW: train only the salient columns, with noise on the rest."""
-    from quikft.config import RecoverConfig, build_config
-    from quikft.recover import MODES, end_distributed
-    from quikft.recover import recover as run_recover
+    from quikft.config import build_config
+    from quikft.recovery import recover as run_recover
+    from quikft.recovery.job import end_distributed
 
     config = build_config(RecoverConfig, config_path, data=tuple(data) or None, **flags)
     try:

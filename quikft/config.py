@@ -6,8 +6,10 @@ Two kinds of settings are kept apart:
 - :class:`QuantConfig` is the quantization *scheme*: every setting that determines the
   quantized weights (bits, salient columns, metric, grid, calibration recipe). It is what a
   packed checkpoint records.
-- :class:`QuantizeJob` and :class:`RecoverConfig` are *jobs*: which model, where the output
-  goes, which device, how much to evaluate. A checkpoint never records them.
+- :class:`QuantizeJob` and :class:`quikft.recovery.config.RecoverConfig` are *jobs*: which model,
+  where the output goes, which device, how much to evaluate. A checkpoint never records them. The
+  recovery settings live with recovery, whose modes, losses and sharding choices name them; they
+  are built and checked with this module's :func:`build_config` and :func:`check_settings`.
 
 Defaults follow the paper (GIFT-SW, 128 salient columns, ``gift`` metric) and GPTQ (asymmetric,
 group 128, act-order, 1% damping). Calibration defaults (128 windows of 512 C4 tokens) are
@@ -45,10 +47,6 @@ import yaml
 
 BITS = (2, 3, 4, 8)
 SUPPORTED_RHO = (1.0, 2.0, math.inf)  # the input norms the streamed column statistics can give
-RECOVER_MODES = ("post", "pre", "salient-ft", "lora")
-LOSSES = ("ce", "kd")
-RECOVER_DTYPES = ("auto", "bf16", "fp32")
-SHARDING_MODES = ("ddp", "fsdp2")  # how several recovery processes split the model (quikft.sharding)
 
 
 class Choice(enum.StrEnum):
@@ -256,6 +254,18 @@ def _one_of(name: str, value: str, allowed: type[Choice] | tuple[str, ...], what
     return allowed(value) if isinstance(allowed, type) else value
 
 
+def check_settings(config: Any, choices: dict[str, tuple[str, ...]] | None = None, positive: tuple[str, ...] = (),
+                   non_negative: tuple[str, ...] = ()) -> None:
+    """The checks of a settings dataclass defined outside this module (:mod:`quikft.recovery.config`):
+    every field against its annotation, then each named choice, the positive and the non-negative
+    settings; the first failure is a one-line :class:`ConfigError` naming the setting."""
+    _check_types(config)
+    for name, allowed in (choices or {}).items():
+        _one_of(name, getattr(config, name), allowed)
+    _positive(config, positive)
+    _non_negative(config, non_negative)
+
+
 # ------------------------------------------------------------------------------------ quantize
 
 @dataclass
@@ -366,77 +376,6 @@ class QuantizeJob:
         """Flat, with the names of the CLI flags (as reports record it)."""
         out = {item.name: plain(getattr(self, item.name)) for item in fields(self) if item.name != "quant"}
         return {**out, **self.quant.to_dict()}
-
-
-# ------------------------------------------------------------------------------------ recover
-
-@dataclass
-class RecoverConfig:
-    """GIFT-SW recovery (SPEC §5). Optimiser defaults are the paper's (AdamW, weight decay 0, lr 1e-4,
-    cosine with 3% warmup); the step budget is sized for a CPU (the paper: 500 steps of batch 128,
-    see configs/gift-sw-paper.yaml). ``None`` means "decided by the mode or the preset"."""
-
-    model: str | None = None  # post/salient-ft/lora: a packed checkpoint; pre: a full-precision model
-    mode: str = "post"  # post | pre | salient-ft | lora (a LoRA baseline on the quantized model)
-    noise: bool | None = None  # None: on for post/pre, off for salient-ft
-    noise_bits: int | None = None  # None: 4 in post mode (paper §6.3), the target bits in pre mode
-    bits: int | None = None  # pre mode: quantize to this many bits after training [quant_config's, else 3]
-    # pre mode: salient columns per linear, a count or a fraction [quant_config's, else 128]
-    salient: int | float | None = field(default=None, metadata={"parse": parse_salient})
-    quant_config: str | None = None  # pre mode: a quantize YAML preset (bits/salient above override it)
-    data: tuple[str, ...] = ("alpaca", "c4")  # names or paths; several = a round-robin mixture
-    loss: str = "ce"  # ce | kd (KL to the full-precision teacher's logits)
-    teacher: str | None = None  # kd teacher; None = the model the checkpoint was quantized from
-    kd_temperature: float = 1.0
-    steps: int = 100
-    batch_size: int = 4  # rows per optimizer step and micro-batch, summed over processes
-    grad_accum: int = 1
-    seqlen: int = 512
-    lr: float = 1e-4
-    weight_decay: float = 0.0
-    warmup_ratio: float = 0.03
-    max_grad_norm: float = 1.0
-    dtype: str = "auto"  # autocast dtype of the frozen weights' GEMMs: auto (quikft.hardware) | bf16 | fp32
-    bf16: bool | None = None  # --bf16/--fp32: an explicit choice that wins over dtype
-    gradient_checkpointing: bool = False
-    cache_base: bool = True  # post mode: keep the dequantized frozen weights (memory for speed)
-    lora_rank: int = 64  # lora mode; 64 matches k=128's trainable parameters on SmolLM2-135M
-    seed: int = 0
-    eval_every: int = 0  # quick ppl every N steps (0: only before and after)
-    save_every: int = 0  # resumable training state every N steps (0: never)
-    resume: bool = False
-    eval_windows: int = 4
-    eval_stride: int = 8
-    eval_seqlen: int = 2048
-    eval_before: bool = True  # also measure the input's ppl (skip when it is already known)
-    device: str = "auto"  # auto: cuda when present, else cpu
-    sharding: str = "ddp"  # several processes: ddp (replicas) | fsdp2 (parameters and optimizer state sharded)
-    out: str | None = None
-    overwrite: bool = False  # replace a previous recover output at --out
-    trust_remote_code: bool = False  # run a hub model's own Python code (only for models you trust)
-
-    def __post_init__(self) -> None:
-        self.validate()
-
-    def validate(self) -> None:
-        _check_types(self)
-        _one_of("mode", self.mode, RECOVER_MODES)
-        _one_of("loss", self.loss, LOSSES)
-        _one_of("dtype", self.dtype, RECOVER_DTYPES)
-        _one_of("sharding", self.sharding, SHARDING_MODES)
-        for name in ("bits", "noise_bits"):
-            if getattr(self, name) is not None:
-                check_bits(getattr(self, name), name)
-        _positive(self, ("steps", "batch_size", "grad_accum", "seqlen", "lora_rank", "eval_stride", "eval_seqlen",
-                         "kd_temperature"))
-        _non_negative(self, ("lr", "weight_decay", "max_grad_norm", "eval_every", "save_every", "eval_windows"))
-        if not 0 <= self.warmup_ratio < 1:
-            raise ConfigError(f"warmup_ratio must lie in [0, 1) (got {self.warmup_ratio})", "warmup_ratio")
-
-    def to_dict(self) -> dict[str, Any]:
-        out = asdict(self)
-        out["data"] = list(self.data)
-        return out
 
 
 # ------------------------------------------------------------------------------------ building

@@ -141,7 +141,7 @@ def random_quik(out_features=24, in_features=40, k=6, bits=3, seed=0, bias=False
 
 def recover_config(model, corpus: dict[str, str], out: Path, **changes):
     """A few-second recovery of the tiny model (fp32, no evaluation)."""
-    from quikft.config import RecoverConfig
+    from quikft.recovery import RecoverConfig
 
     settings = dict(model=str(model), data=(corpus["instructions"], corpus["text"]), steps=4, batch_size=2,
                     seqlen=32, lr=1e-3, eval_windows=0, bf16=False, out=str(out))

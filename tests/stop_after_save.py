@@ -3,17 +3,17 @@ a recovery interrupted mid-run, for the resume tests of a multi-process launch."
 
 import sys
 
-import quikft.recover as recover
+from quikft.recovery.session import TrainingSession
 
-real_save = recover._save_state
+real_save = TrainingSession.save
 
 
-def save_then_stop(*args, **kwargs):
-    real_save(*args, **kwargs)
+def save_then_stop(session, step):
+    real_save(session, step)
     raise SystemExit(3)
 
 
-recover._save_state = save_then_stop
+TrainingSession.save = save_then_stop
 
 from quikft.cli import main  # noqa: E402
 

@@ -13,12 +13,12 @@ from safetensors.torch import load_file
 
 from quikft import arch
 from quikft.checkpoint import load, save_packed
-from quikft.config import QuantConfig, RecoverConfig
+from quikft.config import QuantConfig
 from quikft.data import calibration_windows
 from quikft.eval.ppl import evaluate_ppl
 from quikft.nn import QuikLinear
 from quikft.quant.model import quantize_model
-from quikft.recover import recover
+from quikft.recovery import RecoverConfig, recover
 
 pytestmark = pytest.mark.usefixtures("exact_kernels")
 

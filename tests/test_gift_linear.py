@@ -5,9 +5,9 @@ import torch
 from conftest import random_quik as _quik
 from torch import nn
 
-from quikft.nn.gift_linear import GiftLinear, gift_layers, unwrap_after_training, wrap_for_training
 from quikft.quant.grid import paper_step
-from quikft.recover import set_activation_checkpointing
+from quikft.recovery.gift_linear import GiftLinear, gift_layers, unwrap_after_training, wrap_for_training
+from quikft.recovery.training import set_activation_checkpointing
 
 
 def _linear(out_features=24, in_features=40, seed=0, bias=False):

@@ -22,8 +22,9 @@ from test_checkpoint import CORRUPTIONS, DOWN
 import quikft.models
 from quikft.checkpoint import load, read_header
 from quikft.cli import main
-from quikft.config import RECOVER_MODES
-from quikft.recover import recover
+from quikft.recovery import MODES, recover
+from quikft.recovery.loss import Loss
+from quikft.recovery.sharding import Sharding
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -419,13 +420,15 @@ def test_checkpoints_record_the_scheme_not_the_job_and_kd_uses_the_recorded_sour
     assert report["config"]["teacher"] == str(tiny_dir) == report["source_model"]
 
 
-def test_recovery_modes_are_not_dispatched_on_strings():
-    """Modes are objects chosen once (quikft.recover.MODES): no module compares against a mode's name."""
+def test_recovery_choices_are_not_dispatched_on_strings():
+    """Modes are objects chosen once (quikft.recovery.MODES), losses and sharding enums: no module compares
+    against the name of a mode, a loss or a sharding choice."""
+    choices = {*MODES, *(loss.value for loss in Loss), *(choice.value for choice in Sharding)}
     for path in (REPO / "quikft").rglob("*.py"):
         for node in ast.walk(ast.parse(path.read_text())):
             if isinstance(node, ast.Compare):
                 names = [c.value for c in [node.left, *node.comparators] if isinstance(c, ast.Constant)]
-                assert not set(names) & set(RECOVER_MODES), f"{path.name}:{node.lineno} compares a mode name"
+                assert not set(names) & choices, f"{path.name}:{node.lineno} compares a recovery choice's name"
 
 
 def test_ci_runs_ruff_before_the_tests_and_the_readme_test_command_verbatim():

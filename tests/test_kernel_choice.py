@@ -235,7 +235,7 @@ def test_tied_head_is_left_alone_when_bf16_would_round_it():
 def test_trained_salient_columns_reach_a_layer_whose_kernel_held_them(timings):
     """GIFT-SW writes trained salient columns back into a layer that an inference load had prepared
     (its fp16 copy dropped for the kernel's fp32 one): the write lands, and no kernel keeps the old ones."""
-    from quikft.nn.gift_linear import GiftLinear
+    from quikft.recovery.gift_linear import GiftLinear
 
     layer = exact_layer(4, 6, (48, 128), 64, True, bias=True)
     prepare_for_inference(layer, CPU, torch.float32, kernel="cpu-ort-int8")

@@ -12,15 +12,15 @@ from click.testing import CliRunner
 from conftest import accelerate_launch, launch_errors, recover_config
 from safetensors.torch import load_file
 
-import quikft.recover as recover_module
+import quikft.recovery.job
 from quikft.checkpoint import load, stored_bits
 from quikft.cli import main
-from quikft.config import RecoverConfig
 from quikft.data import DataError
 from quikft.models import load_model, load_tokenizer
 from quikft.nn import QuikLinear
-from quikft.recover import recover
-from quikft.train_data import IGNORE, TrainingMixture, encode_instruction
+from quikft.recovery import RecoverConfig, recover
+from quikft.recovery.data import IGNORE, TrainingMixture, encode_instruction
+from quikft.recovery.session import TrainingSession
 
 QUIK_KEYS = ("qweight", "qzeros", "scales", "g_idx", "salient_idx")
 
@@ -127,19 +127,19 @@ def test_a_few_steps_lower_the_training_loss(packed, corpus, tmp_path):
 def test_resume_ends_with_the_weights_of_an_uninterrupted_run(packed, corpus, tmp_path, monkeypatch):
     straight = recover(_config(packed, corpus, tmp_path / "a", mode="post", steps=6), progress=False)
     config = _config(packed, corpus, tmp_path / "b", mode="post", steps=6, save_every=2)
-    real_save = recover_module._save_state
+    real_save = TrainingSession.save
     saves = []
 
-    def crash_after_second_save(*args, **kwargs):
-        real_save(*args, **kwargs)
-        saves.append(args[2])
+    def crash_after_second_save(session, step):
+        real_save(session, step)
+        saves.append(step)
         if len(saves) == 2:
             raise KeyboardInterrupt
 
-    monkeypatch.setattr(recover_module, "_save_state", crash_after_second_save)
+    monkeypatch.setattr(TrainingSession, "save", crash_after_second_save)
     with pytest.raises(KeyboardInterrupt):
         recover(config, progress=False)
-    monkeypatch.setattr(recover_module, "_save_state", real_save)
+    monkeypatch.setattr(TrainingSession, "save", real_save)
     assert not os.path.exists(config.out)  # nothing half-written
     with pytest.raises(FileExistsError, match="--resume"):
         recover(config, progress=False)
@@ -154,7 +154,7 @@ def test_resume_ends_with_the_weights_of_an_uninterrupted_run(packed, corpus, tm
 
 def test_resume_refuses_changed_settings(packed, corpus, tmp_path, monkeypatch):
     config = _config(packed, corpus, tmp_path, mode="post", steps=4, save_every=2)
-    monkeypatch.setattr(recover_module, "finish", lambda *a, **k: (_ for _ in ()).throw(KeyboardInterrupt))
+    monkeypatch.setattr(quikft.recovery.job, "finish", lambda *a, **k: (_ for _ in ()).throw(KeyboardInterrupt))
     with pytest.raises(KeyboardInterrupt):
         recover(config, progress=False)
     monkeypatch.undo()
@@ -228,6 +228,30 @@ def test_modes_refuse_the_wrong_kind_of_input(packed, tiny_dir, corpus, tmp_path
         RecoverConfig(mode="full")
     with pytest.raises(ValueError, match="bits"):
         RecoverConfig(noise_bits=5)
+
+
+def test_a_mode_is_one_registered_class(packed, corpus, tmp_path, monkeypatch):
+    """The CLI's choices, the config's check and the report's label come from the registries: a new mode
+    is a class added to MODES (here: salient-ft under another name and label)."""
+    from quikft.eval.report import recover_rows
+    from quikft.recovery.loss import Loss
+    from quikft.recovery.modes import MODES, SalientFtMode
+    from quikft.recovery.sharding import Sharding
+
+    choices = {param.name: list(param.type.choices) for param in main.commands["recover"].params
+               if hasattr(param.type, "choices")}
+    assert choices["mode"] == list(MODES) and choices["loss"] == [loss.value for loss in Loss]
+    assert choices["sharding"] == [choice.value for choice in Sharding]
+
+    class ToyMode(SalientFtMode):
+        name, summary, label = "toy", "a test mode", "Toy FT"
+
+    with pytest.raises(ValueError, match="unknown mode 'toy'"):
+        RecoverConfig(mode="toy")
+    monkeypatch.setitem(MODES, "toy", ToyMode())
+    report = recover(_config(packed, corpus, tmp_path, mode="toy", steps=1), progress=False)
+    assert report["config"]["mode"] == "toy" and report["config"]["noise"] is False
+    assert recover_rows(report, "run")[0].method == "Toy FT"
 
 
 def test_cli_recover_and_one_line_errors(packed, corpus, tmp_path):

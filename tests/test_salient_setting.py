@@ -5,18 +5,18 @@ import pytest
 from click.testing import CliRunner
 
 import quikft.quantize
-import quikft.recover
+import quikft.recovery
 from quikft.checkpoint import CheckpointError, validate_quantization_config
 from quikft.cli import main
 from quikft.config import (
     ConfigError,
     QuantConfig,
     QuantizeJob,
-    RecoverConfig,
     build_config,
     resolve_salient,
     salient_text,
 )
+from quikft.recovery import RecoverConfig
 
 
 @pytest.mark.parametrize(("given", "stored"), [(128, 128), (0, 0), ("128", 128), (0.03, 0.03), ("0.03", 0.03),
@@ -68,7 +68,7 @@ def test_cli_flags_take_a_fraction(monkeypatch, tmp_path):
         raise SystemExit(0)
 
     monkeypatch.setattr(quikft.quantize, "quantize", stop)
-    monkeypatch.setattr(quikft.recover, "recover", stop)
+    monkeypatch.setattr(quikft.recovery, "recover", stop)
     CliRunner().invoke(main, ["quantize", "--salient", "3%", "--out", str(tmp_path / "o")])
     CliRunner().invoke(main, ["recover", "--mode", "pre", "--salient", "0.05", "--out", str(tmp_path / "r")])
     assert isinstance(seen[0], QuantizeJob) and seen[0].quant.salient == 0.03
@@ -79,7 +79,7 @@ def test_cli_flags_take_a_fraction(monkeypatch, tmp_path):
 @pytest.mark.parametrize("value", BAD[:4])
 def test_cli_refuses_a_bad_salient_in_one_line_before_any_work(command, value, monkeypatch):
     monkeypatch.setattr(quikft.quantize, "quantize", lambda *a, **k: pytest.fail("the job ran"))
-    monkeypatch.setattr(quikft.recover, "recover", lambda *a, **k: pytest.fail("the job ran"))
+    monkeypatch.setattr(quikft.recovery, "recover", lambda *a, **k: pytest.fail("the job ran"))
     result = CliRunner().invoke(main, [command, "--salient", value])
     assert result.exit_code != 0 and result.output.count("\n") == 1
     assert "salient" in result.output and "neither a count" in result.output

@@ -145,7 +145,7 @@ def test_the_cli_refuses_a_budget_in_one_line_before_loading(tiny_dir, text_file
 def test_a_mixed_checkpoint_recovers_and_evaluates(mixed, corpus, tmp_path, text_file):
     from conftest import recover_config
 
-    from quikft.recover import recover
+    from quikft.recovery import recover
 
     out, _, plan, _ = mixed
     report = recover(recover_config(out, corpus, tmp_path / "post", steps=2), progress=False)
@@ -161,7 +161,7 @@ def test_a_mixed_checkpoint_recovers_and_evaluates(mixed, corpus, tmp_path, text
 def test_pre_mode_refuses_a_budget_preset(tiny_dir, corpus, tmp_path):
     from conftest import recover_config
 
-    from quikft.recover import recover
+    from quikft.recovery import recover
 
     preset = tmp_path / "budget.yaml"
     preset.write_text("target_bpw: 4.0\n")

@@ -4,9 +4,17 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from quikft import train_loss
-from quikft.train_data import IGNORE
-from quikft.train_loss import CausalLMHead, HeadLoss, TrainingObjective, labelled_positions
+from quikft.recovery import loss as train_loss
+from quikft.recovery.data import IGNORE
+from quikft.recovery.loss import (
+    CausalLMHead,
+    Distillation,
+    HeadLoss,
+    TeacherTargets,
+    TokenTargets,
+    TrainingObjective,
+    labelled_positions,
+)
 
 
 def _head(vocab=50, hidden=12, seed=0, bias=True):
@@ -20,7 +28,7 @@ def test_head_loss_ce_equals_cross_entropy_and_its_gradient(monkeypatch, chunk_e
     weight, bias = _head()
     hidden = torch.randn(10, 12, requires_grad=True)
     targets = torch.randint(0, 50, (10,))
-    got = HeadLoss.apply(hidden, weight, bias, targets, None, None, None, 1.0)
+    got = HeadLoss.apply(hidden, weight, bias, TokenTargets(targets))
     (got * 2).backward()
     reference_hidden = hidden.detach().clone().requires_grad_(True)
     expected = F.cross_entropy(F.linear(reference_hidden, weight, bias), targets, reduction="sum")
@@ -36,7 +44,7 @@ def test_head_loss_kd_equals_scaled_kl_and_its_gradient(monkeypatch, temperature
     teacher_weight, _ = _head(hidden=8, seed=1)
     hidden = torch.randn(9, 12, requires_grad=True)
     teacher_hidden = torch.randn(9, 8)
-    got = HeadLoss.apply(hidden, weight, bias, None, teacher_hidden, teacher_weight, None, temperature)
+    got = HeadLoss.apply(hidden, weight, bias, TeacherTargets(teacher_hidden, teacher_weight, None, temperature))
     got.backward()
     reference_hidden = hidden.detach().clone().requires_grad_(True)
     student = F.linear(reference_hidden, weight, bias) / temperature
@@ -80,7 +88,7 @@ def test_objective_equals_the_full_logits_loss_and_gradient(tiny, kd, monkeypatc
     trained.requires_grad_(True)
     ids, labels = _batch(len(tokenizer))
     monkeypatch.setattr(train_loss, "CHUNK_ELEMENTS", 7 * len(tokenizer))
-    objective = TrainingObjective(model, torch.float32, ids, teacher, temperature=1.5)
+    objective = TrainingObjective(model, torch.float32, ids, None if teacher is None else Distillation(teacher, 1.5))
     assert objective.fused
     fused = objective(ids, labels)
     fused.backward()

@@ -14,9 +14,10 @@ from click.testing import CliRunner
 from conftest import recover_config
 from safetensors.torch import load_file, save_file
 
-from quikft import train_state
 from quikft.cli import main
-from quikft.recover import recover, state_dir_for
+from quikft.recovery import recover
+from quikft.recovery import state as train_state
+from quikft.recovery.run import state_dir_for
 
 PACKAGE = Path(__file__).resolve().parents[1] / "quikft"
 STEPS, SAVE_EVERY = 5, 2  # saves after steps 2 and 4
@@ -86,7 +87,7 @@ def test_a_save_makes_a_known_number_of_writes(packed, corpus, tmp_path, monkeyp
     config = recover_config(packed, corpus, tmp_path / "out", steps=STEPS, save_every=SAVE_EVERY)
     with pytest.raises(Killed):
         # stop after the second save, before the run finishes
-        monkeypatch.setattr("quikft.recover.finish", lambda *a, **k: (_ for _ in ()).throw(Killed))
+        monkeypatch.setattr("quikft.recovery.job.finish", lambda *a, **k: (_ for _ in ()).throw(Killed))
         recover(config, progress=False)
     # remove leftover, rng tensors + json, trainable, optimizer, state.json, manifest, previous step
     assert counter["writes"] == 8
@@ -100,7 +101,7 @@ def test_a_kill_at_any_write_of_a_save_resumes_bit_identically(packed, corpus, t
     with monkeypatch.context() as patch:
         _count_writes(patch, kill_at, save)
         if kill_at == 8:  # after the last write of the last save: stop before the output is written
-            patch.setattr("quikft.recover.finish", lambda *a, **k: (_ for _ in ()).throw(Killed))
+            patch.setattr("quikft.recovery.job.finish", lambda *a, **k: (_ for _ in ()).throw(Killed))
         with pytest.raises(Killed):
             recover(config, progress=False)
     assert not Path(config.out).exists()
@@ -121,8 +122,8 @@ KILL_SCRIPT = """
 import os, signal, sys
 sys.path.insert(0, {tests!r})
 from conftest import recover_config
-from quikft import train_state
-from quikft.recover import recover
+from quikft.recovery import state as train_state
+from quikft.recovery import recover
 
 real, calls = train_state._write_json, []
 def write_json(path, data):

@@ -19,13 +19,12 @@ from quikft.atomic import write_text
 from quikft.config import salient_text
 from quikft.data import DataError
 from quikft.eval.results import EvalBackend
+from quikft.recovery.modes import mode_label
 
 # Files a model directory always has and that are never run reports: skipped without a note.
 MODEL_FILES = {"config.json", "generation_config.json", "tokenizer.json", "tokenizer_config.json",
                "special_tokens_map.json", "added_tokens.json", "vocab.json", "chat_template.json"}
 PLOT_HINT = 'pip install -e ".[report]"'
-# Recover modes as the table names them (lora and salient-ft are the paper's baselines).
-RECOVER_METHODS = {"post": "GIFT-SW (post)", "pre": "GIFT-SW (pre)", "salient-ft": "salient FT", "lora": "LoRA"}
 
 
 @dataclass
@@ -157,7 +156,7 @@ def recover_rows(data: dict, run: str) -> list[RunRow]:
     noise = (f"noise {noise_bits}-bit" if noise_bits else "noise") if config.get("noise") else ""
     notes = [f"ppl before {before:.2f}" if before is not None else "", noise]
     curve = [p for p in data.get("loss_curve") or [] if isinstance(p, dict) and _number(p.get("loss")) is not None]
-    row = RunRow(run=run, method=RECOVER_METHODS.get(mode, f"GIFT-SW ({mode})" if mode else "GIFT-SW"), model=model,
+    row = RunRow(run=run, method=mode_label(mode), model=model,
                  bits=_int(data.get("bits", config.get("bits"))), salient=_salient(data.get("salient", config.get("salient"))),
                  **_bpw(data), ppl=ppl, ppl_windows=windows, seconds=_number(data.get("seconds")), loss_curve=curve, notes=", ".join(n for n in notes if n))
     return [row, *_fp_row(data.get("fp_ppl"), model)]

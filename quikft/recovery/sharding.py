@@ -1,12 +1,13 @@
-"""FSDP2 (``torch.distributed.fsdp.fully_shard``) for GIFT-SW recovery.
+"""How several recovery processes split the model (``--sharding``), and FSDP2 for GIFT-SW recovery.
 
-Under ``--sharding fsdp2`` every decoder block (found by :mod:`quikft.arch`) and then the whole
-model become FSDP2 units: each parameter is a ``DTensor`` sharded along its first dimension
-across the processes, gathered for its unit's forward and backward and freed after, and its
-gradient is reduce-scattered (averaged over processes, as DDP's all-reduce averages). The
-trainable salient slices (``GiftLinear.salient_weight``, fp32, out x k) and so their AdamW
-state are sharded; so are the frozen float parameters (embeddings, norms, an unquantized
-head).
+:class:`Sharding` names the choices (the CLI's ``--sharding`` and the config's check come from
+it). Under ``--sharding ddp`` each process holds a replica (accelerate's DDP). Under ``--sharding
+fsdp2`` every decoder block (found by :mod:`quikft.arch`) and then the whole model become FSDP2
+units: each parameter is a ``DTensor`` sharded along its first dimension across the processes,
+gathered for its unit's forward and backward and freed after, and its gradient is reduce-scattered
+(averaged over processes, as DDP's all-reduce averages). The trainable salient slices
+(``GiftLinear.salient_weight``, fp32, out x k) and so their AdamW state are sharded; so are the
+frozen float parameters (embeddings, norms, an unquantized head).
 
 The packed frozen weights are buffers (int32 codes, fp16 scales) and stay replicated: FSDP2
 shards parameters only, and keeping the codes as buffers needs no float re-typing of integer
@@ -25,12 +26,31 @@ same format as a one-process run's.
 from __future__ import annotations
 
 import contextlib
+import enum
 from collections.abc import Iterator
 
 import torch
 from torch import nn
 
 from quikft import arch
+
+
+class Sharding(str, enum.Enum):
+    """How several processes (``accelerate launch``) split the model; the values are the ``--sharding`` names."""
+
+    DDP = "ddp"
+    FSDP2 = "fsdp2"
+
+    @property
+    def help(self) -> str:
+        """What the choice does, for the CLI's help."""
+        return {Sharding.DDP: "keeps a replica per process",
+                Sharding.FSDP2: "shards the trainable columns, their optimizer state and the float weights"}[self]
+
+    @property
+    def shards_parameters(self) -> bool:
+        """Whether parameters and optimizer state are split across the processes (else replicated)."""
+        return self is Sharding.FSDP2
 
 
 def is_sharded(param: torch.Tensor) -> bool:
@@ -48,11 +68,6 @@ def shard_model(model: nn.Module, device: torch.device | str) -> nn.Module:
         fully_shard(block, mesh=mesh)
     fully_shard(model, mesh=mesh)
     return model
-
-
-def trainable_parameters(model: nn.Module) -> dict[str, nn.Parameter]:
-    """The model's parameters with gradients, by name (after sharding: the ``DTensor`` ones)."""
-    return {name: param for name, param in model.named_parameters() if param.requires_grad}
 
 
 def full_state(params: dict[str, nn.Parameter]) -> dict[str, torch.Tensor]:

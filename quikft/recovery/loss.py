@@ -1,12 +1,14 @@
-"""The recovery training losses, computed on the labelled positions only.
+"""The recovery training losses (``--loss``), computed on the labelled positions only.
 
-``quikft recover`` trains on rows whose prompt tokens carry no label (instruction data: loss on
-responses only), so the head's logits are needed only where a label is. :class:`TrainingObjective`
-runs the decoder once, keeps the final hidden states of the labelled positions and evaluates the
-head over them in chunks of rows, forming the gradient with respect to those hidden states in the
-same pass (:class:`HeadLoss`); no full (tokens x vocabulary) logits tensor, fp32 copy of it or
-log-softmax backward over every token is ever built. With ``--loss kd`` the teacher's head runs
-over the same positions, chunk by chunk, without gradient.
+:class:`Loss` names the choices (cross-entropy or distillation from a teacher); the CLI's
+``--loss`` and the config's check come from it. ``quikft recover`` trains on rows whose prompt
+tokens carry no label (instruction data: loss on responses only), so the head's logits are needed
+only where a label is. :class:`TrainingObjective` runs the decoder once, keeps the final hidden
+states of the labelled positions and evaluates the head over them in chunks of rows, forming the
+gradient with respect to those hidden states in the same pass (:class:`HeadLoss`); no full (tokens
+x vocabulary) logits tensor, fp32 copy of it or log-softmax backward over every token is ever
+built. With ``--loss kd`` the teacher's head runs over the same positions, chunk by chunk, without
+gradient.
 
 The sums equal the plain formulas up to float rounding:
 
@@ -22,17 +24,44 @@ logits, still restricted to the labelled positions.
 from __future__ import annotations
 
 import contextlib
+import enum
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from quikft.train_data import IGNORE
+from quikft.recovery.data import IGNORE
 
 # Rows of logits per chunk: chunk x vocabulary fp32 values stay near this many elements (32 MiB).
 # On the default model (vocabulary 49152, 170 rows) 128-341 rows ran the head's loss and gradient
 # over 1490 positions in 1.38-1.45 s at one thread, 32 rows in 2.15 s and 745 rows in 1.98 s.
 CHUNK_ELEMENTS = 1 << 23
+
+
+class Loss(str, enum.Enum):
+    """The training loss; the values are the ``--loss`` names."""
+
+    CE = "ce"
+    KD = "kd"
+
+    @property
+    def help(self) -> str:
+        """What the loss is, for the CLI's help."""
+        return {Loss.CE: "cross-entropy on responses/text", Loss.KD: "KL to the FP teacher's logits"}[self]
+
+    @property
+    def needs_teacher(self) -> bool:
+        """Whether the run loads a full-precision teacher (:class:`Distillation`)."""
+        return self is Loss.KD
+
+
+@dataclass(frozen=True)
+class Distillation:
+    """``--loss kd``: the frozen full-precision teacher and the softmax temperature T."""
+
+    teacher: nn.Module
+    temperature: float = 1.0
 
 
 def chunk_rows(vocab: int) -> int:
@@ -43,8 +72,36 @@ def _logits(hidden: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
     return F.linear(hidden.to(weight.dtype), weight, bias).float()
 
 
+@dataclass(frozen=True)
+class TokenTargets:
+    """Cross-entropy targets: the labelled next token of each position."""
+
+    tokens: Tensor
+
+    def chunk(self, rows: slice, logits: Tensor) -> tuple[Tensor, Tensor]:
+        """The summed loss of the positions ``rows`` (whose student logits are ``logits``) and its gradient."""
+        return _ce_chunk(logits, self.tokens[rows])
+
+
+@dataclass(frozen=True)
+class TeacherTargets:
+    """Distillation targets: the teacher's final hidden states at the same positions, its head in the
+    compute dtype, and the temperature."""
+
+    hidden: Tensor
+    weight: Tensor
+    bias: Tensor | None
+    temperature: float
+
+    def chunk(self, rows: slice, logits: Tensor) -> tuple[Tensor, Tensor]:
+        """The T²-scaled KL of the positions ``rows`` (whose student logits are ``logits``) and its gradient."""
+        teacher = _logits(self.hidden[rows], self.weight, self.bias)
+        return _kd_chunk(logits, teacher, self.temperature)
+
+
 class HeadLoss(torch.autograd.Function):
-    """Summed CE (``targets``) or T²-scaled KL to a teacher (``teacher_*``) of ``hidden`` through a frozen head.
+    """Summed CE (:class:`TokenTargets`) or T²-scaled KL to a teacher (:class:`TeacherTargets`) of
+    ``hidden`` through a frozen head.
 
     ``hidden`` (N, H) are the labelled positions' final hidden states, ``weight``/``bias`` the
     head in the compute dtype (no gradient). The gradient with respect to ``hidden`` is formed in
@@ -52,20 +109,14 @@ class HeadLoss(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, hidden: Tensor, weight: Tensor, bias: Tensor | None, targets: Tensor | None,
-                teacher_hidden: Tensor | None, teacher_weight: Tensor | None, teacher_bias: Tensor | None,
-                temperature: float) -> Tensor:
+    def forward(ctx, hidden: Tensor, weight: Tensor, bias: Tensor | None,
+                targets: TokenTargets | TeacherTargets) -> Tensor:
         total = torch.zeros((), dtype=torch.float32, device=hidden.device)
         grad = torch.empty(hidden.shape, dtype=torch.float32, device=hidden.device)
         step = chunk_rows(weight.shape[0])
         for start in range(0, hidden.shape[0], step):
             rows = slice(start, start + step)
-            logits = _logits(hidden[rows], weight, bias)
-            if targets is None:
-                teacher = _logits(teacher_hidden[rows], teacher_weight, teacher_bias)
-                loss, dlogits = _kd_chunk(logits, teacher, temperature)
-            else:
-                loss, dlogits = _ce_chunk(logits, targets[rows])
+            loss, dlogits = targets.chunk(rows, _logits(hidden[rows], weight, bias))
             total += loss
             grad[rows] = (dlogits.to(weight.dtype) @ weight).float()
         ctx.save_for_backward(grad)
@@ -75,7 +126,7 @@ class HeadLoss(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_output: Tensor):
         (grad,) = ctx.saved_tensors
-        return (grad * grad_output).to(ctx.hidden_dtype), None, None, None, None, None, None, None
+        return (grad * grad_output).to(ctx.hidden_dtype), None, None, None
 
 
 def _ce_chunk(logits: Tensor, targets: Tensor) -> tuple[Tensor, Tensor]:
@@ -156,18 +207,20 @@ class TrainingObjective(nn.Module):
     """``forward(input_ids, labels)`` = the summed training loss over the labelled positions.
 
     A module, so that a data-parallel wrapper (DDP) runs the whole loss in its forward. The
-    teacher is held outside the module tree: it is never trained, moved or broadcast with it.
-    ``split_head=False`` always takes the model's own logits (an FSDP2-sharded model gathers its
-    embedding and head only inside its own forward).
+    teacher (``distillation``, for ``--loss kd``; else cross-entropy) is held outside the module
+    tree: it is never trained, moved or broadcast with it. ``split_head=False`` always takes the
+    model's own logits (an FSDP2-sharded model gathers its embedding and head only inside its own
+    forward).
     """
 
-    def __init__(self, model: nn.Module, dtype: torch.dtype, sample_ids: Tensor, teacher: nn.Module | None = None,
-                 temperature: float = 1.0, split_head: bool = True) -> None:
+    def __init__(self, model: nn.Module, dtype: torch.dtype, sample_ids: Tensor,
+                 distillation: Distillation | None = None, split_head: bool = True) -> None:
         super().__init__()
         self.model = model
         self.dtype = dtype
-        self.temperature = temperature
+        self.temperature = 1.0 if distillation is None else distillation.temperature
         self.student = CausalLMHead.of(model, sample_ids) if split_head else None
+        teacher = None if distillation is None else distillation.teacher
         self._teacher = (teacher, None if teacher is None or not split_head else CausalLMHead.of(teacher, sample_ids))
 
     @property
@@ -190,12 +243,12 @@ class TrainingObjective(nn.Module):
             hidden = self.student.hidden(input_ids)[keep]
             weight, bias = self.student.weights(self.dtype)
             if teacher is None:
-                return HeadLoss.apply(hidden, weight, bias, targets, None, None, None, self.temperature)
+                return HeadLoss.apply(hidden, weight, bias, TokenTargets(targets))
             with torch.no_grad():
                 teacher_hidden = teacher_head.hidden(input_ids)[keep]
             teacher_weight, teacher_bias = teacher_head.weights(self.dtype)
-            return HeadLoss.apply(hidden, weight, bias, None, teacher_hidden, teacher_weight, teacher_bias,
-                                  self.temperature)
+            return HeadLoss.apply(hidden, weight, bias,
+                                  TeacherTargets(teacher_hidden, teacher_weight, teacher_bias, self.temperature))
 
     def _from_logits(self, input_ids: Tensor, keep: Tensor, targets: Tensor) -> Tensor:
         """The same sums from the models' full logits (models whose head is not a plain linear)."""

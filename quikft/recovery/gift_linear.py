@@ -40,16 +40,22 @@ from quikft.quant.grid import paper_step
 class GiftLinear(nn.Module):
     """Salient columns trainable, the rest frozen (FP or quantized) with optional step-scaled noise."""
 
-    def __init__(self, salient_idx: Tensor, salient_weight: Tensor, bias: Tensor | None, *,
-                 base_weight: Tensor | None = None, quik: QuikLinear | None = None,
+    def __init__(self, frozen: Tensor | QuikLinear, salient_idx: Tensor, bias: Tensor | None = None,
                  noise_bits: int | None = None, cache_base: bool = False) -> None:
+        """``frozen`` is the source of ``W_N``: a full-precision weight, whose salient columns move into
+        ``salient_weight`` and are zeroed in place, or a packed layer, whose stored salient columns are
+        the starting values (its ``salient_idx`` and ``bias`` are then the ones to pass)."""
         super().__init__()
-        if (base_weight is None) == (quik is None):
-            raise ValueError("GiftLinear needs exactly one frozen source: base_weight or quik")
-        self.out_features, self.in_features = (base_weight.shape if base_weight is not None
-                                               else (quik.out_features, quik.in_features))
+        self.quik = frozen if isinstance(frozen, QuikLinear) else None  # a submodule: its buffers follow .to()
+        if self.quik is not None:
+            base_weight, salient_weight = None, self.quik.salient_weight.float()
+            self.out_features, self.in_features = self.quik.out_features, self.quik.in_features
+        else:
+            base_weight, salient_idx = frozen, salient_idx.to(frozen.device, torch.int64)
+            salient_weight = frozen.index_select(1, salient_idx).float()
+            frozen.index_fill_(1, salient_idx, 0.0)  # W_N: the salient columns live in W_S now
+            self.out_features, self.in_features = frozen.shape
         self.k = int(salient_idx.numel())
-        self.quik = quik  # a submodule, so its buffers follow .to() and reach state_dict
         self.register_buffer("base_weight", base_weight)
         self.register_buffer("salient_idx", salient_idx.to(torch.int64).clone())
         self.register_buffer("nonsalient_idx", nonsalient_columns(self.in_features, self.salient_idx))
@@ -67,17 +73,12 @@ class GiftLinear(nn.Module):
     @classmethod
     def from_linear(cls, linear: nn.Linear, salient_idx: Tensor, noise_bits: int | None = None) -> GiftLinear:
         """Pre-GIFT-SW: take over ``linear``'s weight, zeroing its salient columns in place."""
-        weight = linear.weight.data
-        idx = salient_idx.to(weight.device, torch.int64)
-        salient_weight = weight.index_select(1, idx).float()
-        weight.index_fill_(1, idx, 0.0)
-        return cls(idx, salient_weight, linear.bias, base_weight=weight, noise_bits=noise_bits)
+        return cls(linear.weight.data, salient_idx, linear.bias, noise_bits)
 
     @classmethod
     def from_quik(cls, quik: QuikLinear, noise_bits: int | None = None, cache_base: bool = False) -> GiftLinear:
         """Post-GIFT-SW / Salient-FT: the frozen rest is the packed layer's quantized part."""
-        return cls(quik.salient_idx, quik.salient_weight.float(), quik.bias, quik=quik,
-                   noise_bits=noise_bits, cache_base=cache_base)
+        return cls(quik, quik.salient_idx, quik.bias, noise_bits, cache_base)
 
     def to_linear(self) -> nn.Linear:
         """Pre mode: an ``nn.Linear`` with the trained salient columns written back (in place)."""
@@ -122,8 +123,7 @@ class GiftLinear(nn.Module):
         frozen = self.frozen_weight(dtype)
         # SalientLinear writes W_S into the weight it gets: give it a fresh one (the noisy copy, or a clone).
         weight = self.add_noise(frozen) if self.training and self.noise else frozen.clone()
-        bias = None if self.bias is None else self.bias.to(dtype)
-        return SalientLinear.apply(x, self.salient_weight, weight, self.salient_idx, bias)
+        return SalientLinear.apply(x, self.salient_weight, weight, self)
 
     def add_noise(self, weight: Tensor) -> Tensor:
         """A new ``weight + ½·Δ_i·N(0, 1)``, no gradient. Noise drawn at the salient columns is
@@ -154,16 +154,18 @@ class GiftLinear(nn.Module):
 
 
 class SalientLinear(torch.autograd.Function):
-    """``y = x · Wᵀ + b`` where ``W`` is ``weight`` (frozen, the caller's fresh copy) with its
-    salient columns set to ``salient_weight``; gradients for ``x`` and ``salient_weight`` only.
+    """``y = x · Wᵀ + b`` where ``W`` is ``weight`` (frozen, the caller's fresh copy) with the salient
+    columns of ``layer`` set to ``salient_weight`` and ``b`` is ``layer``'s bias; gradients for ``x``
+    and ``salient_weight`` only.
 
     Runs in ``weight``'s dtype; the salient weight's gradient comes back in its own dtype (fp32).
     """
 
     @staticmethod
-    def forward(ctx, x: Tensor, salient_weight: Tensor, weight: Tensor, salient_idx: Tensor,
-                bias: Tensor | None) -> Tensor:
+    def forward(ctx, x: Tensor, salient_weight: Tensor, weight: Tensor, layer: GiftLinear) -> Tensor:
         dtype = weight.dtype
+        salient_idx = layer.salient_idx
+        bias = None if layer.bias is None else layer.bias.to(dtype)
         weight.index_copy_(1, salient_idx, salient_weight.detach().to(dtype))
         x_in = x.to(dtype)
         ctx.save_for_backward(weight, x_in.index_select(-1, salient_idx) if salient_weight.requires_grad else None)
@@ -180,7 +182,7 @@ class SalientLinear(torch.autograd.Function):
             # flatten, not reshape(-1, k): a layer with no salient columns (k = 0) has an empty x_salient
             grad_salient = grad_y.flatten(0, -2).t() @ x_salient.flatten(0, -2)
             grad_salient = grad_salient.to(ctx.salient_dtype)
-        return grad_x, grad_salient, None, None, None
+        return grad_x, grad_salient, None, None
 
 
 def gift_layers(model: nn.Module) -> dict[str, GiftLinear]:

@@ -48,12 +48,14 @@ class StateError(ValueError):
 
 @dataclass
 class TrainState:
-    """Everything a resumed run needs, as read back from disk."""
+    """Everything a resumed run needs: what a save writes and a resume reads back. ``optimizer`` is in
+    ``optimizer.state_dict()``'s layout (for a sharded run, the same layout gathered whole),
+    ``scheduler`` is the scheduler's state dict."""
 
     step: int
     settings: dict[str, Any]
     world: int
-    trainable: dict[str, torch.Tensor]
+    trainable: Mapping[str, torch.Tensor]
     optimizer: dict[str, Any]
     scheduler: dict[str, Any]
     curve: dict[str, Any]
@@ -110,17 +112,15 @@ def save_rng(directory: Path, rank: int) -> None:
     _write_json(directory / f"rng-{rank}.json", {"python": [version, list(internal), gauss]})
 
 
-def save_state(directory: Path, step: int, settings: dict, world: int, trainable: Mapping[str, torch.Tensor],
-               optimizer_state: dict, scheduler: Any, curve: dict) -> None:
-    """Rank 0, after every rank's RNG is written: tensors and JSON, then the commit. ``optimizer_state``
-    is ``optimizer.state_dict()`` (or, for a sharded run, the same layout gathered whole)."""
-    optimizer_tensors, optimizer_meta = _split_optimizer(optimizer_state)
-    _save_tensors(trainable, directory / TRAINABLE)
+def save_state(directory: Path, state: TrainState) -> None:
+    """Rank 0, after every rank's RNG is written: tensors and JSON, then the commit."""
+    optimizer_tensors, optimizer_meta = _split_optimizer(state.optimizer)
+    _save_tensors(state.trainable, directory / TRAINABLE)
     _save_tensors(optimizer_tensors, directory / OPTIMIZER)
-    _write_json(directory / STATE_JSON, {"step": step, "settings": settings, "world": world,
-                                         "optimizer": optimizer_meta, "scheduler": scheduler.state_dict(),
-                                         "curve": curve})
-    _write_json(directory.parent / MANIFEST, {"step": step, "dir": directory.name})  # the commit
+    _write_json(directory / STATE_JSON, {"step": state.step, "settings": state.settings, "world": state.world,
+                                         "optimizer": optimizer_meta, "scheduler": state.scheduler,
+                                         "curve": state.curve})
+    _write_json(directory.parent / MANIFEST, {"step": state.step, "dir": directory.name})  # the commit
     remove_uncommitted(directory.parent)
 
 
