@@ -49,8 +49,14 @@ BITS = (2, 3, 4, 8)
 SUPPORTED_RHO = (1.0, 2.0, math.inf)  # the input norms the streamed column statistics can give
 
 
-class Choice(enum.StrEnum):
-    """A named choice: each member is its name as a ``str`` (equal to it, hashed and formatted as it)."""
+class Choice(str, enum.Enum):
+    """A named choice: each member is its name as a ``str`` (equal to it, hashed and formatted as it).
+
+    ``str`` + ``Enum`` with ``str``'s own ``__str__``/``__format__`` rather than ``enum.StrEnum``: the
+    package supports Python 3.10, which has no ``StrEnum``."""
+
+    __str__ = str.__str__
+    __format__ = str.__format__
 
     @classmethod
     def names(cls) -> tuple[str, ...]:
