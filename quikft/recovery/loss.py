@@ -24,13 +24,13 @@ logits, still restricted to the labelled positions.
 from __future__ import annotations
 
 import contextlib
-import enum
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from quikft.config import Choice
 from quikft.recovery.data import IGNORE
 
 # Rows of logits per chunk: chunk x vocabulary fp32 values stay near this many elements (32 MiB).
@@ -39,7 +39,7 @@ from quikft.recovery.data import IGNORE
 CHUNK_ELEMENTS = 1 << 23
 
 
-class Loss(str, enum.Enum):
+class Loss(Choice):
     """The training loss; the values are the ``--loss`` names."""
 
     CE = "ce"

@@ -26,16 +26,16 @@ same format as a one-process run's.
 from __future__ import annotations
 
 import contextlib
-import enum
 from collections.abc import Iterator
 
 import torch
 from torch import nn
 
 from quikft import arch
+from quikft.config import Choice
 
 
-class Sharding(str, enum.Enum):
+class Sharding(Choice):
     """How several processes (``accelerate launch``) split the model; the values are the ``--sharding`` names."""
 
     DDP = "ddp"
