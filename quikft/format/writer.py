@@ -1,18 +1,18 @@
-"""The one writer of packed checkpoints: tensors packed, weights files with checksums, shards and
-their index, ``config.json`` with its ``quantization_config``, the salient indices.
+"""The one writer of packed checkpoints: tensors packed, ``config.json`` with its
+``quantization_config``, the salient indices; the weights files are :mod:`quikft.format.shards`.
 
 :func:`save_packed` writes a quantized in-memory model; :func:`write_quik_model` a model whose
-layers already are :class:`~quikft.nn.QuikLinear`; a streamed quantize job writes each block with
-:func:`pack_state` and :func:`save_weights`, then the index with :func:`write_index` and the
-config with :func:`build_quantization_config` and :func:`write_model_config` (a fake-quant output,
-stored unpacked, with :func:`write_plain_config`). What the writer needs of a quantizer's output is
+layers already are :class:`~quikft.nn.QuikLinear`; a streamed quantize job packs each block with
+:func:`pack_state` into a file of its own (:func:`~quikft.format.shards.save_weights`), shards those
+files into the output with :func:`~quikft.format.shards.write_shards`, and writes the config with
+:func:`build_quantization_config` and :func:`write_model_config` (a fake-quant output, stored
+unpacked, with :func:`write_plain_config`). What the writer needs of a quantizer's output is
 :mod:`quikft.format.protocol`, not the quantizer's own types.
 """
 
 from __future__ import annotations
 
 import copy
-import json
 import os
 from collections import Counter
 from collections.abc import Iterable, Mapping
@@ -28,24 +28,22 @@ from quikft.format.layout import (
     DTYPE_REST,
     EXPERTS_KEY,
     FORMAT_VERSION,
-    INDEX_NAME,
     LAYER_BITS_KEY,
     QUANT_METHOD,
     QUIK_TENSORS,
     SALIENT_NAME,
     SETTING_KEYS,
-    SHARD_PATTERN,
     rest_dtype,
     tied_weight_keys,
 )
 from quikft.format.protocol import QuantizedLayer, QuantizedModel, Scheme
+from quikft.format.shards import write_shards
 from quikft.nn.quik_linear import QuikLinear
-from quikft.validation import checksum_metadata
 
 
 def save_packed(model: nn.Module, tokenizer: Any, quantized: QuantizedModel, out_dir: str | os.PathLike,
                 quant_config: Scheme | Mapping[str, Any], overwrite: bool = True,
-                max_shard_size: int | str = "5GB", source_model: str | None = None) -> Path:
+                max_shard_size: int | str | None = None, source_model: str | None = None) -> Path:
     """Write ``model`` with its quantized linears packed as a loadable checkpoint directory.
 
     ``quantized`` is what quantizing ``model`` returned (:func:`quikft.quant.model.quantize_model`);
@@ -59,7 +57,7 @@ def save_packed(model: nn.Module, tokenizer: Any, quantized: QuantizedModel, out
 
 
 def write_packed(model: nn.Module, tokenizer: Any, quantized: QuantizedModel, directory: str | os.PathLike,
-                 quant_config: Scheme | Mapping[str, Any], max_shard_size: int | str = "5GB",
+                 quant_config: Scheme | Mapping[str, Any], max_shard_size: int | str | None = None,
                  source_model: str | None = None) -> dict:
     """:func:`save_packed` into an existing (staging) directory; returns the quantization_config.
 
@@ -72,7 +70,7 @@ def write_packed(model: nn.Module, tokenizer: Any, quantized: QuantizedModel, di
 
 
 def write_quik_model(model: nn.Module, tokenizer: Any, directory: str | os.PathLike,
-                     qconfig: Mapping[str, Any] | None = None, max_shard_size: int | str = "5GB") -> dict:
+                     qconfig: Mapping[str, Any] | None = None, max_shard_size: int | str | None = None) -> dict:
     """Write a model whose quantized linears already are :class:`QuikLinear` layers (a loaded
     checkpoint, e.g. after Post-GIFT-SW changed its salient columns) into ``directory``.
 
@@ -190,39 +188,6 @@ def pack_state(state: dict[str, Tensor], results: Mapping[str, QuantizedLayer], 
     for name, result in results.items() if settings is not None else ():
         check_layer_grid(name, result, settings)
     return cast_unquantized(pack_into(state, results), results, dtype)
-
-
-def write_shards(state: dict[str, Tensor], directory: Path, max_shard_size: int | str) -> None:
-    """Save ``state`` with ``save_pretrained``'s file names: one file, or shards plus an index."""
-    from huggingface_hub import split_torch_state_dict_into_shards
-
-    split = split_torch_state_dict_into_shards(state, filename_pattern=SHARD_PATTERN,
-                                               max_shard_size=max_shard_size)
-    for filename, names in split.filename_to_tensors.items():
-        save_weights({name: state[name] for name in names}, directory / filename)
-    if split.is_sharded:
-        write_index(directory, split.tensor_to_filename, split.metadata)
-
-
-def write_index(directory: Path, weight_map: Mapping[str, str], metadata: Mapping[str, Any]) -> None:
-    """``model.safetensors.index.json``: the shard of every tensor, by name, and ``metadata`` (its
-    ``total_size``). Sorted keys, so the same shards always give the same bytes."""
-    index = {"metadata": dict(metadata), "weight_map": dict(weight_map)}
-    (directory / INDEX_NAME).write_text(json.dumps(index, indent=2, sort_keys=True) + "\n")
-
-
-def save_weights(tensors: Mapping[str, Tensor], path: Path) -> None:
-    """One safetensors weights file: CPU tensors with storages of their own, and their checksums."""
-    from safetensors.torch import save_file
-
-    shard = {name: _own_storage(t.detach().to("cpu").contiguous()) for name, t in tensors.items()}
-    save_file(shard, path, metadata={"format": "pt", **checksum_metadata(shard)})
-
-
-def _own_storage(tensor: Tensor) -> Tensor:
-    """A view of a larger storage (e.g. QuikLinear's fused index buffers) as a tensor of its own:
-    safetensors refuses tensors that share memory."""
-    return tensor.clone() if tensor.untyped_storage().nbytes() != tensor.nbytes else tensor
 
 
 def write_model_config(model: nn.Module, qconfig: dict, directory: Path) -> None:
