@@ -1,4 +1,4 @@
-"""Bits per weight (SPEC §14): counted from stored tensors, or predicted from a scheme without quantizing.
+"""Bits per weight: counted from stored tensors, or predicted from a scheme without quantizing.
 
 Two figures, one definition each:
 

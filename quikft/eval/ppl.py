@@ -1,4 +1,4 @@
-"""Perplexity with the GPTQ/QUIK protocol (SPEC §8).
+"""Perplexity with the GPTQ/QUIK protocol.
 
 Join the split's rows with blank lines, tokenize once, cut non-overlapping windows of
 ``seqlen`` tokens (dropping the remainder), and report exp(mean next-token NLL) over all

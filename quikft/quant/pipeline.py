@@ -1,4 +1,4 @@
-"""Block-sequential quantization of a decoder (SPEC §1, §10.8).
+"""Block-sequential quantization of a decoder.
 
 For each decoder block in order: run the calibration activations through the full-precision
 block while hooks stream every projection's input statistics (the Hessian for GPTQ and the
