@@ -192,21 +192,21 @@ KILLER = textwrap.dedent("""
 
     kill_at = int(sys.argv[1])
     commits = []
-    real_commit, real_save = state.QuantizeState.commit, streaming._save_atomic
+    real_commit, real_save = state.QuantizeState.commit, streaming.save_weights
 
     def commit(self, next_block, *args, **kwargs):
         real_commit(self, next_block, *args, **kwargs)
         commits.append(next_block)
 
     def save(tensors, path):
-        # SIGKILL in the middle of the next block's shard: a temporary file written, nothing committed.
+        # SIGKILL in the middle of writing the next block's file: part of it written, nothing committed.
         if len(commits) == kill_at:
-            path.with_name(f".{path.name}.tmp").write_bytes(b"torn")
+            path.write_bytes(b"torn")
             os.kill(os.getpid(), signal.SIGKILL)
         return real_save(tensors, path)
 
     state.QuantizeState.commit = commit
-    streaming._save_atomic = save
+    streaming.save_weights = save
     quantize(from_settings(QuantizeJob, __import__("json").loads(sys.argv[2])), progress=False)
 """)
 
