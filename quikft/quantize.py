@@ -94,7 +94,7 @@ def quantize_dtype(job: QuantizeJob) -> DtypeChoice:
 
 
 def _quick_ppl(model, tokenizer, job: QuantizeJob, label: str) -> dict | None:
-    return quick_ppl(model, tokenizer, job.eval_windows, job.eval_stride, job.eval_seqlen, label)
+    return quick_ppl(model, tokenizer, job, label)
 
 
 def _reference_cache(job: QuantizeJob) -> Path:

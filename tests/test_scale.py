@@ -57,7 +57,7 @@ def _config(model_dir, text_corpus, out, **changes):
 
 
 def _ppl(model, tokenizer, job) -> float:
-    return quick_ppl(model, tokenizer, job.eval_windows, job.eval_stride, job.eval_seqlen, "x")["ppl"]
+    return quick_ppl(model, tokenizer, job, "x")["ppl"]
 
 
 def _tensors(directory) -> dict[str, torch.Tensor]:
