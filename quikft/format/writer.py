@@ -16,6 +16,7 @@ import copy
 import os
 from collections import Counter
 from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -41,31 +42,40 @@ from quikft.format.shards import write_shards
 from quikft.nn.quik_linear import QuikLinear
 
 
+@dataclass(frozen=True)
+class SaveOptions:
+    """How :func:`save_packed` and :func:`write_packed` write, beside what: their keyword arguments."""
+
+    # The full-precision model quantized (provenance, and the default KD teacher of a later
+    # recovery), recorded in quantization_config's own field.
+    source_model: str | None = None
+    max_shard_size: int | str | None = None  # None: quikft.format.shards.MAX_SHARD_SIZE
+    overwrite: bool = True  # save_packed: replace an existing directory
+
+
 def save_packed(model: nn.Module, tokenizer: Any, quantized: QuantizedModel, out_dir: str | os.PathLike,
-                quant_config: Scheme | Mapping[str, Any], overwrite: bool = True,
-                max_shard_size: int | str | None = None, source_model: str | None = None) -> Path:
+                quant_config: Scheme | Mapping[str, Any], **options: Any) -> Path:
     """Write ``model`` with its quantized linears packed as a loadable checkpoint directory.
 
-    ``quantized`` is what quantizing ``model`` returned (:func:`quikft.quant.model.quantize_model`);
-    the model itself is not modified and no full-size weight is copied. The directory is
-    written under a temporary name and renamed at the end, so a failure leaves nothing behind.
+    ``quantized`` is what quantizing ``model`` returned (:func:`quikft.quant.model.quantize_model`),
+    ``quant_config`` its scheme and ``options`` :class:`SaveOptions`' fields; the model itself is not
+    modified and no full-size weight is copied. The directory is written under a temporary name and
+    renamed at the end, so a failure leaves nothing behind.
     """
     out_dir = Path(out_dir)
-    with atomic_directory(out_dir, overwrite=overwrite) as staging:
-        write_packed(model, tokenizer, quantized, staging, quant_config, max_shard_size, source_model)
+    with atomic_directory(out_dir, overwrite=SaveOptions(**options).overwrite) as staging:
+        write_packed(model, tokenizer, quantized, staging, quant_config, **options)
     return out_dir
 
 
 def write_packed(model: nn.Module, tokenizer: Any, quantized: QuantizedModel, directory: str | os.PathLike,
-                 quant_config: Scheme | Mapping[str, Any], max_shard_size: int | str | None = None,
-                 source_model: str | None = None) -> dict:
-    """:func:`save_packed` into an existing (staging) directory; returns the quantization_config.
-
-    ``source_model`` (the full-precision model quantized; provenance, and the default KD teacher
-    of a later recovery) is recorded in its own field; ``quant_config`` is the scheme only.
-    """
-    qconfig = build_quantization_config(quantized, quant_config, source_model)
-    _write(model, tokenizer, packed_state_dict(model, quantized), qconfig, Path(directory), max_shard_size)
+                 quant_config: Scheme | Mapping[str, Any], **options: Any) -> dict:
+    """:func:`save_packed` into an existing (staging) directory; returns the quantization_config."""
+    settings = SaveOptions(**options)
+    qconfig = build_quantization_config(quantized, quant_config, settings.source_model)
+    state = stored_state(packed_state_dict(model, quantized), qconfig)
+    write_shards(state, Path(directory), settings.max_shard_size)
+    _write_configs(model, tokenizer, qconfig, Path(directory))
     return qconfig
 
 
@@ -86,15 +96,17 @@ def write_quik_model(model: nn.Module, tokenizer: Any, directory: str | os.PathL
     state = model.state_dict()
     for key in tied_weight_keys(model):
         state.pop(key, None)
-    _write(model, tokenizer, state, qconfig, Path(directory), max_shard_size)
+    write_shards(stored_state(state, qconfig), Path(directory), max_shard_size)
+    _write_configs(model, tokenizer, qconfig, Path(directory))
     return qconfig
 
 
-def _write(model: nn.Module, tokenizer: Any, state: dict[str, Tensor], qconfig: dict, directory: Path,
-           max_shard_size: int | str) -> None:
-    """Shards (unquantized tensors in the checkpoint's ``dtype_rest``), config files and tokenizer."""
-    state = cast_unquantized(state, qconfig["modules"], rest_dtype(qconfig))
-    write_shards(state, directory, max_shard_size)
+def stored_state(state: dict[str, Tensor], qconfig: Mapping[str, Any]) -> dict[str, Tensor]:
+    """``state`` as the checkpoint stores it: the unquantized tensors in its ``dtype_rest``."""
+    return cast_unquantized(state, qconfig["modules"], rest_dtype(qconfig))
+
+
+def _write_configs(model: nn.Module, tokenizer: Any, qconfig: dict, directory: Path) -> None:
     write_model_config(model, qconfig, directory)
     if tokenizer is not None:
         tokenizer.save_pretrained(directory)
@@ -168,8 +180,7 @@ def pack_into(state: dict[str, Tensor], results: Mapping[str, QuantizedLayer]) -
             raise ValueError(f"quantized layer {name} is not a linear layer of this model")
         del state[f"{name}.weight"]
         bias = state.pop(f"{name}.bias", None)
-        layer = QuikLinear.from_quantized(result.codes, result.scales, result.zeros, result.g_idx, result.salient,
-                                          result.salient_weight, bias, result.bits, result.group_size)
+        layer = QuikLinear.from_quantized(result, bias)
         state.update({f"{name}.{key}": tensor for key, tensor in layer.state_dict().items()})
     return state
 
