@@ -146,7 +146,7 @@ def eval_command(model_name, ppl_datasets, tasks, limit, batch_size, backend, sp
     """Perplexity with the paper protocol (WikiText-2 test, 2048-token windows) and zero-shot tasks."""
     from quikft.atomic import check_file_output, write_json
     from quikft.data import check_source
-    from quikft.eval import PplTask, ZeroShotSettings, evaluate_ppl, evaluate_tasks, parse_tasks
+    from quikft.eval import PplTask, ZeroShotSettings, evaluate_tasks, parse_tasks, task_ppl
     from quikft.eval.ppl import require_finite
     from quikft.eval.zeroshot import format_table
     from quikft.hardware import resolve_device, resolve_dtype
@@ -172,7 +172,7 @@ def eval_command(model_name, ppl_datasets, tasks, limit, batch_size, backend, sp
     results = []
     for dataset in ppl_datasets:
         task = PplTask(dataset, seqlen, max_windows, window_stride, split)
-        result = require_finite(evaluate_ppl(model, tokenizer, task, model_name=label))
+        result = require_finite(task_ppl(model, tokenizer, task, model_name=label))
         click.echo(result.summary())
         results.append(result.to_dict())
     settings = ZeroShotSettings(limit, batch_size, backend, model_name=label)

@@ -7,7 +7,7 @@ import torch
 
 from quikft import arch
 from quikft.data import calibration_windows
-from quikft.eval import PplTask, evaluate_ppl
+from quikft.eval import evaluate_ppl
 from quikft.models import load_model
 from quikft.quant.gptq import gptq_quantize, rtn_quantize
 from quikft.quant.pipeline import capture_block_inputs, find_input_groups, run_block, streaming_statistics
@@ -23,7 +23,7 @@ def default_model(shared_data):
 
 def test_default_model_ppl_on_first_window(default_model):
     model, tokenizer = default_model
-    result = evaluate_ppl(model, tokenizer, PplTask("wikitext2", seqlen=2048, max_windows=1), progress=False)
+    result = evaluate_ppl(model, tokenizer, "wikitext2", seqlen=2048, max_windows=1, progress=False)
     assert result.total_windows == 148
     assert math.isfinite(result.ppl) and 5 < result.ppl < 40
 

@@ -15,7 +15,7 @@ from quikft import arch
 from quikft.checkpoint import load, save_packed
 from quikft.config import QuantConfig
 from quikft.data import calibration_windows
-from quikft.eval.ppl import PplTask, evaluate_ppl
+from quikft.eval.ppl import evaluate_ppl
 from quikft.nn import QuikLinear
 from quikft.quant.model import quantize_model
 from quikft.recovery import RecoverConfig, recover
@@ -76,7 +76,7 @@ def test_family_goes_through_quantize_load_eval_and_recovery(family, tokenizer, 
 
     # eval: the chunked head path reproduces the family's logits (soft-capping included)
     assert arch.head_path_matches(ours, ids)
-    ppl = evaluate_ppl(ours, tokenizer, PplTask(str(text_corpus), seqlen=32, max_windows=2), progress=False)
+    ppl = evaluate_ppl(ours, tokenizer, str(text_corpus), seqlen=32, max_windows=2, progress=False)
     assert math.isfinite(ppl.ppl)
 
     # 2-step post recovery: salient columns change, codes stay bit-identical, output loads

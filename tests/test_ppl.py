@@ -4,7 +4,7 @@ import torch
 import torch.nn.functional as F
 
 from quikft.data import tokenize_stream
-from quikft.eval import PplTask, evaluate_ppl, window_starts
+from quikft.eval import evaluate_ppl, window_starts
 
 
 def test_window_starts_subsets():
@@ -28,7 +28,7 @@ def _hand_ppl(model, ids, seqlen, starts):
 def test_ppl_matches_a_hand_computation(tiny, text_file):
     model, tokenizer = tiny
     seqlen = 64
-    result = evaluate_ppl(model, tokenizer, PplTask(str(text_file), seqlen=seqlen, split="test"), progress=False)
+    result = evaluate_ppl(model, tokenizer, str(text_file), seqlen=seqlen, split="test", progress=False)
     ids = tokenize_stream(tokenizer, "\n\n".join(text_file.read_text().splitlines(keepends=True)),
                           add_special_tokens=True)
     starts = window_starts(ids.numel(), seqlen)
@@ -39,9 +39,8 @@ def test_ppl_matches_a_hand_computation(tiny, text_file):
 
 def test_ppl_subset_uses_only_strided_windows(tiny, text_file):
     model, tokenizer = tiny
-    full = evaluate_ppl(model, tokenizer, PplTask(str(text_file), seqlen=32), progress=False)
-    sub = evaluate_ppl(model, tokenizer, PplTask(str(text_file), seqlen=32, window_stride=3, max_windows=2),
-                       progress=False)
+    full = evaluate_ppl(model, tokenizer, str(text_file), seqlen=32, progress=False)
+    sub = evaluate_ppl(model, tokenizer, str(text_file), seqlen=32, window_stride=3, max_windows=2, progress=False)
     assert sub.windows == 2 and sub.total_windows == full.total_windows
     ids = tokenize_stream(tokenizer, "\n\n".join(text_file.read_text().splitlines(keepends=True)),
                           add_special_tokens=True)
@@ -50,5 +49,5 @@ def test_ppl_subset_uses_only_strided_windows(tiny, text_file):
 
 def test_seqlen_is_capped_at_the_model_context(tiny, text_file):
     model, tokenizer = tiny
-    result = evaluate_ppl(model, tokenizer, PplTask(str(text_file), seqlen=100_000, max_windows=1), progress=False)
+    result = evaluate_ppl(model, tokenizer, str(text_file), seqlen=100_000, max_windows=1, progress=False)
     assert result.seqlen == model.config.max_position_embeddings

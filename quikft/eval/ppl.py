@@ -11,7 +11,7 @@ from __future__ import annotations
 import math
 import time
 from dataclasses import asdict, dataclass, field
-from typing import Protocol
+from typing import Any, Protocol
 
 import torch
 import torch.nn.functional as F
@@ -125,8 +125,14 @@ class PplTask:
     split: str = "test"
 
 
-def evaluate_ppl(model, tokenizer, task: PplTask = PplTask(), progress: bool = True,
-                 model_name: str | None = None) -> PplResult:
+def evaluate_ppl(model, tokenizer, dataset: str = "wikitext2", *, progress: bool = True,
+                 model_name: str | None = None, **windows: Any) -> PplResult:
+    """Perplexity of ``model`` on ``dataset`` with the paper protocol; ``windows`` are :class:`PplTask`'s
+    other fields, by keyword (``seqlen``, ``max_windows``, ``window_stride``, ``split``)."""
+    return task_ppl(model, tokenizer, PplTask(dataset, **windows), progress, model_name)
+
+
+def task_ppl(model, tokenizer, task: PplTask, progress: bool = True, model_name: str | None = None) -> PplResult:
     """Perplexity of ``model`` on ``task`` with the paper protocol."""
     seqlen = max_context(model, task.seqlen)
     ids = tokenize_stream(tokenizer, eval_text(task.dataset, task.split), add_special_tokens=True)
@@ -161,7 +167,7 @@ def quick_ppl(model, tokenizer, settings: QuickEval, label: str) -> dict | None:
     was_training = model.training
     model.eval()
     try:
-        result = evaluate_ppl(model, tokenizer, task, model_name=label)
+        result = task_ppl(model, tokenizer, task, model_name=label)
     finally:
         model.train(was_training)
     return require_finite(result).to_dict()
