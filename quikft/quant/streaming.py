@@ -124,7 +124,7 @@ class BlockShards:
         are only read: if the output fails now, the state still holds every finished block."""
         files = [self.block_file(index) for index in range(blocks)]
         for source in files:
-            if not is_regular_file(source):  # checked on resume too: never carry a link out
+            if not is_regular_file(source):  # checked on resume too: never read through a planted link
                 raise QuantizeStateError(f"{source} is not a regular file; delete {self.directory.parent} to start "
                                          f"over")
         with _writing(staging):
