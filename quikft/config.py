@@ -65,14 +65,14 @@ class Choice(str, enum.Enum):
 
 
 class QuantMethod(Choice):
-    """How the non-salient columns are rounded (SPEC §4)."""
+    """How the non-salient columns are rounded (quikft.quant.gptq)."""
 
     GPTQ = "gptq"
     RTN = "rtn"  # round to nearest, no error feedback: the baseline
 
 
 class SaliencyMetric(Choice):
-    """The sensitivity metric choosing salient columns (SPEC §2); presets in quikft.saliency.PRESETS."""
+    """The sensitivity metric choosing salient columns; presets in quikft.saliency.PRESETS."""
 
     GIFT = "gift"
     QUIK = "quik"
