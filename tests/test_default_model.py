@@ -11,7 +11,7 @@ from quikft.eval import evaluate_ppl
 from quikft.models import load_model
 from quikft.quant.gptq import gptq_quantize, rtn_quantize
 from quikft.quant.pipeline import capture_block_inputs, find_input_groups, run_block, streaming_statistics
-from quikft.saliency import column_scores, resolve_metric, select_salient
+from quikft.quant.saliency import column_scores, resolve_metric, select_salient
 
 pytestmark = pytest.mark.slow
 

@@ -79,7 +79,7 @@ def test_the_cycle_finder_finds_cycles():
 def test_low_layers_import_no_higher_layer():
     graph = import_graph()
     assert graph["quikft.config"] == set(), "the config layer imports nothing from quikft"
-    core = [name for name in graph if name.startswith("quikft.quant") or name in ("quikft.saliency", "quikft.packing")]
+    core = [name for name in graph if name.startswith("quikft.quant") or name in ("quikft.quant.saliency", "quikft.packing")]
     for name in core:
         training = sorted(t for t in graph[name] if t.startswith("quikft.recovery"))
         assert not training, f"{name} imports training code ({training[0]})"
@@ -102,7 +102,7 @@ def test_the_format_sits_below_the_quantizer_and_the_jobs():
     what produces or consumes checkpoints; its names, headers and config checks need no model code."""
     graph = import_graph()
     fmt = [name for name in graph if name == "quikft.format" or name.startswith("quikft.format.")]
-    above = ("quikft.quant", "quikft.quantize", "quikft.recovery", "quikft.hf", "quikft.weights", "quikft.models",
+    above = ("quikft.quant", "quikft.quantize", "quikft.recovery", "quikft.hf", "quikft.jobs", "quikft.models",
              "quikft.eval", "quikft.integrations", "quikft.cli", "quikft.checkpoint")
     for name in fmt:
         reached = sorted(t for t in _reachable(graph, name) if t.startswith(above))

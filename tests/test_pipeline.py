@@ -19,7 +19,7 @@ from quikft.quant.pipeline import (
     find_input_groups,
     streaming_statistics,
 )
-from quikft.saliency import column_scores, resolve_metric, select_salient
+from quikft.quant.saliency import column_scores, resolve_metric, select_salient
 
 LLAMA_LAYERS = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj",
                 "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj")
@@ -109,7 +109,7 @@ def test_fixed_salient_sets_are_respected(tiny, text_file):
 
 
 def test_same_seed_gives_identical_output(tiny_dir, text_file, tmp_path):
-    from quikft.quantize import quantize
+    from quikft.jobs.quantize import quantize
 
     reports = []
     for run in ("a", "b"):

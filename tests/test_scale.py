@@ -22,14 +22,13 @@ from quikft.checkpoint import load, save_packed
 from quikft.config import QuantizeJob, from_settings
 from quikft.data import calibration_windows
 from quikft.eval.ppl import quick_ppl
+from quikft.jobs.quantize import quantize, streaming
+from quikft.jobs.quantize.state import QuantizeState, QuantizeStateError, state_dir_for
+from quikft.jobs.quantize.streaming import round_floating
 from quikft.models import load_model
 from quikft.quant import budget as budget_module
-from quikft.quant import streaming
 from quikft.quant.activations import ActivationStore
 from quikft.quant.model import quantize_model
-from quikft.quant.state import QuantizeState, QuantizeStateError, state_dir_for
-from quikft.quant.streaming import round_floating
-from quikft.quantize import quantize
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -166,8 +165,8 @@ def test_bf16_checkpoint_stays_bf16_and_offload_modes_agree(tmp_path_factory, to
 KILLER = textwrap.dedent("""
     import os, signal, sys
     from quikft.config import QuantizeJob, from_settings
-    from quikft.quant import state, streaming
-    from quikft.quantize import quantize
+    from quikft.jobs.quantize import state, streaming
+    from quikft.jobs.quantize import quantize
 
     kill_at = int(sys.argv[1])
     commits = []
@@ -432,8 +431,8 @@ def test_the_fingerprint_sees_weights_changed_in_place(llama_dir, text_corpus, t
 
     from safetensors.torch import save_file
 
-    from quikft.quantize import fingerprint
-    from quikft.weights import CheckpointWeights
+    from quikft.jobs.quantize.job import fingerprint
+    from quikft.jobs.quantize.weights import CheckpointWeights
 
     model = shutil.copytree(llama_dir, tmp_path / "model")
     job = _config(model, text_corpus, tmp_path / "out")
@@ -467,7 +466,7 @@ def test_a_budget_job_equals_in_memory_and_resumes_bit_identically(llama_dir, te
                          capture_output=True, text=True, timeout=600)
     assert run.returncode == -signal.SIGKILL, run.stderr[-2000:]
     resumed = _config(llama_dir, text_corpus, tmp_path / "killed", target_bpw=4.5, resume=True)
-    monkeypatch.setattr("quikft.quantize.measure_candidates", lambda *a, **k: pytest.fail("measured again"))
+    monkeypatch.setattr("quikft.jobs.quantize.job.measure_candidates", lambda *a, **k: pytest.fail("measured again"))
     quantize(resumed, progress=False)
     _assert_same_tensors(tmp_path / "streamed", tmp_path / "killed")
 
@@ -475,8 +474,8 @@ def test_a_budget_job_equals_in_memory_and_resumes_bit_identically(llama_dir, te
 MEASURE_KILLER = textwrap.dedent("""
     import os, signal, sys
     from quikft.config import QuantizeJob, from_settings
-    from quikft.quant import state
-    from quikft.quantize import quantize
+    from quikft.jobs.quantize import state
+    from quikft.jobs.quantize import quantize
 
     real = state.QuantizeState.save_measurement
 

@@ -81,7 +81,7 @@ def test_rows_are_weighed_by_their_channels_sensitivity():
     from quikft.quant.budget import measure_layer
     from quikft.quant.gptq import HessianAccumulator
     from quikft.quant.pipeline import LayerStats, choose_salient, quantize_linear
-    from quikft.saliency import ColumnStats
+    from quikft.quant.saliency import ColumnStats
 
     generator = torch.Generator().manual_seed(0)
     linear = torch.nn.Linear(48, 24, bias=False)
@@ -112,7 +112,7 @@ def test_a_hot_channel_outside_the_even_spread_is_measured_exactly():
     from quikft.quant.budget import MEASURED_ROWS, measure_layer
     from quikft.quant.gptq import HessianAccumulator
     from quikft.quant.pipeline import LayerStats, quantize_linear
-    from quikft.saliency import ColumnStats
+    from quikft.quant.saliency import ColumnStats
 
     rows, hot = 2 * MEASURED_ROWS, 3  # row 3 is not in the even spread (every second row from 0... is; 3 is odd)
     generator = torch.Generator().manual_seed(0)

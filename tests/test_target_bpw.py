@@ -217,7 +217,7 @@ def _measured_and_exact(rows: int, cols: int) -> tuple[dict, dict]:
     from quikft.quant.budget import measure_layer
     from quikft.quant.gptq import HessianAccumulator
     from quikft.quant.pipeline import LayerStats, choose_salient, quantize_linear
-    from quikft.saliency import ColumnStats
+    from quikft.quant.saliency import ColumnStats
 
     weight, _ = _layer(rows, cols, seed=1)
     linear = torch.nn.Linear(cols, rows, bias=False)

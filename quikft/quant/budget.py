@@ -64,7 +64,7 @@ from quikft.quant.pipeline import (
     quantize_linear,
     run_block,
 )
-from quikft.saliency import ColumnStats
+from quikft.quant.saliency import ColumnStats
 
 CANDIDATE_BITS = (2, 3, 4)
 CANDIDATE_SALIENT = (0, 16, 32)

@@ -2,7 +2,7 @@
 
 It prepares the model's layout, chooses per-layer settings first under ``--target-bpw``
 (:mod:`quikft.quant.budget`), then runs the block loop of :mod:`quikft.quant.pipeline` (and the
-output layer when asked). The quantize job (:mod:`quikft.quantize`) drives the same loop with its
+output layer when asked). The quantize job (:mod:`quikft.jobs.quantize`) drives the same loop with its
 streaming hooks instead.
 """
 

@@ -42,7 +42,7 @@ from quikft.config import QuantConfig, QuantMethod, resolve_salient, salient_req
 from quikft.hardware import resolve_device
 from quikft.quant.activations import ActivationStore
 from quikft.quant.gptq import HessianAccumulator, QuantResult, gptq_quantize, rtn_quantize
-from quikft.saliency import ColumnStats, column_scores, resolve_metric, select_salient
+from quikft.quant.saliency import ColumnStats, column_scores, resolve_metric, select_salient
 
 __all__ = ["UnsupportedArchitectureError", "QuantizedLayers", "select_salient_model"]
 
@@ -490,7 +490,7 @@ class BlockHooks:
 
     This default is the in-memory model: every block's weights are already present and every
     layer's result is kept in ``QuantizedLayers.results``. The quantize job's streaming hooks
-    (:mod:`quikft.quant.streaming`) instead read each block from the checkpoint, write its packed
+    (:mod:`quikft.jobs.quantize.streaming`) instead read each block from the checkpoint, write its packed
     layers at once and drop them, and save a resumable state.
     """
 

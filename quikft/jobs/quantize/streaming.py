@@ -2,14 +2,14 @@
 
 - **Weights**: the model is a meta-device skeleton; each decoder block is read from the
   checkpoint's safetensors shards when its turn comes, in the stored dtype, and released when
-  done (:mod:`quikft.weights`). Modules outside the blocks are read once; an untied head only when
+  done (:mod:`quikft.jobs.quantize.weights`). Modules outside the blocks are read once; an untied head only when
   the head is quantized, evaluated or written.
 - **Output**: a finished block's packed layers (with its other tensors) are written at once as
   one shard of the job's state directory, and nothing of them stays in memory; at the end the
   shards move into the output directory, which appears complete by one rename.
 - **Activations**: calibration and quick-eval activations are kept as ``--offload-activations``
   says (:mod:`quikft.quant.activations`).
-- **Resume**: after every block the state is committed (:mod:`quikft.quant.state`); ``--resume``
+- **Resume**: after every block the state is committed (:mod:`quikft.jobs.quantize.state`); ``--resume``
   continues from the first unfinished block and writes bit-identical output.
 - **Quick evaluation**: the evaluation windows travel through the blocks like the calibration
   activations: a full-precision stream before a block is quantized (only when the reference
@@ -40,6 +40,8 @@ from quikft.eval.ppl import HEAD_CHUNK
 from quikft.format.header import read_header
 from quikft.format.layout import INDEX_NAME, shard_name, tied_weight_keys
 from quikft.format.writer import pack_state, save_weights, write_index
+from quikft.jobs.quantize.state import QuantizeState, QuantizeStateError
+from quikft.jobs.quantize.weights import CheckpointWeights, release
 from quikft.quant.activations import ActivationStore, link_or_copy, store_batches
 from quikft.quant.gptq import QuantResult
 from quikft.quant.pipeline import (
@@ -53,9 +55,7 @@ from quikft.quant.pipeline import (
     patched_forwards,
     run_block,
 )
-from quikft.quant.state import QuantizeState, QuantizeStateError
 from quikft.runinfo import return_freed_memory
-from quikft.weights import CheckpointWeights, release
 
 CALIBRATION = "calibration"
 FP, QUANTIZED, SAVED = "fp", "quantized", "saved"
