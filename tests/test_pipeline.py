@@ -20,6 +20,7 @@ from quikft.quant.pipeline import (
     streaming_statistics,
 )
 from quikft.quant.saliency import column_scores, resolve_metric, select_salient
+from quikft.quant.scheme import QuantScheme
 
 LLAMA_LAYERS = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj",
                 "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj")
@@ -54,8 +55,8 @@ def test_gptq_beats_rtn_on_real_tiny_layers(tiny, text_file, bits):
         w = linear.weight.data.float()
         h = 2 * x.T @ x / x.shape[0]
         salient = torch.tensor([1, 5, 9], dtype=torch.long)
-        g = gptq_quantize(w, h, salient, bits, group_size=32)
-        r = rtn_quantize(w, salient, bits, group_size=32)
+        g = gptq_quantize(w, h, salient, QuantScheme(bits, group_size=32))
+        r = rtn_quantize(w, salient, QuantScheme(bits, group_size=32))
         gptq_err = torch.linalg.norm(x @ w.T - x @ g.weight.T).item()
         rtn_err = torch.linalg.norm(x @ w.T - x @ r.weight.T).item()
         assert gptq_err < rtn_err, (name, bits)

@@ -18,6 +18,7 @@ from quikft.nn import (
 )
 from quikft.packing import unpack_codes
 from quikft.quant.gptq import gptq_quantize, rtn_quantize
+from quikft.quant.scheme import QuantScheme
 
 BITS = (2, 3, 4, 8)
 IN, OUT, GROUP = 100, 24, 16
@@ -139,9 +140,10 @@ def test_matches_the_quantizer_bit_for_bit(method: str, k: int) -> None:
     salient = torch.randperm(IN, generator=gen)[:k]
     if method == "gptq":
         x = torch.randn(256, IN, generator=gen)
-        result = gptq_quantize(weight, 2 * x.T @ x / 256, salient, 3, group_size=GROUP, act_order=True)
+        result = gptq_quantize(weight, 2 * x.T @ x / 256, salient,
+                               QuantScheme(3, group_size=GROUP, act_order=True))
     else:
-        result = rtn_quantize(weight, salient, 3, group_size=GROUP)
+        result = rtn_quantize(weight, salient, QuantScheme(3, group_size=GROUP))
     layer = QuikLinear.from_quantized(result.codes, result.scales, result.zeros, result.g_idx, result.salient,
                                       result.salient_weight, None, 3, GROUP, kernel="torch")
     assert torch.equal(layer.dequantize_weight(), result.dequantized_base())

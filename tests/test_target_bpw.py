@@ -2,6 +2,7 @@
 every loader, kernel and command reads, and budgets refused before any work."""
 
 import copy
+import dataclasses
 import json
 
 import pytest
@@ -184,14 +185,16 @@ def _layer(rows: int, cols: int, seed: int = 0):
 def test_stacked_widths_give_the_losses_of_separate_gptq_runs(grid):
     from quikft.quant.gptq import gptq_quantize, gptq_row_losses
     from quikft.quant.grid import COARSE_SHRINK_FACTORS
+    from quikft.quant.scheme import QuantScheme
 
     weight, hessian = _layer(40, 96)
-    config = QuantConfig(**grid)
+    scheme = QuantScheme.of(QuantConfig(**grid))
     for salient in (torch.arange(0), torch.tensor([3, 50, 77])):
-        stacked = gptq_row_losses(weight, hessian, salient, [2, 3, 4, 8], config).sum(dim=1).tolist()
-        search = COARSE_SHRINK_FACTORS if config.clip_search else False  # the measurement's coarse search
-        separate = [gptq_quantize(weight, hessian, salient, bits, config.group_size, config.sym, config.act_order,
-                                  config.block_size, config.percdamp, search).loss for bits in (2, 3, 4, 8)]
+        stacked = gptq_row_losses(weight, hessian, salient, [2, 3, 4, 8], scheme).sum(dim=1).tolist()
+        search = COARSE_SHRINK_FACTORS if scheme.clip_search else False  # the measurement's coarse search
+        separate = [gptq_quantize(weight, hessian, salient,
+                                  dataclasses.replace(scheme, bits=bits, clip_search=search)).loss
+                    for bits in (2, 3, 4, 8)]
         assert stacked == pytest.approx(separate, rel=1e-6)
         assert stacked[0] > stacked[1] > stacked[2] > stacked[3]
 

@@ -65,6 +65,7 @@ from quikft.quant.pipeline import (
     run_block,
 )
 from quikft.quant.saliency import ColumnStats
+from quikft.quant.scheme import QuantScheme
 
 CANDIDATE_BITS = (2, 3, 4)
 CANDIDATE_SALIENT = (0, 16, 32)
@@ -197,7 +198,8 @@ def _candidate_row_losses(module: nn.Module, layer: tuple[str, LayerStats, torch
     losses = {}
     for group in by_k.values():
         salient = salient_for_measuring(weight, stats.columns, (config, group), name)
-        losses.update(zip(group, gptq_row_losses(weight[rows], hessian, salient, [b for b, _ in group], config),
+        losses.update(zip(group, gptq_row_losses(weight[rows], hessian, salient, [b for b, _ in group],
+                                                 QuantScheme.of(config)),
                           strict=True))
     return {setting: losses[setting] for setting in settings}
 

@@ -43,6 +43,7 @@ from quikft.hardware import resolve_device
 from quikft.quant.activations import ActivationStore
 from quikft.quant.gptq import HessianAccumulator, QuantResult, gptq_quantize, rtn_quantize
 from quikft.quant.saliency import ColumnStats, column_scores, resolve_metric, select_salient
+from quikft.quant.scheme import QuantScheme
 
 __all__ = ["UnsupportedArchitectureError", "QuantizedLayers", "select_salient_model"]
 
@@ -451,11 +452,10 @@ def quantize_linear(linear: nn.Module, hessian: torch.Tensor | None, stats: Colu
     weight = arch.weight_of(linear).float()
     if salient is None:
         salient = choose_salient(weight, stats, config, name)
+    scheme = QuantScheme.of(config)
     if config.method == QuantMethod.RTN or hessian is None:
-        return rtn_quantize(weight, salient, config.bits, config.group_size, config.sym, config.clip_search,
-                            hessian=hessian)
-    return gptq_quantize(weight, hessian, salient, config.bits, config.group_size, config.sym,
-                         config.act_order, config.block_size, config.percdamp, config.clip_search)
+        return rtn_quantize(weight, salient, scheme, hessian=hessian)
+    return gptq_quantize(weight, hessian, salient, scheme)
 
 
 def layer_scheme(config: QuantConfig, plan: Mapping[str, Any] | None, name: str) -> QuantConfig:
