@@ -9,10 +9,11 @@ from quikft import arch
 from quikft.data import calibration_windows
 from quikft.eval import evaluate_ppl
 from quikft.models import load_model
+from quikft.quant.blocks import capture_block_inputs, run_block
 from quikft.quant.gptq import gptq_quantize, rtn_quantize
-from quikft.quant.pipeline import capture_block_inputs, find_input_groups, run_block, streaming_statistics
 from quikft.quant.saliency import column_scores, resolve_metric, select_salient
 from quikft.quant.scheme import QuantScheme
+from quikft.quant.statistics import find_input_groups, streaming_statistics
 
 pytestmark = pytest.mark.slow
 

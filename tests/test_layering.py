@@ -76,10 +76,16 @@ def test_the_cycle_finder_finds_cycles():
     assert find_cycle({"a": {"b", "c"}, "b": {"c"}, "c": set()}) is None
 
 
+def _within(name: str, packages: tuple[str, ...]) -> bool:
+    """``name`` is one of ``packages`` or a module inside one (``quikft.quant`` holds ``quikft.quant.gptq``,
+    not ``quikft.quantize``)."""
+    return any(name == package or name.startswith(f"{package}.") for package in packages)
+
+
 def test_low_layers_import_no_higher_layer():
     graph = import_graph()
     assert graph["quikft.config"] == set(), "the config layer imports nothing from quikft"
-    core = [name for name in graph if name.startswith("quikft.quant") or name in ("quikft.quant.saliency", "quikft.packing")]
+    core = [name for name in graph if _within(name, ("quikft.quant", "quikft.packing"))]
     for name in core:
         training = sorted(t for t in graph[name] if t.startswith("quikft.recovery"))
         assert not training, f"{name} imports training code ({training[0]})"
@@ -138,3 +144,27 @@ def test_recovery_sits_above_the_layers_it_trains():
             continue
         reached = sorted(t for t in targets if t.startswith("quikft.recovery"))
         assert not reached, f"{name} imports {reached[0]}"
+
+
+def test_quant_is_math_and_the_block_loop_below_the_format():
+    """quikft.quant (grids, GPTQ/RTN, saliency, statistics, the --target-bpw math and the block loop) sits
+    below the format it feeds: it reaches the settings, the architecture adapter and the bit counts, never
+    a checkpoint format, a kernel, an evaluation, a job or training code."""
+    graph = import_graph()
+    below = ("quikft.quant", "quikft.config", "quikft.arch", "quikft.bits", "quikft.packing", "quikft.hardware")
+    for name in graph:
+        if _within(name, ("quikft.quant",)):
+            reached = sorted(t for t in _reachable(graph, name) if not _within(t, below))
+            assert not reached, f"{name} imports {reached[0]}"
+
+
+def test_only_the_cli_runs_jobs():
+    """quikft.jobs (what the commands run: the quantize job and its streaming machinery) sits with the
+    recovery and the integrations below the CLI and above quant, format and nn: nothing but the CLI (and
+    the public re-export quikft.quantize) imports it."""
+    graph = import_graph()
+    for name, targets in graph.items():
+        if not _within(name, ("quikft.jobs", "quikft.cli", "quikft.quantize")):
+            jobs = sorted(t for t in targets if _within(t, ("quikft.jobs",)))
+            assert not jobs, f"{name} imports {jobs[0]}"
+    assert graph["quikft.quantize"] <= {"quikft.jobs.quantize"}, "quikft.quantize is only a re-export"

@@ -7,20 +7,17 @@ from click.testing import CliRunner
 from safetensors.torch import load_file
 
 from quikft import arch
+from quikft.arch import UnsupportedArchitectureError
 from quikft.cli import main
 from quikft.config import QuantConfig, QuantizeJob, build_config
 from quikft.data import calibration_windows
+from quikft.quant.blocks import capture_block_inputs
 from quikft.quant.gptq import gptq_quantize, rtn_quantize
 from quikft.quant.grid import round_to_fp16
 from quikft.quant.model import quantize_model
-from quikft.quant.pipeline import (
-    UnsupportedArchitectureError,
-    capture_block_inputs,
-    find_input_groups,
-    streaming_statistics,
-)
 from quikft.quant.saliency import column_scores, resolve_metric, select_salient
 from quikft.quant.scheme import QuantScheme
+from quikft.quant.statistics import find_input_groups, streaming_statistics
 
 LLAMA_LAYERS = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj",
                 "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj")

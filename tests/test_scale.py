@@ -144,18 +144,18 @@ def test_streamed_head_quantization_equals_in_memory(tied, tmp_path_factory, tok
 def test_bf16_checkpoint_stays_bf16_and_offload_modes_agree(tmp_path_factory, tokenizer, text_corpus, tmp_path):
     directory = _saved(tmp_path_factory, tokenizer, dtype=torch.bfloat16, num_hidden_layers=3)
     seen = []
-    original = streaming.StreamingHooks.before_quantize
+    original = streaming.StreamingStep.before
 
-    def record_dtype(self, index, block):
-        seen.append(next(block.parameters()).dtype)
-        return original(self, index, block)
+    def record_dtype(self, block):
+        seen.append(next(block.module.parameters()).dtype)
+        return original(self, block)
 
-    streaming.StreamingHooks.before_quantize = record_dtype
+    streaming.StreamingStep.before = record_dtype
     try:
         for mode in ("none", "cpu", "disk"):
             quantize(_config(directory, text_corpus, tmp_path / mode, offload_activations=mode), progress=False)
     finally:
-        streaming.StreamingHooks.before_quantize = original
+        streaming.StreamingStep.before = original
     assert set(seen) == {torch.bfloat16}
     _assert_same_tensors(tmp_path / "none", tmp_path / "cpu")
     _assert_same_tensors(tmp_path / "none", tmp_path / "disk")

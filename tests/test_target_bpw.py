@@ -219,8 +219,9 @@ def test_per_row_widths_fit_each_row_as_its_own_width():
 def _measured_and_exact(rows: int, cols: int) -> tuple[dict, dict]:
     from quikft.quant.budget import measure_layer
     from quikft.quant.gptq import HessianAccumulator
-    from quikft.quant.pipeline import LayerStats, choose_salient, quantize_linear
+    from quikft.quant.layer import choose_salient, quantize_linear
     from quikft.quant.saliency import ColumnStats
+    from quikft.quant.statistics import LayerStats
 
     weight, _ = _layer(rows, cols, seed=1)
     linear = torch.nn.Linear(cols, rows, bias=False)
@@ -234,8 +235,8 @@ def _measured_and_exact(rows: int, cols: int) -> tuple[dict, dict]:
     measured = {(m["bits"], m["salient"]): m["loss"] for m in measure_layer(linear, "layer", stats, config)}
     # every width of one k is measured with the columns the metric picks at the widest (4 bits)
     picked = {k: choose_salient(weight, columns, _config(bits=4, salient=k), "layer") for k in (16, 32)}
-    exact = {setting: quantize_linear(linear, accumulator.hessian(), columns, _config(bits=setting[0],
-                                      salient=setting[1]), "layer", picked.get(setting[1])).loss
+    exact = {setting: quantize_linear(linear, stats, _config(bits=setting[0], salient=setting[1]),
+                                      picked.get(setting[1])).loss
              for setting in measured}
     return measured, exact
 
