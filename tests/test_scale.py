@@ -127,6 +127,18 @@ def test_streamed_families_equal_in_memory(family, tmp_path_factory, tokenizer, 
                            load(tmp_path / "memory", dtype=torch.float32)(input_ids=ids).logits)
 
 
+def test_a_streamed_moe_budget_job_reads_each_block_again_for_every_walk(tmp_path_factory, tokenizer, text_corpus,
+                                                                        tmp_path, single_thread):
+    """--target-bpw walks the blocks three times (sensitivity, measurement, quantization); a walk unfuses a
+    block's experts, and releasing the block puts them back in the stored layout, so the next walk reads them
+    again (it once failed: no stored tensor provides the unfused experts' weights)."""
+    directory = _saved(tmp_path_factory, tokenizer, "mixtral")
+    config = _config(directory, text_corpus, tmp_path / "streamed", target_bpw=4.5)
+    assert quantize(config, progress=False)["loading"] == "streamed block by block"
+    _in_memory(config, tmp_path)
+    _assert_same_tensors(tmp_path / "streamed", tmp_path / "memory")
+
+
 @pytest.mark.parametrize("tied", [True, False])
 def test_streamed_head_quantization_equals_in_memory(tied, tmp_path_factory, tokenizer, text_corpus, tmp_path, shared_data,
                                                      monkeypatch):

@@ -270,6 +270,9 @@ class BlockWeights(BlockStep):
     def release(self, block: Block) -> None:
         if self.weights is not None:
             release(block.module)
+            # Experts back in the stored layout (on the meta device: nothing is copied), so that a later
+            # walk (the measurement after the sensitivity pass, the quantization after both) reads them again.
+            arch.fuse_all_experts(block.module)
             return_freed_memory()
 
 
