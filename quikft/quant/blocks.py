@@ -20,6 +20,7 @@ from torch import nn
 from quikft import arch
 from quikft.arch import RoutedExperts
 from quikft.quant.activations import ActivationStore
+from quikft.quant.gptq import QuantResult
 
 
 class StopForward(Exception):
@@ -67,7 +68,7 @@ class Block:
     layers: dict[str, nn.Module] = field(default_factory=dict)
     experts: dict[str, RoutedExperts] = field(default_factory=dict)
     unfused: list[str] = field(default_factory=list)  # full names of its experts modules, unfused
-    results: dict[str, Any] = field(default_factory=dict)  # full layer name -> what quantizing it gave
+    results: dict[str, QuantResult] = field(default_factory=dict)  # full layer name -> its quantization
 
     def full_name(self, name: str) -> str:
         return f"{self.prefix}.{name}"

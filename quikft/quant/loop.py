@@ -107,8 +107,7 @@ def run_blocks(layout: arch.ModelLayout, inputs: BlockInputs, steps: Sequence[Bl
         with on_device(block.module, walk.device):
             for step in steps:
                 step.before(block)
-            gather, outputs = _gather(block, steps), None
-            found = None
+            gather, found, outputs = _gather(block, steps), None, None
             if gather is not None:
                 found, outputs = collect_statistics(block, gather, keep_outputs=not changes)
             for step in steps:
