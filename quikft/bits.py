@@ -1,4 +1,4 @@
-"""Bits per weight (SPEC §14): counted from stored tensors, or predicted from a scheme without quantizing.
+"""Bits per weight: counted from stored tensors, or predicted from a scheme without quantizing.
 
 Two figures, one definition each:
 
@@ -87,15 +87,27 @@ def layer_bits(in_features: int, out_features: int, bits: int, salient: int | fl
     return 8 * sum(math.prod(shape) * size for shape, size in tensors.values())
 
 
+@dataclass(frozen=True)
+class Unquantized:
+    """A model's parameters outside its quantized linears (embeddings, norms, an untied head) and the
+    bytes each is stored with (2 for the default bf16 ``dtype_rest``)."""
+
+    params: int = 0
+    bytes_each: int = 2
+
+    @property
+    def bits(self) -> int:
+        return 8 * self.bytes_each * self.params
+
+
 def predict_bits(shapes: Iterable[tuple[int, int]], bits: int, salient: int | float, group_size: int,
-                 other_params: int = 0, other_bytes: int = 2) -> BitsCount:
-    """The count a checkpoint would give: ``shapes`` are the quantized linears' (in, out); the other
-    ``other_params`` parameters (embeddings, norms, an untied head) are stored with ``other_bytes``
-    bytes each (2 for the default bf16 ``dtype_rest``)."""
+                 other: Unquantized = Unquantized()) -> BitsCount:
+    """The count a checkpoint would give: ``shapes`` are the quantized linears' (in, out), ``other``
+    the rest of the model (none by default: the linear figure alone is then meaningful)."""
     shapes = list(shapes)
     linear_bits = sum(layer_bits(i, o, bits, salient, group_size) for i, o in shapes)
     weights = sum(i * o for i, o in shapes)
-    return BitsCount(linear_bits, weights, linear_bits + 8 * other_bytes * other_params, weights + other_params)
+    return BitsCount(linear_bits, weights, linear_bits + other.bits, weights + other.params)
 
 
 def stored_layer_shape(tensors: Mapping[str, Stored], name: str) -> tuple[int, int]:

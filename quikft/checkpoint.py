@@ -62,6 +62,10 @@ from quikft.format.reader import (  # noqa: F401
     stored_blocks,
     validate_quantization_config,
 )
+from quikft.format.shards import (  # noqa: F401
+    save_weights,
+    write_shards,
+)
 from quikft.format.writer import (  # noqa: F401
     build_quantization_config,
     cast_unquantized,
@@ -69,11 +73,9 @@ from quikft.format.writer import (  # noqa: F401
     pack_into,
     packed_state_dict,
     save_packed,
-    save_weights,
     write_model_config,
     write_packed,
     write_quik_model,
-    write_shards,
 )
 from quikft.validation import (  # noqa: F401
     CheckpointError,

@@ -146,7 +146,7 @@ def eval_command(model_name, ppl_datasets, tasks, limit, batch_size, backend, sp
     """Perplexity with the paper protocol (WikiText-2 test, 2048-token windows) and zero-shot tasks."""
     from quikft.atomic import check_file_output, write_json
     from quikft.data import check_source
-    from quikft.eval import evaluate_ppl, evaluate_tasks, parse_tasks
+    from quikft.eval import PplTask, ZeroShotSettings, evaluate_tasks, parse_tasks, task_ppl
     from quikft.eval.ppl import require_finite
     from quikft.eval.zeroshot import format_table
     from quikft.hardware import resolve_device, resolve_dtype
@@ -171,11 +171,12 @@ def eval_command(model_name, ppl_datasets, tasks, limit, batch_size, backend, sp
         set_dequantized_cache(model)
     results = []
     for dataset in ppl_datasets:
-        result = require_finite(evaluate_ppl(model, tokenizer, dataset, seqlen, max_windows, window_stride, split,
-                                             model_name=label))
+        task = PplTask(dataset, seqlen, max_windows, window_stride, split)
+        result = require_finite(task_ppl(model, tokenizer, task, model_name=label))
         click.echo(result.summary())
         results.append(result.to_dict())
-    task_results = evaluate_tasks(model, tokenizer, refs, limit, batch_size, backend, model_name=label) if refs else []
+    settings = ZeroShotSettings(limit, batch_size, backend, model_name=label)
+    task_results = evaluate_tasks(model, tokenizer, refs, settings) if refs else []
     table = [{"task": r["dataset"], "metric": "ppl", "value": r["ppl"], "stderr": None, "n": r["windows"]}
              for r in results] + [row for r in task_results for row in r.rows()]
     if refs:
@@ -205,14 +206,15 @@ def eval_command(model_name, ppl_datasets, tasks, limit, batch_size, backend, sp
 @_fail_cleanly
 def generate(prompt, model_name, max_new_tokens, temperature, chat, seed, dtype, device, trust_remote_code):
     """Generate a continuation of PROMPT."""
-    from quikft.generation import check_generation, generate_text
+    from quikft.generation import GenerationRequest, generate_text
     from quikft.hardware import check_device
     from quikft.models import load_model
 
-    check_generation(prompt, max_new_tokens, temperature)
+    request = GenerationRequest(prompt, max_new_tokens, temperature, chat, seed)
+    request.check()
     check_device(device)
     model, tokenizer = load_model(model_name, dtype=dtype, device=device, trust_remote_code=bool(trust_remote_code))
-    click.echo(generate_text(model, tokenizer, prompt, max_new_tokens, temperature, chat, seed))
+    click.echo(generate_text(model, tokenizer, request))
 
 @main.command()
 @click.option("--config", "config_path", type=click.Path(dir_okay=False), default=None,

@@ -65,14 +65,14 @@ class Choice(str, enum.Enum):
 
 
 class QuantMethod(Choice):
-    """How the non-salient columns are rounded (SPEC §4)."""
+    """How the non-salient columns are rounded (quikft.quant.gptq)."""
 
     GPTQ = "gptq"
     RTN = "rtn"  # round to nearest, no error feedback: the baseline
 
 
 class SaliencyMetric(Choice):
-    """The sensitivity metric choosing salient columns (SPEC §2); presets in quikft.quant.saliency.PRESETS."""
+    """The sensitivity metric choosing salient columns; presets in quikft.quant.saliency.PRESETS."""
 
     GIFT = "gift"
     QUIK = "quik"
@@ -276,7 +276,7 @@ def check_settings(config: Any, choices: dict[str, tuple[str, ...]] | None = Non
 
 @dataclass
 class QuantConfig:
-    """The quantization scheme (SPEC §2-4): what determines the quantized weights; saved in the checkpoint."""
+    """The quantization scheme (the README's "Quantize"): what determines the quantized weights; saved in the checkpoint."""
 
     bits: int = 3
     # FP16 input columns per linear layer: a count k (capped at in_features - 1) or a fraction of each
@@ -290,7 +290,7 @@ class QuantConfig:
     group_size: int = 128  # -1 = one scale per output row
     sym: bool = False
     act_order: bool = True
-    clip_search: bool = True  # the 80-candidate clipping search of SPEC §3
+    clip_search: bool = True  # per-row clipping search over 80 shrink factors (quikft.quant.grid)
     percdamp: float = 0.01
     block_size: int = 128
     calib: str = "c4"  # dataset name or file path

@@ -17,6 +17,7 @@ import hashlib
 import json
 import math
 from collections.abc import Mapping
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -46,14 +47,25 @@ class StoredTensor(Protocol):
 
 # ------------------------------------------------------------------------------------ values
 
-def validate_layer_values(name: str, values: Mapping[str, Tensor], files: Mapping[str, Path], *,
-                          in_features: int, bits: int, group_size: int, sym: bool) -> None:
-    """Refuse one quantized layer whose stored tensors cannot give the right weights.
+@dataclass(frozen=True)
+class DeclaredLayer:
+    """What the model and the checkpoint's config say a quantized layer is, before its values are read."""
+
+    in_features: int
+    bits: int
+    group_size: int
+    sym: bool
+
+
+def validate_layer_values(name: str, values: Mapping[str, Tensor], files: Mapping[str, Path],
+                          declared: DeclaredLayer) -> None:
+    """Refuse one quantized layer whose stored tensors cannot give the layer ``declared`` says.
 
     ``values`` maps the layer's tensor names (``qzeros``, ``scales``, ``g_idx``, ``perm``,
     ``salient_idx``, ``salient_weight``, ``bias``) to their stored values; ``perm`` is absent in
     a format-1 layer, whose ``g_idx`` need not be contiguous. ``files`` names the file of each.
     """
+    in_features, bits, group_size = declared.in_features, declared.bits, declared.group_size
     def fail(key: str, problem: str) -> CheckpointError:
         return CheckpointError(f"{files[key]}: tensor {name}.{key} {problem}")
 
@@ -69,7 +81,7 @@ def validate_layer_values(name: str, values: Mapping[str, Tensor], files: Mappin
         if key in values and not bool(torch.isfinite(values[key].float()).all()):
             raise fail(key, "holds non-finite values (NaN or inf); the checkpoint is corrupt or its training "
                             "diverged")
-    if sym:
+    if declared.sym:
         zeros = unpack_zeros(values["qzeros"].cpu(), bits, values["scales"].shape[1])
         if not bool((zeros == 2 ** (bits - 1)).all()):
             raise fail("qzeros", f"must all be {2 ** (bits - 1)} in a symmetric (sym) checkpoint")

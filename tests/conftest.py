@@ -127,6 +127,8 @@ def packed(tmp_path_factory, tiny_dir, corpus) -> Path:
 
 def random_quik(out_features=24, in_features=40, k=6, bits=3, seed=0, bias=False):
     """A small RTN-quantized QuikLinear of a random weight (k random salient columns, groups of 16)."""
+    import dataclasses
+
     from quikft.nn import QuikLinear
     from quikft.quant.gptq import rtn_quantize
     from quikft.quant.grid import round_to_fp16
@@ -136,8 +138,8 @@ def random_quik(out_features=24, in_features=40, k=6, bits=3, seed=0, bias=False
     weight = torch.randn(out_features, in_features)
     salient = torch.sort(torch.randperm(in_features)[:k]).values
     r = rtn_quantize(weight, salient, QuantScheme(bits, group_size=16, sym=False, clip_search=False))
-    return QuikLinear.from_quantized(r.codes, r.scales, r.zeros, r.g_idx, r.salient, round_to_fp16(r.salient_weight),
-                                     torch.randn(out_features) if bias else None, bits, 16, kernel="torch")
+    r = dataclasses.replace(r, salient_weight=round_to_fp16(r.salient_weight))
+    return QuikLinear.from_quantized(r, torch.randn(out_features) if bias else None, kernel="torch")
 
 
 def recover_config(model, corpus: dict[str, str], out: Path, **changes):

@@ -7,7 +7,7 @@ import struct
 
 import pytest
 
-from quikft.bits import count_bits, n_groups, packed_layer_tensors, predict_bits
+from quikft.bits import Unquantized, count_bits, n_groups, packed_layer_tensors, predict_bits
 from quikft.checkpoint import (
     DTYPE_REST,
     QUIK_TENSORS,
@@ -19,7 +19,7 @@ from quikft.checkpoint import (
 from quikft.config import QuantConfig
 from quikft.data import calibration_windows
 from quikft.models import load_model
-from quikft.nn import QuikLinear
+from quikft.nn import PackedShape, QuikLinear
 from quikft.quant.model import quantize_model
 
 SCHEMES = [  # bits, salient (count or fraction), group size, method, dtype_rest, shard size
@@ -54,7 +54,7 @@ def test_predicted_bits_equal_the_count_on_a_written_checkpoint(tiny_dir, corpus
     modules = read_quantization_config(out)["modules"]
     shapes = [tuple(model.get_submodule(name).weight.shape[::-1]) for name in modules]
     other = sum(p.numel() for p in model.parameters()) - sum(i * o for i, o in shapes)  # a tied head once
-    predicted = predict_bits(shapes, bits, salient, group_size, other, DTYPE_REST[rest].itemsize)
+    predicted = predict_bits(shapes, bits, salient, group_size, Unquantized(other, DTYPE_REST[rest].itemsize))
     assert predicted == counted
     assert counted.linear_weights == sum(i * o for i, o in shapes)
     assert 0 < counted.linear_bpw < counted.model_bpw
@@ -65,7 +65,7 @@ def test_packed_layer_tensors_are_the_quik_linear_buffers():
     for in_features, out_features, bits, k, group_size in [(64, 24, 3, 6, 16), (160, 64, 2, 0, 32),
                                                            (96, 40, 8, 95, -1), (33, 7, 4, 5, 128)]:
         groups = n_groups(in_features - k, group_size)
-        layer = QuikLinear(in_features, out_features, bits, group_size, k, groups)
+        layer = QuikLinear(PackedShape(in_features, out_features, bits, group_size, k, groups))
         buffers = {name: (tuple(t.shape), t.element_size()) for name, t in layer.state_dict().items()}
         assert buffers == packed_layer_tensors(in_features, out_features, bits, k, groups)
         assert set(buffers) == set(QUIK_TENSORS)

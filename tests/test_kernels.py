@@ -1,11 +1,20 @@
 """The fast QuikLinear kernels against the reference: layout, exactness, memory, fallbacks."""
 
 import warnings
+from types import SimpleNamespace
 
 import pytest
 import torch
 
-from quikft.nn import QuikLinear, cpu_kernel, get_kernel, nonsalient_columns, prepare_for_inference, why_not
+from quikft.nn import (
+    PackedShape,
+    QuikLinear,
+    cpu_kernel,
+    get_kernel,
+    nonsalient_columns,
+    prepare_for_inference,
+    why_not,
+)
 from quikft.nn.kernels import LayerLayout, RefusalKind
 
 CPU = torch.device("cpu")
@@ -33,8 +42,9 @@ def exact_layer(bits: int, k: int, shape: tuple[int, int], group_size: int, act_
     codes[:, salient] = zeros[:, g_idx[salient].long()].to(torch.uint8)
     salient_weight = torch.randint(-16, 17, (out_features, k), generator=gen).float() / 8
     bias_t = torch.randint(-8, 9, (out_features,), generator=gen).float() / 4 if bias else None
-    return QuikLinear.from_quantized(codes, scales, zeros, g_idx, salient, salient_weight, bias_t, bits,
-                                     group_size)
+    quantized = SimpleNamespace(codes=codes, scales=scales, zeros=zeros, g_idx=g_idx, salient=salient,
+                                salient_weight=salient_weight, bits=bits, group_size=group_size)
+    return QuikLinear.from_quantized(quantized, bias_t)
 
 
 def exact_input(rows: int, in_features: int, seed: int = 1) -> torch.Tensor:
@@ -222,7 +232,7 @@ def test_upgrade_from_format_1_keeps_the_weight():
     # the same layer in format 1: ascending non-salient columns, act-order groups in that order
     position = torch.empty(96, dtype=torch.long)
     position[new.perm.long()] = torch.arange(new.perm.numel())
-    old = QuikLinear(96, 32, 3, 32, 6, new.n_groups)
+    old = QuikLinear(PackedShape(96, 32, 3, 32, 6, new.n_groups))
     old.load_state_dict({**new.state_dict(), "qweight": pack_codes(new.codes()[:, position[keep]], 3),
                          "g_idx": new.g_idx[position[keep]], "perm": keep.int()})
     old.perm = None

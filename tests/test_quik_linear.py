@@ -6,6 +6,7 @@ import torch
 
 from quikft.nn import (
     KernelState,
+    PackedShape,
     QuikKernel,
     QuikLinear,
     Refusal,
@@ -51,18 +52,7 @@ class Quantized:
         """The packed layer, running the exact reference kernel unless ``kernel`` says otherwise (the
         measured choice may take a faster kernel of lower activation precision)."""
         kwargs.setdefault("kernel", "torch")
-        return QuikLinear.from_quantized(
-            self.codes,
-            self.scales,
-            self.zeros,
-            self.g_idx,
-            self.salient,
-            self.salient_weight,
-            self.bias,
-            self.bits,
-            self.group_size,
-            **kwargs,
-        )
+        return QuikLinear.from_quantized(self, self.bias, **kwargs)
 
 
 def make_quantized(bits: int, k: int, bias: bool, seed: int = 0, shape: tuple[int, int] = (OUT, IN),
@@ -144,8 +134,7 @@ def test_matches_the_quantizer_bit_for_bit(method: str, k: int) -> None:
                                QuantScheme(3, group_size=GROUP, act_order=True))
     else:
         result = rtn_quantize(weight, salient, QuantScheme(3, group_size=GROUP))
-    layer = QuikLinear.from_quantized(result.codes, result.scales, result.zeros, result.g_idx, result.salient,
-                                      result.salient_weight, None, 3, GROUP, kernel="torch")
+    layer = QuikLinear.from_quantized(result, kernel="torch")
     assert torch.equal(layer.dequantize_weight(), result.dequantized_base())
     assert torch.equal(layer.effective_weight(), result.weight)
     inputs = torch.randn(2, 7, IN, generator=gen)
@@ -267,7 +256,7 @@ def test_state_dict_roundtrip(bias: bool) -> None:
     q = make_quantized(3, 6, bias=bias)
     layer = q.layer(cache_dequantized=True)
     n_groups = q.scales.shape[1]
-    fresh = QuikLinear(IN, OUT, 3, GROUP, 6, n_groups, bias, cache_dequantized=True)
+    fresh = QuikLinear(PackedShape(IN, OUT, 3, GROUP, 6, n_groups, bias), cache_dequantized=True)
     x = torch.randn(3, IN)
     fresh(x)  # populate the cache and prepare a kernel, which loading must invalidate
     assert fresh.kernel_state is not None and fresh._cache is not None

@@ -22,6 +22,7 @@ from quikft.checkpoint import load, save_packed
 from quikft.config import QuantizeJob, from_settings
 from quikft.data import calibration_windows
 from quikft.eval.ppl import quick_ppl
+from quikft.format import shards
 from quikft.jobs.quantize import quantize, streaming
 from quikft.jobs.quantize.state import QuantizeState, QuantizeStateError, state_dir_for
 from quikft.jobs.quantize.streaming import round_floating
@@ -55,7 +56,7 @@ def _config(model_dir, text_corpus, out, **changes):
 
 
 def _ppl(model, tokenizer, job) -> float:
-    return quick_ppl(model, tokenizer, job.eval_windows, job.eval_stride, job.eval_seqlen, "x")["ppl"]
+    return quick_ppl(model, tokenizer, job, "x")["ppl"]
 
 
 def _tensors(directory) -> dict[str, torch.Tensor]:
@@ -98,7 +99,27 @@ def test_streamed_job_equals_in_memory_quantization_and_evaluation(llama_dir, te
     assert report["layers"] == [dict(vars(layer), seconds=r["seconds"]) for layer, r in
                                 zip(quantized.layers, report["layers"], strict=True)]
     assert not state_dir_for(tmp_path / "streamed").exists()  # the state goes once the output is complete
-    assert len(glob.glob(str(tmp_path / "streamed" / "model-*-of-*.safetensors"))) == 5  # rest + one per block
+    # Under the format's shard size the output is one file, as save_pretrained writes it.
+    assert sorted(p.name for p in (tmp_path / "streamed").glob("model*.safetensors")) == ["model.safetensors"]
+    assert not (tmp_path / "streamed" / "model.safetensors.index.json").exists()
+
+
+def test_streamed_job_over_the_shard_size_writes_shards_of_the_same_tensors(llama_dir, tokenizer, text_corpus,
+                                                                            tmp_path, monkeypatch):
+    """Above the shard size the streamed output is save_pretrained's shards plus an index, with the
+    tensors of the one-file output bit for bit; every loader reads both alike."""
+    quantize(_config(llama_dir, text_corpus, tmp_path / "one"), progress=False)
+    monkeypatch.setattr(shards, "MAX_SHARD_SIZE", "60KB")
+    quantize(_config(llama_dir, text_corpus, tmp_path / "sharded"), progress=False)
+    files = sorted(p.name for p in (tmp_path / "sharded").glob("model*.safetensors"))
+    assert len(files) > 2 and files[0] == f"model-00001-of-{len(files):05d}.safetensors"
+    index = json.loads((tmp_path / "sharded" / "model.safetensors.index.json").read_text())
+    assert sorted(set(index["weight_map"].values())) == files
+    _assert_same_tensors(tmp_path / "one", tmp_path / "sharded")
+    ids = calibration_windows(tokenizer, str(text_corpus), 2, 32, 1)
+    with torch.no_grad():
+        assert torch.equal(load(tmp_path / "one", dtype=torch.float32, kernel="torch")(input_ids=ids).logits,
+                           load(tmp_path / "sharded", dtype=torch.float32, kernel="torch")(input_ids=ids).logits)
 
 
 def test_streamed_saved_ppl_keeps_packed_biases(tmp_path_factory, tokenizer, text_corpus, tmp_path, shared_data,
@@ -182,21 +203,21 @@ KILLER = textwrap.dedent("""
 
     kill_at = int(sys.argv[1])
     commits = []
-    real_commit, real_save = state.QuantizeState.commit, streaming._save_atomic
+    real_commit, real_save = state.QuantizeState.commit, streaming.save_weights
 
     def commit(self, next_block, *args, **kwargs):
         real_commit(self, next_block, *args, **kwargs)
         commits.append(next_block)
 
     def save(tensors, path):
-        # SIGKILL in the middle of the next block's shard: a temporary file written, nothing committed.
+        # SIGKILL in the middle of writing the next block's file: part of it written, nothing committed.
         if len(commits) == kill_at:
-            path.with_name(f".{path.name}.tmp").write_bytes(b"torn")
+            path.write_bytes(b"torn")
             os.kill(os.getpid(), signal.SIGKILL)
         return real_save(tensors, path)
 
     state.QuantizeState.commit = commit
-    streaming._save_atomic = save
+    streaming.save_weights = save
     quantize(from_settings(QuantizeJob, __import__("json").loads(sys.argv[2])), progress=False)
 """)
 

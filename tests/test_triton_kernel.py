@@ -31,13 +31,11 @@ CASES = [  # bits, k, (out, in), group size, act-order
 def test_triton_kernel_equals_the_reference(bits, k, shape, group_size, act_order, rows):
     layer = exact_layer(bits, k, shape, group_size, act_order, bias=bits != 2, seed=bits * 3 + k)
     x = exact_input(rows, shape[1])
-    y = triton_ops.quik_linear(x, layer.qweight, layer.qzeros, layer.scales, layer.g_idx, layer.perm,
-                               layer.salient_idx, layer.salient_weight, layer.bias, bits)
+    y = triton_ops.quik_linear(x, layer)
     # every number is exact in fp32 (see exact_layer), so the kernel must match to the last bit
     # up to summation order
     torch.testing.assert_close(y.double(), expected(layer, x).value, rtol=1e-6, atol=1e-5)
-    half = triton_ops.quik_linear(x.half(), layer.qweight, layer.qzeros, layer.scales, layer.g_idx, layer.perm,
-                                  layer.salient_idx, layer.salient_weight, layer.bias, bits)
+    half = triton_ops.quik_linear(x.half(), layer)
     assert half.dtype == torch.float16
     torch.testing.assert_close(half.double(), expected(layer, x).value, rtol=2e-3, atol=2e-2)
 

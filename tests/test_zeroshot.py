@@ -8,7 +8,7 @@ from click.testing import CliRunner
 
 from quikft.cli import main
 from quikft.data import DataError
-from quikft.eval import zeroshot
+from quikft.eval import ZeroShotSettings, zeroshot
 from quikft.eval.tasks import TASKS, Example, TaskData, TaskRef, load_task, parse_tasks
 from quikft.eval.zeroshot import choice_metrics, encode_pair, evaluate_task, loglikelihoods, mean_and_stderr
 
@@ -33,10 +33,10 @@ def test_scores_and_metrics_equal_a_direct_computation(tiny, single_thread):
     model, tokenizer = tiny
     requests = [pair for example in HAND_MADE.examples for pair in example.requests()]
     expected = [direct_score(model, tokenizer, c, x) for c, x in requests]
-    got = loglikelihoods(model, tokenizer, requests, batch_size=3, progress=False)
+    got = loglikelihoods(model, tokenizer, requests, batch_size=3, progress=None)
     assert got == pytest.approx(expected, abs=1e-4)
 
-    result = evaluate_task(model, tokenizer, HAND_MADE, batch_size=2, progress=False)
+    result = evaluate_task(model, tokenizer, HAND_MADE, ZeroShotSettings(batch_size=2, progress=False))
     per_example, offset = [], 0
     for example in HAND_MADE.examples:
         per_example.append(expected[offset:offset + len(example.contexts)])
@@ -54,18 +54,18 @@ def test_scores_and_metrics_equal_a_direct_computation(tiny, single_thread):
 def test_batched_equals_unbatched_and_generic_head_path(tiny, single_thread, monkeypatch):
     model, tokenizer = tiny
     requests = [pair for example in HAND_MADE.examples for pair in example.requests()]
-    one = loglikelihoods(model, tokenizer, requests, batch_size=1, progress=False)
-    many = loglikelihoods(model, tokenizer, requests, batch_size=16, progress=False)
+    one = loglikelihoods(model, tokenizer, requests, batch_size=1, progress=None)
+    many = loglikelihoods(model, tokenizer, requests, batch_size=16, progress=None)
     assert many == pytest.approx(one, abs=1e-4)
     monkeypatch.setattr(zeroshot.arch, "head_path_matches", lambda m, ids: False)  # the model(...).logits path
-    assert loglikelihoods(model, tokenizer, requests, batch_size=4, progress=False) == pytest.approx(one, abs=1e-4)
+    assert loglikelihoods(model, tokenizer, requests, batch_size=4, progress=None) == pytest.approx(one, abs=1e-4)
 
 
 def test_shared_inputs_are_scored_once_and_per_continuation(tiny, single_thread):
     model, tokenizer = tiny
     context = "Perplexity is the exponential of the mean"
     requests = [(context, " no"), (context, " yes"), (context, " negative log")]
-    got = loglikelihoods(model, tokenizer, requests, batch_size=2, progress=False)
+    got = loglikelihoods(model, tokenizer, requests, batch_size=2, progress=None)
     assert got == pytest.approx([direct_score(model, tokenizer, c, x) for c, x in requests], abs=1e-4)
 
 
@@ -250,8 +250,8 @@ def test_lm_eval_backend_agrees_with_native_on_tiny_model(tiny, tmp_path, single
     records = [RECORDS["arc_easy"], dict(RECORDS["arc_easy"], answerKey="1"), dict(RECORDS["arc_easy"], answerKey="3")]
     refs = [TaskRef("arc_easy", str(write_jsonl(tmp_path / "arc.jsonl", records))),
             TaskRef("boolq", str(write_jsonl(tmp_path / "boolq.jsonl", [RECORDS["boolq"]] * 2)))]
-    theirs = evaluate_tasks_lm_eval(model, tokenizer, refs, limit=3, batch_size=4)
-    ours = zeroshot.evaluate_tasks(model, tokenizer, refs, limit=3, batch_size=4, progress=False)
+    theirs = evaluate_tasks_lm_eval(model, tokenizer, refs, ZeroShotSettings(limit=3, batch_size=4))
+    ours = zeroshot.evaluate_tasks(model, tokenizer, refs, ZeroShotSettings(limit=3, batch_size=4, progress=False))
     for a, b in zip(ours, theirs, strict=True):
         assert (a.task, a.n) == (b.task, b.n) and b.backend == "lm-eval"
         for metric in a.metrics:

@@ -42,7 +42,7 @@ def main() -> None:
     ids = tokenize_stream(tokenizer, eval_text("wikitext2", "test"), add_special_tokens=True)
     starts = window_starts(ids.numel(), args.seqlen, args.max_windows, args.window_stride)
     rows = []
-    for name, run in (("quikft evaluate_ppl", lambda: perplexity_of_ids(model, ids, args.seqlen, starts, False)[0]),
+    for name, run in (("quikft evaluate_ppl", lambda: perplexity_of_ids(model, ids, args.seqlen, starts, None)[0]),
                       ("plain transformers loop", lambda: plain_loop(model, ids, args.seqlen, starts))):
         began = time.perf_counter()
         nll = run()

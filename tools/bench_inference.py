@@ -221,12 +221,12 @@ def time_decode(model: Any, ids: Any, new_tokens: int, repeats: int) -> float:
 
 def perplexities(model: Any, args: argparse.Namespace) -> dict:
     """WikiText-2 test ppl: 4 windows of the stride-8 subset, and the 1024-token prefix."""
-    from quikft.eval.ppl import evaluate_ppl
+    from quikft.eval.ppl import PplTask, task_ppl
     from quikft.models import load_tokenizer, resolve_model
 
     tokenizer = load_tokenizer(args.packed if args.worker.startswith("packed") else resolve_model(args.model))
-    subset = evaluate_ppl(model, tokenizer, "wikitext2", 2048, 4, 8, progress=False)
-    prefix = evaluate_ppl(model, tokenizer, "wikitext2", 1024, 1, 1, progress=False)
+    subset = task_ppl(model, tokenizer, PplTask("wikitext2", 2048, 4, 8), progress=False)
+    prefix = task_ppl(model, tokenizer, PplTask("wikitext2", 1024, 1, 1), progress=False)
     return {"ppl_4x2048": subset.ppl, "ppl_prefix_1024": prefix.ppl}
 
 

@@ -55,8 +55,7 @@ def quantized_layer(bits: int, k: int, shape: tuple[int, int], group_size: int, 
     else:
         result = rtn_quantize(weight, salient, QuantScheme(bits, group_size))
     bias = torch.randn(out_features, generator=gen) * 0.1
-    return QuikLinear.from_quantized(result.codes, result.scales, result.zeros, result.g_idx, result.salient,
-                                     result.salient_weight, bias, bits, group_size).to(device)
+    return QuikLinear.from_quantized(result, bias).to(device)
 
 
 def correctness(device: str) -> list[str]:
@@ -83,8 +82,7 @@ def correctness(device: str) -> list[str]:
                 if device == "cpu":  # the interpreter: call the kernel function directly
                     from quikft.nn.triton_ops import quik_linear
 
-                    y = quik_linear(x.to(dtype), layer.qweight, layer.qzeros, layer.scales, layer.g_idx, layer.perm,
-                                    layer.salient_idx, layer.salient_weight, layer.bias, bits)
+                    y = quik_linear(x.to(dtype), layer)
                 else:
                     y = layer(x.to(dtype))
                 scale = float(reference.abs().max()) or 1.0

@@ -79,11 +79,6 @@ class RoutedExperts(nn.Module):
     def n_experts(self) -> int:
         return len(getattr(self, self.projections[0]))
 
-    def expert_layers(self) -> dict[str, tuple[int, nn.Module]]:
-        """Every per-expert layer by its name relative to this module, with its expert index."""
-        return {f"{proj}.{e}": (e, layer) for proj in self.projections
-                for e, layer in enumerate(getattr(self, proj))}
-
     def forward(self, *args, **kwargs) -> Tensor:
         hidden, index, weights = _routing_arguments(self._quikft_original, args, kwargs)
         first, second = (getattr(self, name) for name in self.projections)

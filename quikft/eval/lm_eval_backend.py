@@ -14,7 +14,7 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
-from quikft.eval.results import EvalBackend, TaskResult
+from quikft.eval.results import EvalBackend, TaskResult, ZeroShotSettings
 from quikft.eval.tasks import TASKS, TaskRef, ZeroShotTask, task_records, task_source
 
 INSTALL_HINT = 'pip install -e ".[eval]"'
@@ -85,9 +85,10 @@ def _metrics(results: dict, name: str) -> dict[str, dict[str, float | None]]:
             for metric in TASKS[name].metrics}
 
 
-def evaluate_tasks_lm_eval(model, tokenizer, refs: list[TaskRef], limit: int | None = None, batch_size: int = 16,
-                           model_name: str | None = None) -> list[TaskResult]:
+def evaluate_tasks_lm_eval(model, tokenizer, refs: list[TaskRef], settings: ZeroShotSettings | None = None
+                           ) -> list[TaskResult]:
     """Run each task through lm-eval's HFLM wrapping the already-loaded ``model`` and ``tokenizer``."""
+    settings = settings or ZeroShotSettings()
     if all(task_source(ref) is not None for ref in refs):
         os.environ.setdefault("HF_DATASETS_OFFLINE", "1")  # local files only: never wait on the network
         os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -96,16 +97,17 @@ def evaluate_tasks_lm_eval(model, tokenizer, refs: list[TaskRef], limit: int | N
     from lm_eval.models.huggingface import HFLM
     from lm_eval.tasks import TaskManager
 
-    lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size)
+    lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=settings.batch_size)
     manager = TaskManager()
     out = []
     for ref in refs:  # one task per call, so each gets its own wall time
         began = time.perf_counter()
         config = task_config(ref, manager)
-        results = simple_evaluate(model=lm, tasks=[config], limit=limit, log_samples=False, task_manager=manager)
+        results = simple_evaluate(model=lm, tasks=[config], limit=settings.limit, log_samples=False,
+                                  task_manager=manager)
         samples = results.get("n-samples", {}).get(ref.name, {})
         out.append(TaskResult(
-            model=model_name or getattr(model.config, "_name_or_path", "model"), task=ref.name,
+            model=settings.model_name or getattr(model.config, "_name_or_path", "model"), task=ref.name,
             n=int(samples.get("effective", 0)), metrics=_metrics(results["results"][ref.name], ref.name),
             seconds=time.perf_counter() - began, source=str(task_source(ref) or "hub"),
             backend=EvalBackend.LM_EVAL.value))

@@ -1,4 +1,4 @@
-"""Perplexity with the GPTQ/QUIK protocol (SPEC §8).
+"""Perplexity with the GPTQ/QUIK protocol.
 
 Join the split's rows with blank lines, tokenize once, cut non-overlapping windows of
 ``seqlen`` tokens (dropping the remainder), and report exp(mean next-token NLL) over all
@@ -11,6 +11,7 @@ from __future__ import annotations
 import math
 import time
 from dataclasses import asdict, dataclass, field
+from typing import Any, Protocol
 
 import torch
 import torch.nn.functional as F
@@ -91,12 +92,13 @@ def window_nll(model, ids: torch.Tensor) -> float:
     return total
 
 
-def perplexity_of_ids(model, ids: torch.Tensor, seqlen: int, starts: list[int], progress: bool = True,
-                      desc: str = "ppl") -> tuple[float, int]:
-    """Mean next-token NLL and number of predicted tokens over the given windows of ``ids``."""
+def perplexity_of_ids(model, ids: torch.Tensor, seqlen: int, starts: list[int], progress: str | None = "ppl"
+                      ) -> tuple[float, int]:
+    """Mean next-token NLL and number of predicted tokens over the given windows of ``ids``;
+    ``progress`` labels the progress bar (None: no bar)."""
     device = next(model.parameters()).device
     total_nll, total_tokens = 0.0, 0
-    bar = tqdm(starts, desc=desc, disable=not progress, unit="win")
+    bar = tqdm(starts, desc=progress, disable=progress is None, unit="win")
     for start in bar:
         window = ids[start:start + seqlen].unsqueeze(0).to(device)
         total_nll += window_nll(model, window)
@@ -110,34 +112,62 @@ def max_context(model, seqlen: int) -> int:
     return min(seqlen, limit) if limit else seqlen
 
 
-def evaluate_ppl(model, tokenizer, dataset: str = "wikitext2", seqlen: int = 2048, max_windows: int | None = None,
-                 window_stride: int = 1, split: str = "test", progress: bool = True,
-                 model_name: str | None = None) -> PplResult:
-    """Perplexity of ``model`` on a dataset split (or text file) with the paper protocol."""
-    seqlen = max_context(model, seqlen)
-    ids = tokenize_stream(tokenizer, eval_text(dataset, split), add_special_tokens=True)
+@dataclass(frozen=True)
+class PplTask:
+    """What a perplexity measures: a dataset's split (or a text file) tokenized once, cut into
+    non-overlapping windows of ``seqlen`` tokens (the model's context if shorter), every
+    ``window_stride``-th of them, at most ``max_windows`` (None: all)."""
+
+    dataset: str = "wikitext2"
+    seqlen: int = 2048
+    max_windows: int | None = None
+    window_stride: int = 1
+    split: str = "test"
+
+
+def evaluate_ppl(model, tokenizer, dataset: str = "wikitext2", *, progress: bool = True,
+                 model_name: str | None = None, **windows: Any) -> PplResult:
+    """Perplexity of ``model`` on ``dataset`` with the paper protocol; ``windows`` are :class:`PplTask`'s
+    other fields, by keyword (``seqlen``, ``max_windows``, ``window_stride``, ``split``)."""
+    return task_ppl(model, tokenizer, PplTask(dataset, **windows), progress, model_name)
+
+
+def task_ppl(model, tokenizer, task: PplTask, progress: bool = True, model_name: str | None = None) -> PplResult:
+    """Perplexity of ``model`` on ``task`` with the paper protocol."""
+    seqlen = max_context(model, task.seqlen)
+    ids = tokenize_stream(tokenizer, eval_text(task.dataset, task.split), add_special_tokens=True)
     total_windows = ids.numel() // seqlen
-    starts = window_starts(ids.numel(), seqlen, max_windows, window_stride)
+    starts = window_starts(ids.numel(), seqlen, task.max_windows, task.window_stride)
     if not starts:
-        raise ValueError(f"{dataset}: {ids.numel()} tokens give no window of {seqlen}; use a smaller --seqlen")
+        raise ValueError(f"{task.dataset}: {ids.numel()} tokens give no window of {seqlen}; use a smaller --seqlen")
     began = time.perf_counter()
-    nll, tokens = perplexity_of_ids(model, ids, seqlen, starts, progress, desc=f"ppl {dataset}")
+    nll, tokens = perplexity_of_ids(model, ids, seqlen, starts, f"ppl {task.dataset}" if progress else None)
     seconds = time.perf_counter() - began
     return PplResult(
-        model=model_name or getattr(model.config, "_name_or_path", "model"), dataset=dataset, seqlen=seqlen,
-        windows=len(starts), total_windows=total_windows, window_stride=window_stride, tokens=tokens,
+        model=model_name or getattr(model.config, "_name_or_path", "model"), dataset=task.dataset, seqlen=seqlen,
+        windows=len(starts), total_windows=total_windows, window_stride=task.window_stride, tokens=tokens,
         ppl=_exp(nll), nll=nll, seconds=seconds, tokens_per_s=len(starts) * seqlen / seconds)
 
 
-def quick_ppl(model, tokenizer, windows: int, stride: int, seqlen: int, label: str) -> dict | None:
-    """The jobs' quick WikiText-2 check: the first ``windows`` windows of the stride subset, in eval
-    mode (no training noise), as a dict; None when ``windows`` is 0. A non-finite ppl is an error."""
-    if windows == 0:
+class QuickEval(Protocol):
+    """A job's quick-evaluation settings (the quantize job's and recovery's configs have them)."""
+
+    eval_windows: int
+    eval_stride: int
+    eval_seqlen: int
+
+
+def quick_ppl(model, tokenizer, settings: QuickEval, label: str) -> dict | None:
+    """The jobs' quick WikiText-2 check: the first ``eval_windows`` windows of the stride subset, in
+    eval mode (no training noise), as a dict; None when ``eval_windows`` is 0. A non-finite ppl is an
+    error."""
+    if settings.eval_windows == 0:
         return None
+    task = PplTask("wikitext2", settings.eval_seqlen, settings.eval_windows, settings.eval_stride)
     was_training = model.training
     model.eval()
     try:
-        result = evaluate_ppl(model, tokenizer, "wikitext2", seqlen, windows, stride, model_name=label)
+        result = task_ppl(model, tokenizer, task, model_name=label)
     finally:
         model.train(was_training)
     return require_finite(result).to_dict()

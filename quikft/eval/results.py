@@ -1,4 +1,4 @@
-"""Result records of the zero-shot scorers, shared by our scorer and the lm-eval backend."""
+"""What a zero-shot run is asked and what it returns, shared by our scorer and the lm-eval backend."""
 
 from __future__ import annotations
 
@@ -13,6 +13,19 @@ class EvalBackend(Choice):
 
     NATIVE = "native"  # ours (quikft.eval.zeroshot)
     LM_EVAL = "lm-eval"  # lm-evaluation-harness on the same model object (quikft.eval.lm_eval_backend)
+
+
+@dataclass(frozen=True)
+class ZeroShotSettings:
+    """How tasks are scored: ``limit`` examples of each (None: all), ``batch_size`` sequences per
+    forward, by our scorer (``native``) or lm-evaluation-harness (``lm-eval``); ``model_name`` labels
+    the results (default: the model's own name)."""
+
+    limit: int | None = None
+    batch_size: int = 16
+    backend: str = EvalBackend.NATIVE
+    progress: bool = True
+    model_name: str | None = None
 
 
 @dataclass

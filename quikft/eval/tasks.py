@@ -27,7 +27,8 @@ from quikft.data import DataError, data_root
 
 
 class ZeroShotTask(Choice):
-    """The zero-shot tasks (SPEC §8); each has its :class:`TaskSpec` in :data:`TASKS` (a test checks it)."""
+    """The zero-shot tasks (the README's "Zero-shot evaluation and reports"); each has its
+    :class:`TaskSpec` in :data:`TASKS` (a test checks it)."""
 
     ARC_EASY = "arc_easy"
     ARC_CHALLENGE = "arc_challenge"

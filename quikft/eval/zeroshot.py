@@ -25,7 +25,7 @@ from tqdm.auto import tqdm
 
 from quikft import arch
 from quikft.eval.lm_eval_backend import evaluate_tasks_lm_eval
-from quikft.eval.results import EvalBackend, TaskResult
+from quikft.eval.results import EvalBackend, TaskResult, ZeroShotSettings
 from quikft.eval.tasks import Example, TaskData, TaskRef, load_task
 
 # ---------------------------------------------------------------------------- tokenization
@@ -106,15 +106,16 @@ def model_max_length(model, default: int = 2048) -> int:
 
 @torch.inference_mode()
 def loglikelihoods(model, tokenizer, requests: Sequence[tuple[str, str]], batch_size: int = 16,
-                   progress: bool = True, desc: str = "loglikelihood") -> list[float]:
-    """log p(continuation | context) for each ``(context, continuation)`` request."""
+                   progress: str | None = "loglikelihood") -> list[float]:
+    """log p(continuation | context) for each ``(context, continuation)`` request; ``progress``
+    labels the progress bar (None: no bar)."""
     if batch_size < 1:
         raise ValueError(f"--batch-size must be at least 1 (got {batch_size})")
     pairs = [encode_pair(tokenizer, context, continuation) for context, continuation in requests]
     inputs = _group_inputs(pairs, model_max_length(model))
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     scores = [math.nan] * len(pairs)
-    with tqdm(total=len(inputs), desc=desc, disable=not progress, unit="seq") as bar:
+    with tqdm(total=len(inputs), desc=progress, disable=progress is None, unit="seq") as bar:
         for start in range(0, len(inputs), batch_size):
             batch = inputs[start:start + batch_size]
             _score_batch(model, batch, pad_id, scores)
@@ -161,29 +162,29 @@ def example_scores(task: TaskData, flat: Sequence[float]) -> list[list[float]]:
     return out
 
 
-def evaluate_task(model, tokenizer, task: TaskData, batch_size: int = 16, progress: bool = True,
-                  model_name: str | None = None) -> TaskResult:
+def evaluate_task(model, tokenizer, task: TaskData, settings: ZeroShotSettings | None = None) -> TaskResult:
     """Score every example of ``task`` and return its acc (and acc_norm where lm-eval reports it)."""
+    settings = settings or ZeroShotSettings()
     began = time.perf_counter()
     requests = [pair for example in task.examples for pair in example.requests()]
-    flat = loglikelihoods(model, tokenizer, requests, batch_size, progress, desc=task.name)
+    flat = loglikelihoods(model, tokenizer, requests, settings.batch_size, task.name if settings.progress else None)
     metrics = choice_metrics(task.examples, example_scores(task, flat), task.metrics)
-    return TaskResult(model=model_name or getattr(model.config, "_name_or_path", "model"), task=task.name,
+    return TaskResult(model=settings.model_name or getattr(model.config, "_name_or_path", "model"), task=task.name,
                       n=len(task.examples), metrics=metrics, seconds=time.perf_counter() - began,
                       source=task.source)
 
 
-def evaluate_tasks(model, tokenizer, refs: Sequence[TaskRef], limit: int | None = None, batch_size: int = 16,
-                   backend: str = EvalBackend.NATIVE, progress: bool = True, model_name: str | None = None
+def evaluate_tasks(model, tokenizer, refs: Sequence[TaskRef], settings: ZeroShotSettings | None = None
                    ) -> list[TaskResult]:
     """Evaluate several tasks with our scorer (``native``) or lm-evaluation-harness (``lm-eval``)."""
-    if backend not in EvalBackend.names():
-        raise ValueError(f"unknown backend {backend!r}; use one of {', '.join(EvalBackend.names())}")
+    settings = settings or ZeroShotSettings()
+    if settings.backend not in EvalBackend.names():
+        raise ValueError(f"unknown backend {settings.backend!r}; use one of {', '.join(EvalBackend.names())}")
     # Read every task file first, so a bad file stops the run before any scoring.
-    tasks = [load_task(ref, limit) for ref in refs]
-    if backend == EvalBackend.LM_EVAL:
-        return evaluate_tasks_lm_eval(model, tokenizer, list(refs), limit, batch_size, model_name)
-    return [evaluate_task(model, tokenizer, task, batch_size, progress, model_name) for task in tasks]
+    tasks = [load_task(ref, settings.limit) for ref in refs]
+    if settings.backend == EvalBackend.LM_EVAL:
+        return evaluate_tasks_lm_eval(model, tokenizer, list(refs), settings)
+    return [evaluate_task(model, tokenizer, task, settings) for task in tasks]
 
 
 def format_table(rows: Sequence[dict]) -> str:

@@ -11,8 +11,8 @@ A directory that follows ``save_pretrained`` conventions:
   input columns), ``dtype_rest`` is the dtype of every unquantized tensor (bf16 by default),
   ``settings`` holds the complete quantization scheme (provenance; no job settings such as the
   output path or device) and ``source_model`` the full-precision model that was quantized.
-- ``model.safetensors``, or ``model-0000i-of-0000n.safetensors`` shards plus
-  ``model.safetensors.index.json``: every tensor of the model's state dict, except that each
+- ``model.safetensors``, or above 5 GB ``model-0000i-of-0000n.safetensors`` shards plus
+  ``model.safetensors.index.json`` (:mod:`~quikft.format.shards`): every tensor of the model's state dict, except that each
   quantized linear ``<name>.weight`` is replaced by the QuikLinear buffers ``<name>.qweight``,
   ``.qzeros``, ``.scales``, ``.g_idx``, ``.perm``, ``.salient_idx``, ``.salient_weight`` (and
   ``.bias`` in float32 when the layer has one); layouts and dtypes are documented in
@@ -35,7 +35,8 @@ reordered in memory, the weights are identical) and ``quikft convert`` rewrites 
 Modules, lowest first: :mod:`~quikft.format.layout` (names and versions),
 :mod:`~quikft.format.protocol` (what the writer needs of a quantizer's output),
 :mod:`~quikft.format.header` (weights files and safetensors headers), :mod:`~quikft.format.reader`
-(``config.json`` and its validation), :mod:`~quikft.format.writer`, :mod:`~quikft.format.loader`
+(``config.json`` and its validation), :mod:`~quikft.format.shards` (weights files written, split by
+size), :mod:`~quikft.format.writer`, :mod:`~quikft.format.loader`
 (strict loading; the transformers quantizer in :mod:`quikft.hf` runs the same checks),
 :mod:`~quikft.format.conversion` and :mod:`~quikft.format.inspect` (``quikft info``). The format
 depends on :mod:`quikft.nn` (the layer whose buffers it stores), never on :mod:`quikft.quant`.

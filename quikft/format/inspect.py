@@ -26,7 +26,7 @@ from quikft.format.loader import check_checkpoint
 from quikft.format.reader import read_quantization_config
 from quikft.hardware import compute_dtype, default_device
 from quikft.nn.kernels import RefusalKind
-from quikft.nn.quik_linear import QuikLinear
+from quikft.nn.quik_linear import PackedShape, QuikLinear
 from quikft.validation import CheckpointError
 
 
@@ -135,8 +135,8 @@ def _stored_layer(qconfig: Mapping[str, Any], tensors: Mapping[str, TensorInfo],
     from safetensors import safe_open
 
     n_groups = tensors[f"{name}.scales"].shape[0]
-    layer = QuikLinear(layout.in_features, layout.out_features, layout.bits, int(qconfig["group_size"]), layout.k,
-                       n_groups, f"{name}.bias" in tensors)
+    layer = QuikLinear(PackedShape(layout.in_features, layout.out_features, layout.bits, int(qconfig["group_size"]),
+                                   layout.k, n_groups, f"{name}.bias" in tensors))
     values = {}
     for key in (*QUIK_TENSORS, *V1_TENSORS, "bias"):
         info = tensors.get(f"{name}.{key}")

@@ -78,11 +78,6 @@ def layer_tensor_names(qconfig: Mapping[str, Any]) -> tuple[str, ...]:
     return QUIK_TENSORS if qconfig["format_version"] >= 2 else V1_TENSORS
 
 
-def shard_name(index: int, total: int) -> str:
-    """The file name of shard ``index`` (from 0) of ``total``: ``model-00001-of-00003.safetensors``."""
-    return SHARD_PATTERN.format(suffix=f"-{index + 1:05d}-of-{total:05d}")
-
-
 def is_format_file(name: str) -> bool:
     """A file the writer produces (config, weights, shards, index), as opposed to reports and the
     other files a checkpoint directory may hold."""

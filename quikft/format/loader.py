@@ -14,6 +14,7 @@ from __future__ import annotations
 import contextlib
 import os
 from collections.abc import Mapping
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -33,10 +34,10 @@ from quikft.format.layout import (
 )
 from quikft.format.reader import check_model_config, read_model_config, read_quantization_config
 from quikft.hardware import resolve_dtype
-from quikft.nn.quik_linear import QuikLinear, prepare_for_inference
+from quikft.nn.quik_linear import PackedShape, QuikLinear, prepare_for_inference
 from quikft.nn.stored_head import keep_tied_head_in_bf16
 from quikft.runinfo import return_freed_memory
-from quikft.validation import CheckpointError, validate_layer_values, verify_checksums
+from quikft.validation import CheckpointError, DeclaredLayer, validate_layer_values, verify_checksums
 
 # Loading recomputes the checksums only on request: see the README (a full extra read of the weights).
 VERIFY_ON_LOAD = False
@@ -62,8 +63,9 @@ def swap_in_quik_layers(model: nn.Module, qconfig: Mapping[str, Any], tensors: M
         in_features, out_features = arch.dims_of(_linear(model, name, source))
         k = _stored_k(tensors, name, in_features, source)
         n_groups = _stored_dim(tensors, f"{name}.scales", 2, source)
-        layer = QuikLinear(in_features, out_features, declared_bits(qconfig, name), int(qconfig["group_size"]), k,
-                           n_groups, f"{name}.bias" in tensors, device=device)
+        shape = PackedShape(in_features, out_features, declared_bits(qconfig, name), int(qconfig["group_size"]), k,
+                            n_groups, f"{name}.bias" in tensors)
+        layer = QuikLinear(shape, device=device)
         if qconfig["format_version"] == 1:
             layer.perm = None  # format 1 stores no perm; finish_loading derives it
         parent, _, child = name.rpartition(".")
@@ -136,8 +138,9 @@ def check_layer_values(model: nn.Module, tensors: Mapping[str, TensorInfo], qcon
 def _validate_layer(name: str, values: Mapping[str, Tensor], tensors: Mapping[str, TensorInfo],
                     qconfig: Mapping[str, Any], in_features: int) -> None:
     files = {key: tensors[f"{name}.{key}"].file for key in values if f"{name}.{key}" in tensors}
-    validate_layer_values(name, values, files, in_features=in_features, bits=declared_bits(qconfig, name),
-                          group_size=int(qconfig["group_size"]), sym=bool(qconfig["sym"]))
+    declared = DeclaredLayer(in_features, declared_bits(qconfig, name), int(qconfig["group_size"]),
+                             bool(qconfig["sym"]))
+    validate_layer_values(name, values, files, declared)
 
 
 def finish_loading(model: nn.Module, qconfig: dict, prepare: bool = True, kernel: str | None = None,
@@ -167,28 +170,39 @@ def finish_loading(model: nn.Module, qconfig: dict, prepare: bool = True, kernel
     return counts
 
 
+@dataclass(frozen=True)
+class LoadOptions:
+    """How :func:`load` prepares the model it loads: its keyword arguments (see its docstring)."""
+
+    prepare: bool = True
+    verify: bool = VERIFY_ON_LOAD
+    trust_remote_code: bool = False
+    kernel: str | None = None
+    compact_head: bool = True
+
+
 def load(path: str | os.PathLike, dtype: str | torch.dtype | None = None, device: str | torch.device = "cpu",
-         *, prepare: bool = True, verify: bool = VERIFY_ON_LOAD, trust_remote_code: bool = False,
-         kernel: str | None = None, compact_head: bool = True) -> nn.Module:
+         **options: Any) -> nn.Module:
     """Load a packed checkpoint directory as a model with QuikLinear layers, in eval mode.
 
     ``dtype`` applies to the unquantized tensors (embeddings, norms, lm_head) and so to the
     activations; the packed buffers keep their stored dtypes. ``None``/``"auto"`` picks what the
     device runs fast (bf16 where native, else fp32: :mod:`quikft.hardware`). The model is built
-    on the meta device, so no memory is spent on the full-precision linears it replaces. With
-    ``prepare`` (the default) every QuikLinear takes its fastest kernel for that device and
-    dtype at once (on a CPU with bf16, the int4 path, which then holds the codes alone);
-    ``prepare=False`` keeps the stored layout untouched until the first forward. ``kernel`` (or
-    ``$QUIKFT_KERNEL``) forces one registered kernel on every layer instead of the measured choice.
-    ``compact_head`` holds a tied embedding and head stored in bf16 once in bf16 on an fp32 model
-    (exact; training loads turn it off so the head stays an ``nn.Linear``). ``verify``
-    recomputes the recorded checksums first (see :data:`VERIFY_ON_LOAD`). A model class defined
-    by code in the checkpoint runs only with ``trust_remote_code``.
+    on the meta device, so no memory is spent on the full-precision linears it replaces.
+    ``options`` are :class:`LoadOptions`' fields, by keyword. With ``prepare`` (the default) every
+    QuikLinear takes its fastest kernel for that device and dtype at once (on a CPU with bf16, the
+    int4 path, which then holds the codes alone); ``prepare=False`` keeps the stored layout untouched
+    until the first forward. ``kernel`` (or ``$QUIKFT_KERNEL``) forces one registered kernel on every
+    layer instead of the measured choice. ``compact_head`` holds a tied embedding and head stored in
+    bf16 once in bf16 on an fp32 model (exact; training loads turn it off so the head stays an
+    ``nn.Linear``). ``verify`` recomputes the recorded checksums first (see :data:`VERIFY_ON_LOAD`).
+    A model class defined by code in the checkpoint runs only with ``trust_remote_code``.
     """
+    settings = LoadOptions(**options)
     path, device = Path(path), torch.device(device)
     dtype = resolve_dtype(dtype, device).dtype
-    model, qconfig, files, tensors = _checked_skeleton(path, dtype, trust_remote_code)
-    if verify:
+    model, qconfig, files, tensors = _checked_skeleton(path, dtype, settings.trust_remote_code)
+    if settings.verify:
         verify_checksums(tensors, {file: read_metadata(file) for file in files})
     _load_tensors(model, tensors, dtype, device)
     materialize_non_persistent(model, device)
@@ -196,7 +210,8 @@ def load(path: str | os.PathLike, dtype: str | torch.dtype | None = None, device
     model.tie_weights()
     _check_materialized(model)
     check_layer_values(model, tensors, qconfig)
-    finish_loading(model, model.config.quantization_config, prepare, kernel, compact_head)
+    finish_loading(model, model.config.quantization_config, settings.prepare, settings.kernel,
+                   settings.compact_head)
     return model.eval()
 
 

@@ -1,21 +1,22 @@
-"""The one writer of packed checkpoints: tensors packed, weights files with checksums, shards and
-their index, ``config.json`` with its ``quantization_config``, the salient indices.
+"""The one writer of packed checkpoints: tensors packed, ``config.json`` with its
+``quantization_config``, the salient indices; the weights files are :mod:`quikft.format.shards`.
 
 :func:`save_packed` writes a quantized in-memory model; :func:`write_quik_model` a model whose
-layers already are :class:`~quikft.nn.QuikLinear`; a streamed quantize job writes each block with
-:func:`pack_state` and :func:`save_weights`, then the index with :func:`write_index` and the
-config with :func:`build_quantization_config` and :func:`write_model_config` (a fake-quant output,
-stored unpacked, with :func:`write_plain_config`). What the writer needs of a quantizer's output is
+layers already are :class:`~quikft.nn.QuikLinear`; a streamed quantize job packs each block with
+:func:`pack_state` into a file of its own (:func:`~quikft.format.shards.save_weights`), shards those
+files into the output with :func:`~quikft.format.shards.write_shards`, and writes the config with
+:func:`build_quantization_config` and :func:`write_model_config` (a fake-quant output, stored
+unpacked, with :func:`write_plain_config`). What the writer needs of a quantizer's output is
 :mod:`quikft.format.protocol`, not the quantizer's own types.
 """
 
 from __future__ import annotations
 
 import copy
-import json
 import os
 from collections import Counter
 from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -28,51 +29,58 @@ from quikft.format.layout import (
     DTYPE_REST,
     EXPERTS_KEY,
     FORMAT_VERSION,
-    INDEX_NAME,
     LAYER_BITS_KEY,
     QUANT_METHOD,
     QUIK_TENSORS,
     SALIENT_NAME,
     SETTING_KEYS,
-    SHARD_PATTERN,
     rest_dtype,
     tied_weight_keys,
 )
 from quikft.format.protocol import QuantizedLayer, QuantizedModel, Scheme
+from quikft.format.shards import write_shards
 from quikft.nn.quik_linear import QuikLinear
-from quikft.validation import checksum_metadata
+
+
+@dataclass(frozen=True)
+class SaveOptions:
+    """How :func:`save_packed` and :func:`write_packed` write, beside what: their keyword arguments."""
+
+    # The full-precision model quantized (provenance, and the default KD teacher of a later
+    # recovery), recorded in quantization_config's own field.
+    source_model: str | None = None
+    max_shard_size: int | str | None = None  # None: quikft.format.shards.MAX_SHARD_SIZE
+    overwrite: bool = True  # save_packed: replace an existing directory
 
 
 def save_packed(model: nn.Module, tokenizer: Any, quantized: QuantizedModel, out_dir: str | os.PathLike,
-                quant_config: Scheme | Mapping[str, Any], overwrite: bool = True,
-                max_shard_size: int | str = "5GB", source_model: str | None = None) -> Path:
+                quant_config: Scheme | Mapping[str, Any], **options: Any) -> Path:
     """Write ``model`` with its quantized linears packed as a loadable checkpoint directory.
 
-    ``quantized`` is what quantizing ``model`` returned (:func:`quikft.quant.model.quantize_model`);
-    the model itself is not modified and no full-size weight is copied. The directory is
-    written under a temporary name and renamed at the end, so a failure leaves nothing behind.
+    ``quantized`` is what quantizing ``model`` returned (:func:`quikft.quant.model.quantize_model`),
+    ``quant_config`` its scheme and ``options`` :class:`SaveOptions`' fields; the model itself is not
+    modified and no full-size weight is copied. The directory is written under a temporary name and
+    renamed at the end, so a failure leaves nothing behind.
     """
     out_dir = Path(out_dir)
-    with atomic_directory(out_dir, overwrite=overwrite) as staging:
-        write_packed(model, tokenizer, quantized, staging, quant_config, max_shard_size, source_model)
+    with atomic_directory(out_dir, overwrite=SaveOptions(**options).overwrite) as staging:
+        write_packed(model, tokenizer, quantized, staging, quant_config, **options)
     return out_dir
 
 
 def write_packed(model: nn.Module, tokenizer: Any, quantized: QuantizedModel, directory: str | os.PathLike,
-                 quant_config: Scheme | Mapping[str, Any], max_shard_size: int | str = "5GB",
-                 source_model: str | None = None) -> dict:
-    """:func:`save_packed` into an existing (staging) directory; returns the quantization_config.
-
-    ``source_model`` (the full-precision model quantized; provenance, and the default KD teacher
-    of a later recovery) is recorded in its own field; ``quant_config`` is the scheme only.
-    """
-    qconfig = build_quantization_config(quantized, quant_config, source_model)
-    _write(model, tokenizer, packed_state_dict(model, quantized), qconfig, Path(directory), max_shard_size)
+                 quant_config: Scheme | Mapping[str, Any], **options: Any) -> dict:
+    """:func:`save_packed` into an existing (staging) directory; returns the quantization_config."""
+    settings = SaveOptions(**options)
+    qconfig = build_quantization_config(quantized, quant_config, settings.source_model)
+    state = stored_state(packed_state_dict(model, quantized), qconfig)
+    write_shards(state, Path(directory), settings.max_shard_size)
+    _write_configs(model, tokenizer, qconfig, Path(directory))
     return qconfig
 
 
 def write_quik_model(model: nn.Module, tokenizer: Any, directory: str | os.PathLike,
-                     qconfig: Mapping[str, Any] | None = None, max_shard_size: int | str = "5GB") -> dict:
+                     qconfig: Mapping[str, Any] | None = None, max_shard_size: int | str | None = None) -> dict:
     """Write a model whose quantized linears already are :class:`QuikLinear` layers (a loaded
     checkpoint, e.g. after Post-GIFT-SW changed its salient columns) into ``directory``.
 
@@ -88,15 +96,17 @@ def write_quik_model(model: nn.Module, tokenizer: Any, directory: str | os.PathL
     state = model.state_dict()
     for key in tied_weight_keys(model):
         state.pop(key, None)
-    _write(model, tokenizer, state, qconfig, Path(directory), max_shard_size)
+    write_shards(stored_state(state, qconfig), Path(directory), max_shard_size)
+    _write_configs(model, tokenizer, qconfig, Path(directory))
     return qconfig
 
 
-def _write(model: nn.Module, tokenizer: Any, state: dict[str, Tensor], qconfig: dict, directory: Path,
-           max_shard_size: int | str) -> None:
-    """Shards (unquantized tensors in the checkpoint's ``dtype_rest``), config files and tokenizer."""
-    state = cast_unquantized(state, qconfig["modules"], rest_dtype(qconfig))
-    write_shards(state, directory, max_shard_size)
+def stored_state(state: dict[str, Tensor], qconfig: Mapping[str, Any]) -> dict[str, Tensor]:
+    """``state`` as the checkpoint stores it: the unquantized tensors in its ``dtype_rest``."""
+    return cast_unquantized(state, qconfig["modules"], rest_dtype(qconfig))
+
+
+def _write_configs(model: nn.Module, tokenizer: Any, qconfig: dict, directory: Path) -> None:
     write_model_config(model, qconfig, directory)
     if tokenizer is not None:
         tokenizer.save_pretrained(directory)
@@ -170,8 +180,7 @@ def pack_into(state: dict[str, Tensor], results: Mapping[str, QuantizedLayer]) -
             raise ValueError(f"quantized layer {name} is not a linear layer of this model")
         del state[f"{name}.weight"]
         bias = state.pop(f"{name}.bias", None)
-        layer = QuikLinear.from_quantized(result.codes, result.scales, result.zeros, result.g_idx, result.salient,
-                                          result.salient_weight, bias, result.bits, result.group_size)
+        layer = QuikLinear.from_quantized(result, bias)
         state.update({f"{name}.{key}": tensor for key, tensor in layer.state_dict().items()})
     return state
 
@@ -190,39 +199,6 @@ def pack_state(state: dict[str, Tensor], results: Mapping[str, QuantizedLayer], 
     for name, result in results.items() if settings is not None else ():
         check_layer_grid(name, result, settings)
     return cast_unquantized(pack_into(state, results), results, dtype)
-
-
-def write_shards(state: dict[str, Tensor], directory: Path, max_shard_size: int | str) -> None:
-    """Save ``state`` with ``save_pretrained``'s file names: one file, or shards plus an index."""
-    from huggingface_hub import split_torch_state_dict_into_shards
-
-    split = split_torch_state_dict_into_shards(state, filename_pattern=SHARD_PATTERN,
-                                               max_shard_size=max_shard_size)
-    for filename, names in split.filename_to_tensors.items():
-        save_weights({name: state[name] for name in names}, directory / filename)
-    if split.is_sharded:
-        write_index(directory, split.tensor_to_filename, split.metadata)
-
-
-def write_index(directory: Path, weight_map: Mapping[str, str], metadata: Mapping[str, Any]) -> None:
-    """``model.safetensors.index.json``: the shard of every tensor, by name, and ``metadata`` (its
-    ``total_size``). Sorted keys, so the same shards always give the same bytes."""
-    index = {"metadata": dict(metadata), "weight_map": dict(weight_map)}
-    (directory / INDEX_NAME).write_text(json.dumps(index, indent=2, sort_keys=True) + "\n")
-
-
-def save_weights(tensors: Mapping[str, Tensor], path: Path) -> None:
-    """One safetensors weights file: CPU tensors with storages of their own, and their checksums."""
-    from safetensors.torch import save_file
-
-    shard = {name: _own_storage(t.detach().to("cpu").contiguous()) for name, t in tensors.items()}
-    save_file(shard, path, metadata={"format": "pt", **checksum_metadata(shard)})
-
-
-def _own_storage(tensor: Tensor) -> Tensor:
-    """A view of a larger storage (e.g. QuikLinear's fused index buffers) as a tensor of its own:
-    safetensors refuses tensors that share memory."""
-    return tensor.clone() if tensor.untyped_storage().nbytes() != tensor.nbytes else tensor
 
 
 def write_model_config(model: nn.Module, qconfig: dict, directory: Path) -> None:

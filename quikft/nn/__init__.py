@@ -15,6 +15,7 @@ from quikft.nn.kernels import (
     why_not,
 )
 from quikft.nn.quik_linear import (
+    PackedShape,
     QuikLinear,
     kernel_counts,
     nonsalient_columns,
@@ -28,6 +29,7 @@ from quikft.nn.stored_head import keep_tied_head_in_bf16
 __all__ = [
     "KernelState",
     "LayerLayout",
+    "PackedShape",
     "QuikKernel",
     "QuikLinear",
     "Refusal",

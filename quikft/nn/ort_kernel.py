@@ -174,17 +174,28 @@ def ort_threads(layout: LayerLayout) -> int:
     return torch.get_num_threads() if weights >= PARALLEL_MIN_WEIGHTS else 1
 
 
-def _session(arrays: dict[str, np.ndarray], k_padded: int, out_features: int, bits: int, block: int,
-             level: int, threads: int):
+@dataclass(frozen=True)
+class MatMulNBits:
+    """The attributes of one layer's ``com.microsoft.MatMulNBits`` node."""
+
+    k_padded: int  # the stored columns, padded to whole blocks
+    out_features: int
+    bits: int  # the container's: 3-bit codes run in the 4-bit one
+    block: int
+    level: int  # accuracy_level: EXACT_LEVEL, or INT8_LEVEL for int8 activations
+
+
+def _session(arrays: dict[str, np.ndarray], spec: MatMulNBits, threads: int):
     import onnxruntime as ort
     from onnx import TensorProto, helper, numpy_helper
 
     node = helper.make_node("MatMulNBits", ["A", "B", "scales", "zero_points"], ["Y"], domain="com.microsoft",
-                            K=k_padded, N=out_features, bits=bits, block_size=block, accuracy_level=level)
+                            K=spec.k_padded, N=spec.out_features, bits=spec.bits, block_size=spec.block,
+                            accuracy_level=spec.level)
     graph = helper.make_graph(
         [node], "quik_matmul_nbits",
-        [helper.make_tensor_value_info("A", TensorProto.FLOAT, ["M", k_padded])],
-        [helper.make_tensor_value_info("Y", TensorProto.FLOAT, ["M", out_features])],
+        [helper.make_tensor_value_info("A", TensorProto.FLOAT, ["M", spec.k_padded])],
+        [helper.make_tensor_value_info("Y", TensorProto.FLOAT, ["M", spec.out_features])],
         initializer=[numpy_helper.from_array(array, name) for name, array in arrays.items()])
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17),
                                                     helper.make_opsetid("com.microsoft", 1)])
@@ -202,9 +213,9 @@ def ort_kernel(name: str, level: int, priority: int, activations: str) -> QuikKe
     def prepare(layer: QuikLinear, device: torch.device, dtype: torch.dtype) -> KernelState:
         block = block_size(layer.layout())
         arrays, gather, pad = ort_weights(layer, block)
-        bits = CONTAINER_BITS[layer.bits]
-        session = _session(arrays, layer.in_features - layer.k + pad, layer.out_features, bits, block, level,
-                           ort_threads(layer.layout()))
+        spec = MatMulNBits(layer.in_features - layer.k + pad, layer.out_features, CONTAINER_BITS[layer.bits], block,
+                           level)
+        session = _session(arrays, spec, ort_threads(layer.layout()))
         tensors = {"gather": gather, **salient_fp32(layer, torch.float32)}  # the product is fp32
         if layer.k:
             tensors["salient_gather"] = layer.salient_idx.long()

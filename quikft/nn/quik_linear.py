@@ -45,6 +45,8 @@ that needs the codes then rebuild them bit for bit, so the checkpoint format nev
 from __future__ import annotations
 
 from collections.abc import Callable
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 from torch import Tensor, nn
@@ -54,41 +56,47 @@ from quikft.nn.autotune import DECODE_MAX_ROWS
 from quikft.nn.kernels import KernelState, LayerLayout, QuikKernel, get_kernel, note_fallback, select_kernel
 from quikft.packing import pack_codes, pack_zeros, packed_words, unpack_codes, unpack_dim0, unpack_zeros
 
+if TYPE_CHECKING:  # a type only: the format sits above this layer
+    from quikft.format.protocol import QuantizedLayer
+
 KERNEL_BUFFER_PREFIX = "kernel_"
 PREFILL_BUFFER_PREFIX = "kernel_prefill_"
 SALIENT = "salient_weight"
 
 
+@dataclass(frozen=True)
+class PackedShape:
+    """What fixes a packed layer's buffer shapes (the module docstring's table): read from a
+    checkpoint's headers before any value is, or from the quantizer's output."""
+
+    in_features: int
+    out_features: int
+    bits: int
+    group_size: int  # informational only: g_idx is the source of truth for grouping
+    k: int  # salient input columns
+    n_groups: int
+    bias: bool = False
+
+
 class QuikLinear(nn.Module):
     """Linear layer with packed b-bit weights and k FP16 salient input columns.
 
-    The constructor allocates zero buffers of the right shapes, with the first k columns as
-    salient ones (what a checkpoint loader needs before ``load_state_dict``; such a layer
-    computes zeros); :meth:`from_quantized` builds a filled layer from the quantizer's output.
-    ``group_size`` is informational only: ``g_idx`` is the source of truth for grouping.
+    The constructor allocates zero buffers of ``shape``, with the first k columns as salient ones
+    (what a checkpoint loader needs before ``load_state_dict``; such a layer computes zeros);
+    :meth:`from_quantized` builds a filled layer from the quantizer's output.
     """
 
-    def __init__(
-        self,
-        in_features: int,
-        out_features: int,
-        bits: int,
-        group_size: int,
-        k: int,
-        n_groups: int,
-        bias: bool = False,
-        *,
-        device: torch.device | str | None = None,
-        cache_dequantized: bool = False,
-        kernel: str | None = None,
-    ) -> None:
+    def __init__(self, shape: PackedShape, *, device: torch.device | str | None = None,
+                 cache_dequantized: bool = False, kernel: str | None = None) -> None:
         super().__init__()
+        in_features, out_features, bits, k, n_groups = (shape.in_features, shape.out_features, shape.bits, shape.k,
+                                                        shape.n_groups)
         if not 0 <= k <= in_features:
             raise ValueError(f"k must lie in [0, in_features={in_features}], got {k}")
         self.in_features = in_features
         self.out_features = out_features
         self.bits = bits
-        self.group_size = group_size
+        self.group_size = shape.group_size
         self.k = k
         self.n_groups = n_groups
         self.kernel_state: KernelState | None = None
@@ -112,47 +120,38 @@ class QuikLinear(nn.Module):
         self.register_buffer("perm", torch.arange(k, in_features, dtype=i32, device=device))
         self.register_buffer("salient_idx", torch.arange(k, dtype=i32, device=device))
         self.register_buffer("salient_weight", zeros(out_features, k, dtype=f16))
-        self.register_buffer("bias", zeros(out_features, dtype=torch.float32) if bias else None)
+        self.register_buffer("bias", zeros(out_features, dtype=torch.float32) if shape.bias else None)
 
     @classmethod
-    def from_quantized(
-        cls,
-        codes: Tensor,
-        scales: Tensor,
-        zeros: Tensor,
-        g_idx: Tensor,
-        salient: Tensor,
-        salient_weight: Tensor,
-        bias: Tensor | None,
-        bits: int,
-        group_size: int,
-        **kwargs: object,
-    ) -> QuikLinear:
-        """Pack the quantizer's output (see the module docstring for the layout).
+    def from_quantized(cls, result: QuantizedLayer, bias: Tensor | None = None, **kwargs: object) -> QuikLinear:
+        """Pack the quantizer's output (see the module docstring for the layout) with ``bias``;
+        ``kwargs`` go to the constructor.
 
-        ``codes`` (out, in) uint8, ``scales``/``zeros`` (out, n_groups), ``g_idx`` (in,) the
-        group of every input column, ``salient`` (k,) sorted unique columns, ``salient_weight``
-        (out, k). Scales and salient weights must be exactly representable in fp16 (round them
-        with ``.half().float()`` before quantizing). Codes at salient columns must equal their
-        group's zero-point (they decode to 0, as :class:`~quikft.quant.gptq.QuantResult`
+        ``result.codes`` (out, in) uint8, ``.scales``/``.zeros`` (out, n_groups), ``.g_idx`` (in,)
+        the group of every input column, ``.salient`` (k,) sorted unique columns,
+        ``.salient_weight`` (out, k). Scales and salient weights must be exactly representable in
+        fp16 (round them with ``.half().float()`` before quantizing). Codes at salient columns must
+        equal their group's zero-point (they decode to 0, as :class:`~quikft.quant.gptq.QuantResult`
         guarantees): only the non-salient columns' codes and groups are kept, sorted by group.
         """
+        _check_quantized(result, bias)
+        codes, scales, g_idx, salient = result.codes, result.scales, result.g_idx, result.salient
         out_features, in_features = codes.shape
-        _check_quantized(codes, scales, zeros, g_idx, salient, salient_weight, bias)
-        layer = cls(in_features, out_features, bits, group_size, salient.numel(), scales.shape[1],
-                    bias is not None, device=codes.device, **kwargs)
+        shape = PackedShape(in_features, out_features, result.bits, result.group_size, salient.numel(),
+                            scales.shape[1], bias is not None)
+        layer = cls(shape, device=codes.device, **kwargs)
         keep = nonsalient_columns(in_features, salient.to(codes.device))
         groups = g_idx.to(keep.device).long()[keep]
         order = torch.argsort(groups, stable=True)  # group-contiguous, ascending columns within a group
         perm = keep[order]
         with torch.no_grad():
-            layer.qweight.copy_(pack_codes(codes[:, perm], bits))
-            layer.qzeros.copy_(pack_zeros(zeros, bits))
+            layer.qweight.copy_(pack_codes(codes[:, perm], result.bits))
+            layer.qzeros.copy_(pack_zeros(result.zeros, result.bits))
             layer.scales.copy_(scales.t())
             layer.g_idx.copy_(groups[order])
             layer.perm.copy_(perm)
             layer.salient_idx.copy_(salient)
-            layer.salient_weight.copy_(salient_weight)
+            layer.salient_weight.copy_(result.salient_weight)
             if bias is not None:
                 layer.bias.copy_(bias)
         return layer
@@ -418,8 +417,8 @@ class QuikLinear(nn.Module):
         if SALIENT not in self._buffers:
             destination[prefix + SALIENT] = self._restored_salient()
 
-    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
-                              error_msgs) -> None:
+    def _load_from_state_dict(  # noqa: PLR0913  -- nn.Module's signature
+            self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs) -> None:
         self.reset_kernel()
         super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
                                       error_msgs)
@@ -452,16 +451,10 @@ def groups_are_contiguous(g_idx: Tensor) -> bool:
     return g_idx.numel() < 2 or bool((g_idx[1:] >= g_idx[:-1]).all())
 
 
-def _check_quantized(
-    codes: Tensor,
-    scales: Tensor,
-    zeros: Tensor,
-    g_idx: Tensor,
-    salient: Tensor,
-    salient_weight: Tensor,
-    bias: Tensor | None,
-) -> None:
+def _check_quantized(result: QuantizedLayer, bias: Tensor | None) -> None:
     """Reject quantizer output that packing would not reproduce exactly."""
+    codes, scales, zeros, g_idx = result.codes, result.scales, result.zeros, result.g_idx
+    salient, salient_weight = result.salient, result.salient_weight
     out_features, in_features = codes.shape
     n_groups = scales.shape[1]
     if zeros.shape != scales.shape or scales.shape[0] != out_features:

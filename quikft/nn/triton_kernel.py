@@ -40,8 +40,7 @@ def prepare_triton(layer: QuikLinear, device: torch.device, dtype: torch.dtype) 
 def forward_triton(layer: QuikLinear, state: KernelState, x: Tensor) -> Tensor:
     from quikft.nn.triton_ops import quik_linear
 
-    return quik_linear(x, layer.packed_codes(), layer.qzeros, layer.scales, layer.g_idx, layer.perm,
-                       layer.salient_idx, layer.salient_weight, layer.bias, layer.bits)
+    return quik_linear(x, layer)
 
 
 TRITON_KERNEL = QuikKernel("triton", check_triton, prepare_triton, forward_triton, priority=20)

@@ -22,17 +22,23 @@ multiply-and-sum, which wastes no tensor-core lanes on padding rows.
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import torch
 import triton
 import triton.language as tl
 from torch import Tensor
 
+if TYPE_CHECKING:
+    from quikft.nn.quik_linear import QuikLinear
+
 GEMV_MAX_ROWS = 4
 
 
 @triton.jit
-def _dequant_tile(qweight_ptr, qzeros_ptr, scales_ptr, g_idx_ptr, offs_k, offs_n, n_stored, n_out,
-                  zero_words, BITS: tl.constexpr):
+def _dequant_tile(  # noqa: PLR0913  -- a @triton.jit kernel takes each pointer and size as a scalar argument
+        qweight_ptr, qzeros_ptr, scales_ptr, g_idx_ptr, offs_k, offs_n, n_stored, n_out,
+        zero_words, BITS: tl.constexpr):
     """The (BLOCK_K, BLOCK_N) fp32 weights of stored columns ``offs_k`` and output rows ``offs_n``."""
     mask_k = offs_k < n_stored
     mask_n = offs_n < n_out
@@ -65,10 +71,11 @@ def _dequant_tile(qweight_ptr, qzeros_ptr, scales_ptr, g_idx_ptr, offs_k, offs_n
 
 
 @triton.jit
-def quik_gemm(x_ptr, out_ptr, qweight_ptr, qzeros_ptr, scales_ptr, g_idx_ptr, perm_ptr, salient_idx_ptr,
-              salient_w_ptr, bias_ptr, n_rows, n_in, n_out, n_stored, n_salient, zero_words,
-              BITS: tl.constexpr, HAS_BIAS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-              BLOCK_K: tl.constexpr):
+def quik_gemm(  # noqa: PLR0913  -- a @triton.jit kernel takes each pointer and size as a scalar argument
+        x_ptr, out_ptr, qweight_ptr, qzeros_ptr, scales_ptr, g_idx_ptr, perm_ptr, salient_idx_ptr,
+        salient_w_ptr, bias_ptr, n_rows, n_in, n_out, n_stored, n_salient, zero_words,
+        BITS: tl.constexpr, HAS_BIAS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+        BLOCK_K: tl.constexpr):
     pid_m = tl.program_id(0)
     pid_n = tl.program_id(1)
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -101,9 +108,10 @@ def quik_gemm(x_ptr, out_ptr, qweight_ptr, qzeros_ptr, scales_ptr, g_idx_ptr, pe
 
 
 @triton.jit
-def quik_gemv(x_ptr, out_ptr, qweight_ptr, qzeros_ptr, scales_ptr, g_idx_ptr, perm_ptr, salient_idx_ptr,
-              salient_w_ptr, bias_ptr, n_in, n_out, n_stored, n_salient, zero_words,
-              BITS: tl.constexpr, HAS_BIAS: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+def quik_gemv(  # noqa: PLR0913  -- a @triton.jit kernel takes each pointer and size as a scalar argument
+        x_ptr, out_ptr, qweight_ptr, qzeros_ptr, scales_ptr, g_idx_ptr, perm_ptr, salient_idx_ptr,
+        salient_w_ptr, bias_ptr, n_in, n_out, n_stored, n_salient, zero_words,
+        BITS: tl.constexpr, HAS_BIAS: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
     row = tl.program_id(0)
     offs_n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
     mask_n = offs_n < n_out
@@ -130,25 +138,26 @@ def quik_gemv(x_ptr, out_ptr, qweight_ptr, qzeros_ptr, scales_ptr, g_idx_ptr, pe
     tl.store(out_ptr + row * n_out + offs_n, acc.to(out_ptr.dtype.element_ty), mask=mask_n)
 
 
-def quik_linear(x: Tensor, qweight: Tensor, qzeros: Tensor, scales: Tensor, g_idx: Tensor, perm: Tensor,
-                salient_idx: Tensor, salient_weight: Tensor, bias: Tensor | None, bits: int) -> Tensor:
-    """``y = x @ Wᵀ + b`` for a QuikLinear's stored tensors; ``x`` (..., in) fp16/bf16/fp32."""
+def quik_linear(x: Tensor, layer: QuikLinear) -> Tensor:
+    """``y = x @ Wᵀ + b`` from ``layer``'s stored tensors (its codes rebuilt if a CPU kernel released
+    them); ``x`` (..., in) fp16/bf16/fp32."""
+    qzeros, scales, perm, salient_idx, bias = layer.qzeros, layer.scales, layer.perm, layer.salient_idx, layer.bias
     n_in = x.shape[-1]
     flat = x.reshape(-1, n_in).contiguous()
     rows, n_out = flat.shape[0], scales.shape[1]
     out = torch.empty(rows, n_out, dtype=x.dtype, device=x.device)
     n_stored, n_salient = perm.numel(), salient_idx.numel()
     bias_arg = bias if bias is not None else scales  # any tensor: never read without HAS_BIAS
-    common = (qweight, qzeros, scales, g_idx, perm, salient_idx, salient_weight, bias_arg)
+    common = (layer.packed_codes(), qzeros, scales, layer.g_idx, perm, salient_idx, layer.salient_weight, bias_arg)
     if rows <= GEMV_MAX_ROWS:
         block_n = 64
         grid = (rows, triton.cdiv(n_out, block_n))
-        quik_gemv[grid](flat, out, *common, n_in, n_out, n_stored, n_salient, qzeros.shape[1], BITS=bits,
+        quik_gemv[grid](flat, out, *common, n_in, n_out, n_stored, n_salient, qzeros.shape[1], BITS=layer.bits,
                         HAS_BIAS=bias is not None, BLOCK_N=block_n, BLOCK_K=64)
     else:
         block_m = 16 if rows <= 16 else 32 if rows <= 32 else 64
         block_n = 64
         grid = (triton.cdiv(rows, block_m), triton.cdiv(n_out, block_n))
-        quik_gemm[grid](flat, out, *common, rows, n_in, n_out, n_stored, n_salient, qzeros.shape[1], BITS=bits,
-                        HAS_BIAS=bias is not None, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=32)
+        quik_gemm[grid](flat, out, *common, rows, n_in, n_out, n_stored, n_salient, qzeros.shape[1],
+                        BITS=layer.bits, HAS_BIAS=bias is not None, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=32)
     return out.view(*x.shape[:-1], n_out)

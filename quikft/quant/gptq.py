@@ -4,7 +4,7 @@ The salient columns ``S`` of a linear layer stay in full precision; everything e
 is quantized to the storage grid of :mod:`quikft.quant.grid`. GPTQ runs over the
 non-salient columns only, with the salient ones permuted to the end so that they
 receive (absorb) the propagated quantization error of every quantized column but
-are never rounded themselves (SPEC sections 4 and 10.1).
+are never rounded themselves (as QUIK does).
 
 Results are returned in the original column order. The quantized part and the
 salient part are stored separately so a checkpoint can hold integer codes plus a

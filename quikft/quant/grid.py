@@ -1,6 +1,8 @@
 """Uniform quantization grids and their scale search.
 
-Two grids live here, and each has exactly one purpose (SPEC section 10.3):
+Two grids live here, and each has exactly one purpose: their steps differ (at 2 bits the paper's
+is the row max α, the symmetric storage grid's 2α/3), so using one for the other's purpose would
+change the metric, the noise or the checkpoint without any error:
 
 * **Storage grid** (``fit_scale_zero`` / ``quantize_codes`` / ``dequantize`` /
   ``fake_quantize``): the GPTQ convention the packed checkpoint uses. Codes are

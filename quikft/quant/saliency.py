@@ -1,4 +1,4 @@
-"""Salient-column selection with the generalized sensitivity metric (SPEC section 2).
+"""Salient-column selection with the generalized sensitivity metric.
 
 For a weight ``W`` (out x in) and the layer's calibration inputs ``X`` the score of
 input column ``j`` is

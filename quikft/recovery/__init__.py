@@ -1,5 +1,6 @@
-"""GIFT-SW recovery fine-tuning (``quikft recover``, SPEC §5): train the salient columns of a
-quantized model (or, in ``pre`` mode, of the full-precision model before quantizing it).
+"""GIFT-SW recovery fine-tuning (``quikft recover``; the README's "Recover (GIFT-SW)"): train the
+salient columns of a quantized model (or, in ``pre`` mode, of the full-precision model before
+quantizing it).
 
 The package, from the job down to the layers it trains:
 

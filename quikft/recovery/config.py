@@ -25,9 +25,10 @@ RECOVER_DTYPES = ("auto", "bf16", "fp32")  # the autocast dtype of the frozen we
 
 @dataclass
 class RecoverConfig:
-    """GIFT-SW recovery (SPEC §5). Optimiser defaults are the paper's (AdamW, weight decay 0, lr 1e-4,
-    cosine with 3% warmup); the step budget is sized for a CPU (the paper: 500 steps of batch 128,
-    see configs/gift-sw-paper.yaml). ``None`` means "decided by the mode or the preset"."""
+    """GIFT-SW recovery (the README's "Recover (GIFT-SW)"). Optimiser defaults are the paper's
+    (AdamW, weight decay 0, lr 1e-4, cosine with 3% warmup); the step budget is sized for a CPU (the
+    paper: 500 steps of batch 128, see configs/gift-sw-paper.yaml). ``None`` means "decided by the
+    mode or the preset"."""
 
     model: str | None = None  # post/salient-ft/lora: a packed checkpoint; pre: a full-precision model
     mode: str = "post"  # a name in quikft.recovery.modes.MODES

@@ -15,7 +15,7 @@ if TYPE_CHECKING:
 
 def quick_ppl(model, tokenizer, config: RecoverConfig, label: str) -> dict | None:
     """The quick WikiText-2 ppl at the run's --eval-windows/--eval-stride/--eval-seqlen (None: 0 windows)."""
-    return ppl.quick_ppl(model, tokenizer, config.eval_windows, config.eval_stride, config.eval_seqlen, label)
+    return ppl.quick_ppl(model, tokenizer, config, label)
 
 
 def fp_reference_ppl(config: RecoverConfig) -> dict | None:

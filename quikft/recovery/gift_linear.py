@@ -1,4 +1,4 @@
-"""``GiftLinear``: the GIFT-SW training layer (SPEC §5, §10.5-10.6, §10.9).
+"""``GiftLinear``: the GIFT-SW training layer (the README's "Recover (GIFT-SW)").
 
 A linear layer split into a trainable salient slice ``W_S`` (an fp32 ``nn.Parameter``,
 out x k) and a frozen rest ``W_N`` (zeros at the salient columns). In training mode the
@@ -59,7 +59,8 @@ class GiftLinear(nn.Module):
         self.register_buffer("base_weight", base_weight)
         self.register_buffer("salient_idx", salient_idx.to(torch.int64).clone())
         self.register_buffer("nonsalient_idx", nonsalient_columns(self.in_features, self.salient_idx))
-        # fp32 even when the model runs in bf16: lr-1e-4 updates vanish in bf16 (SPEC §10.6).
+        # fp32 even when the model runs in bf16: bf16 resolves about 0.4% of a weight, so most
+        # lr-1e-4 updates would round away.
         self.salient_weight = nn.Parameter(salient_weight.detach().to(torch.float32).clone())
         self.register_buffer("bias", None if bias is None else bias.detach().clone())
         self.cache_base = cache_base

@@ -1,4 +1,4 @@
-"""The ``quikft recover`` job: GIFT-SW recovery fine-tuning (SPEC §5), from config to output.
+"""The ``quikft recover`` job: GIFT-SW recovery fine-tuning, from config to output.
 
 ``recover(config)`` is what the CLI calls; it is equally usable from Python. It plans the run
 (:mod:`quikft.recovery.run`), lets the mode prepare and wrap the model

@@ -47,7 +47,7 @@ def reference_ppl(model, tokenizer, job: QuantizeJob) -> dict | None:
     cache = reference_cache(job)
     if cache.exists():
         return json.loads(cache.read_text())
-    result = quick_ppl(model, tokenizer, job.eval_windows, job.eval_stride, job.eval_seqlen, model_label(job.model))
+    result = quick_ppl(model, tokenizer, job, model_label(job.model))
     write_json(cache, result)
     return result
 

@@ -5,8 +5,9 @@
   done (:class:`BlockWeights`, :mod:`quikft.jobs.quantize.weights`). Modules outside the blocks are read
   once; an untied head only when the head is quantized, evaluated or written.
 - **Output**: a finished block's packed layers (with its other tensors) are written at once as
-  one shard of the job's state directory, and nothing of them stays in memory; at the end the
-  shards move into the output directory, which appears complete by one rename.
+  one file of the job's state directory, and nothing of them stays in memory; at the end the
+  format shards them by size into the output directory (one shard in memory at a time), which
+  appears complete by one rename.
 - **Activations**: calibration and quick-eval activations are kept as ``--offload-activations``
   says (:mod:`quikft.quant.activations`).
 - **Resume**: after every block the state is committed (:mod:`quikft.jobs.quantize.state`); ``--resume``
@@ -39,12 +40,12 @@ from torch import nn
 from quikft import arch
 from quikft.atomic import is_regular_file
 from quikft.eval.ppl import HEAD_CHUNK
-from quikft.format.header import read_header
-from quikft.format.layout import INDEX_NAME, shard_name, tied_weight_keys
-from quikft.format.writer import pack_state, save_weights, write_index
+from quikft.format.layout import tied_weight_keys
+from quikft.format.shards import save_weights, write_shards
+from quikft.format.writer import pack_state
 from quikft.jobs.quantize.state import QuantizeState, QuantizeStateError
 from quikft.jobs.quantize.weights import CheckpointWeights, release
-from quikft.quant.activations import ActivationStore, Offload, link_or_copy
+from quikft.quant.activations import ActivationStore, Offload
 from quikft.quant.blocks import (
     Block,
     BlockInputs,
@@ -120,31 +121,17 @@ class BlockShards:
         return [self.block_file(index), self.salient_file(index)]
 
     def assemble(self, staging: Path, blocks: int, rest: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        """Move the block shards into ``staging`` under ``save_pretrained``'s names, write the rest
-        (embeddings, final norm, head) as the first shard and the index; returns the salient indices."""
-        total = blocks + 1
-        names = [shard_name(i, total) for i in range(total)]
-        weight_map = {}
-        with _writing(staging / names[0]):
-            save_weights(rest, staging / names[0])
-        weight_map.update(dict.fromkeys(rest, names[0]))
-        salient: dict[str, torch.Tensor] = {}
-        for index in range(blocks):
-            source = self.block_file(index)
-            if not is_regular_file(source):  # checked on resume too: never carry a link out
+        """Write the output's weights into ``staging``, the rest (embeddings, final norm, head) and the
+        block files, sharded by size as the format does; returns the salient indices. The block files
+        are only read: if the output fails now, the state still holds every finished block."""
+        files = [self.block_file(index) for index in range(blocks)]
+        for source in files:
+            if not is_regular_file(source):  # checked on resume too: never read through a planted link
                 raise QuantizeStateError(f"{source} is not a regular file; delete {self.directory.parent} to start "
                                          f"over")
-            keys = list(read_header(source))
-            # A link, not a move: if the output fails now, the state still holds every finished block.
-            with _writing(staging / names[index + 1]):
-                link_or_copy(source, staging / names[index + 1])
-            weight_map.update(dict.fromkeys(keys, names[index + 1]))
-            salient.update(load_file(self.salient_file(index)))
-        # The index's total_size: the shards' bytes on disk (headers included), as streamed jobs always wrote.
-        size = sum((staging / name).stat().st_size for name in names)
-        with _writing(staging / INDEX_NAME):
-            write_index(staging, weight_map, {"total_size": size})
-        return salient
+        with _writing(staging):
+            write_shards(rest, staging, files=files)
+        return {name: t for index in range(blocks) for name, t in load_file(self.salient_file(index)).items()}
 
 
 # ------------------------------------------------------------------------------------ evaluation streams
