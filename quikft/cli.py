@@ -267,7 +267,7 @@ def generate(prompt, model_name, max_new_tokens, temperature, chat, seed, dtype,
 def quantize(config_path, targets, ignore, **flags):
     """Quantize a model: salient columns in FP16, the rest with GPTQ (or RTN)."""
     from quikft.config import QuantizeJob, build_config, salient_text
-    from quikft.quantize import quantize as run_quantize
+    from quikft.jobs.quantize import quantize as run_quantize
 
     job = build_config(QuantizeJob, config_path, targets=tuple(targets) or None, ignore=tuple(ignore) or None,
                        **flags)

@@ -25,7 +25,7 @@ of their names: the scheme's and the job's live here, beside the fields they typ
 annotated with a ``Choice`` accepts exactly its members, and the CLI builds the flag's choices and
 ``[default]`` from the field); the evaluation's (zero-shot task, scorer backend) live beside their
 tables in :mod:`quikft.eval`. Implementations register against the members (the metric presets in
-:mod:`quikft.saliency`, the ``--target-bpw`` errors in :mod:`quikft.quant.budget`, the storage
+:mod:`quikft.quant.saliency`, the ``--target-bpw`` errors in :mod:`quikft.quant.budget`, the storage
 dtypes in :mod:`quikft.format.layout`), and tests check that every member has one. Members are
 ``str`` subclasses, so YAML presets, reports and checkpoints keep plain strings: ``to_dict`` gives
 ``str`` values, and a member equals, hashes and formats as its name.
@@ -72,7 +72,7 @@ class QuantMethod(Choice):
 
 
 class SaliencyMetric(Choice):
-    """The sensitivity metric choosing salient columns; presets in quikft.saliency.PRESETS."""
+    """The sensitivity metric choosing salient columns; presets in quikft.quant.saliency.PRESETS."""
 
     GIFT = "gift"
     QUIK = "quik"

@@ -132,11 +132,12 @@ def random_quik(out_features=24, in_features=40, k=6, bits=3, seed=0, bias=False
     from quikft.nn import QuikLinear
     from quikft.quant.gptq import rtn_quantize
     from quikft.quant.grid import round_to_fp16
+    from quikft.quant.scheme import QuantScheme
 
     torch.manual_seed(seed)
     weight = torch.randn(out_features, in_features)
     salient = torch.sort(torch.randperm(in_features)[:k]).values
-    r = rtn_quantize(weight, salient, bits, group_size=16, sym=False, clip_search=False)
+    r = rtn_quantize(weight, salient, QuantScheme(bits, group_size=16, sym=False, clip_search=False))
     r = dataclasses.replace(r, salient_weight=round_to_fp16(r.salient_weight))
     return QuikLinear.from_quantized(r, torch.randn(out_features) if bias else None, kernel="torch")
 

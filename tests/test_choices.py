@@ -26,7 +26,7 @@ from quikft.eval.results import EvalBackend
 from quikft.eval.tasks import ALL_TASKS, TASKS, ZeroShotTask, parse_tasks
 from quikft.format.layout import DTYPE_REST
 from quikft.quant.budget import ERRORS
-from quikft.saliency import PRESETS, resolve_metric
+from quikft.quant.saliency import PRESETS, resolve_metric
 
 
 def _options(command: click.Command) -> dict[str, click.Option]:

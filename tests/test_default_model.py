@@ -9,9 +9,11 @@ from quikft import arch
 from quikft.data import calibration_windows
 from quikft.eval import evaluate_ppl
 from quikft.models import load_model
+from quikft.quant.blocks import capture_block_inputs, run_block
 from quikft.quant.gptq import gptq_quantize, rtn_quantize
-from quikft.quant.pipeline import capture_block_inputs, find_input_groups, run_block, streaming_statistics
-from quikft.saliency import column_scores, resolve_metric, select_salient
+from quikft.quant.saliency import column_scores, resolve_metric, select_salient
+from quikft.quant.scheme import QuantScheme
+from quikft.quant.statistics import find_input_groups, streaming_statistics
 
 pytestmark = pytest.mark.slow
 
@@ -51,9 +53,10 @@ def test_gptq_beats_rtn_on_default_model_layers(default_model, bits):
     for name, x in captured.items():
         w = block.get_submodule(name).weight.data.float()
         salient = select_salient(column_scores(w, stats[name].columns, resolve_metric("gift"), bits), 128)
-        gptq = gptq_quantize(w, stats[name].hessian.hessian(), salient, bits, group_size=128)
-        rtn = rtn_quantize(w, salient, bits, group_size=128)
-        no_salient = gptq_quantize(w, stats[name].hessian.hessian(), torch.empty(0, dtype=torch.long), bits)
+        gptq = gptq_quantize(w, stats[name].hessian.hessian(), salient, QuantScheme(bits, group_size=128))
+        rtn = rtn_quantize(w, salient, QuantScheme(bits, group_size=128))
+        no_salient = gptq_quantize(w, stats[name].hessian.hessian(), torch.empty(0, dtype=torch.long),
+                                   QuantScheme(bits))
         error = {key: torch.linalg.norm(x @ w.T - x @ r.weight.T).item()
                  for key, r in (("gptq", gptq), ("rtn", rtn), ("gptq_k0", no_salient))}
         assert error["gptq"] < error["rtn"], (name, error)

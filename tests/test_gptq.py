@@ -10,6 +10,7 @@ from quikft.quant.gptq import (
     rtn_quantize,
 )
 from quikft.quant.grid import fake_quantize, fit_scale_zero
+from quikft.quant.scheme import QuantScheme
 
 pytestmark = pytest.mark.usefixtures("single_thread")
 
@@ -70,8 +71,9 @@ def test_gptq_beats_rtn_on_output_error(bits, group_size, act_order):
     w, x, h = make_layer()
     for k in (0, 6):
         sal = torch.arange(k) * 7
-        g = gptq_quantize(w, h, sal, bits, group_size=group_size, act_order=act_order, block_size=16)
-        r = rtn_quantize(w, sal, bits, group_size=group_size, hessian=h)
+        scheme = QuantScheme(bits, group_size=group_size, act_order=act_order, block_size=16)
+        g = gptq_quantize(w, h, sal, scheme)
+        r = rtn_quantize(w, sal, QuantScheme(bits, group_size=group_size), hessian=h)
         assert out_err(x, w, g.weight) < 0.9 * out_err(x, w, r.weight)
         assert g.loss < r.loss
         # loss is ||X dW^T||^2 / n, the mean squared output error
@@ -85,7 +87,7 @@ def test_matches_reference_gptq(k, act_order):
     # that groups are fitted on the current, error-updated weights.
     w, x, h = make_layer(seed=1)
     sal = torch.randperm(w.shape[1], generator=torch.Generator().manual_seed(5))[:k]
-    res = gptq_quantize(w, h, sal, 3, group_size=32, act_order=act_order, block_size=20)
+    res = gptq_quantize(w, h, sal, QuantScheme(3, group_size=32, act_order=act_order, block_size=20))
     ref = reference_gptq(w, h, sal, 3, 32, False, act_order)
     close = torch.isclose(res.weight, ref, rtol=1e-3, atol=1e-5)
     assert close.float().mean() > 0.995  # float32 order differences may flip a rare rounding
@@ -98,7 +100,7 @@ def test_matches_reference_gptq(k, act_order):
 def test_salient_columns_absorb_error_and_are_not_rounded():
     w, x, h = make_layer(seed=2)
     sal = torch.tensor([40, 3, 77, 12, 12])  # unsorted with a duplicate: normalised
-    res = gptq_quantize(w, h, sal, 3, group_size=32)
+    res = gptq_quantize(w, h, sal, QuantScheme(3, group_size=32))
     assert res.salient.tolist() == [3, 12, 40, 77]
     assert res.salient.dtype == torch.int64
     sw = res.salient_weight
@@ -111,7 +113,7 @@ def test_salient_columns_absorb_error_and_are_not_rounded():
     on_grid = fake_quantize(sw, res.scales[:, g], res.zeros[:, g], 3) == sw
     assert on_grid.float().mean() < 0.2
     # RTN keeps the originals, rounded to fp16.
-    rtn = rtn_quantize(w, sal, 3, group_size=32)
+    rtn = rtn_quantize(w, sal, QuantScheme(3, group_size=32))
     assert torch.equal(rtn.salient_weight, w[:, rtn.salient].half().float())
 
 
@@ -121,9 +123,9 @@ def test_invariant_base_plus_salient_is_weight(method, sym):
     w, x, h = make_layer(seed=3)
     sal = torch.tensor([0, 5, 50, 95])
     if method == "gptq":
-        res = gptq_quantize(w, h, sal, 4, group_size=32, sym=sym)
+        res = gptq_quantize(w, h, sal, QuantScheme(4, group_size=32, sym=sym))
     else:
-        res = rtn_quantize(w, sal, 4, group_size=32, sym=sym)
+        res = rtn_quantize(w, sal, QuantScheme(4, group_size=32, sym=sym))
     base = res.dequantized_base()
     assert bool((base[:, sal] == 0).all())
     rebuilt = base.clone()
@@ -142,7 +144,7 @@ def test_invariant_base_plus_salient_is_weight(method, sym):
 def test_576_inputs_group_128(k, act_order):
     w, x, h = make_layer(out=16, inp=576, tokens=1024, seed=4)
     sal = torch.arange(k) * 9
-    res = gptq_quantize(w, h, sal, 4, group_size=128, act_order=act_order)
+    res = gptq_quantize(w, h, sal, QuantScheme(4, group_size=128, act_order=act_order))
     expected_groups = 5 if k == 0 else 4  # 576 -> 4 full + one of 64; 512 -> 4 full
     assert res.scales.shape == res.zeros.shape == (16, expected_groups)
     g = res.g_idx.long()
@@ -159,11 +161,12 @@ def test_576_inputs_group_128(k, act_order):
 
 def test_in_features_not_multiple_of_group_and_rtn_groups():
     w, x, h = make_layer(out=8, inp=100, tokens=256, seed=5)
-    res = gptq_quantize(w, h, torch.tensor([], dtype=torch.int64), 3, group_size=32, act_order=False)
+    res = gptq_quantize(w, h, torch.tensor([], dtype=torch.int64), QuantScheme(3, group_size=32,
+                                                                                act_order=False))
     assert res.scales.shape == (8, 4)
     assert torch.bincount(res.g_idx.long()).tolist() == [32, 32, 32, 4]
     sal = torch.tensor([1, 2, 99])
-    rtn = rtn_quantize(w, sal, 3, group_size=32)
+    rtn = rtn_quantize(w, sal, QuantScheme(3, group_size=32))
     ns = torch.tensor([j for j in range(100) if j not in (1, 2, 99)])
     for grp in range(rtn.scales.shape[1]):  # groups: consecutive non-salient columns
         cols = ns[grp * 32 : (grp + 1) * 32]
@@ -178,7 +181,7 @@ def test_dead_columns_zeroed_only_when_not_salient():
     acc = HessianAccumulator(x.shape[1])
     acc.add_batch(x)
     h = acc.hessian()
-    res = gptq_quantize(w, h, torch.tensor([30, 60]), 3, group_size=32)
+    res = gptq_quantize(w, h, torch.tensor([30, 60]), QuantScheme(3, group_size=32))
     assert bool((res.weight[:, 7] == 0).all())
     assert torch.equal(res.weight[:, 30], w[:, 30].half().float())  # dead but salient: kept as is
     assert torch.isfinite(res.weight).all()
@@ -187,8 +190,8 @@ def test_dead_columns_zeroed_only_when_not_salient():
 def test_deterministic():
     w, x, h = make_layer(seed=7)
     sal = torch.tensor([2, 9, 31])
-    a = gptq_quantize(w, h, sal, 3, group_size=32)
-    b = gptq_quantize(w, h, sal, 3, group_size=32)
+    a = gptq_quantize(w, h, sal, QuantScheme(3, group_size=32))
+    b = gptq_quantize(w, h, sal, QuantScheme(3, group_size=32))
     for name in ("weight", "codes", "scales", "zeros", "g_idx", "salient", "salient_weight"):
         assert torch.equal(getattr(a, name), getattr(b, name)), name
     assert a.loss == b.loss
@@ -202,7 +205,7 @@ def test_cholesky_retry_with_more_damping():
     target = -0.05 * h.diagonal().mean().item()
     bad = (h.double() + (target - evals[0]) * (u @ u.T)).float()
     with pytest.warns(RuntimeWarning, match="damping"):
-        res = gptq_quantize(w, bad, torch.tensor([1]), 4, group_size=32)
+        res = gptq_quantize(w, bad, torch.tensor([1]), QuantScheme(4, group_size=32))
     assert torch.isfinite(res.weight).all()
     assert out_err(x, w, res.weight) < out_err(x, w, torch.zeros_like(w))
 
@@ -211,21 +214,21 @@ def test_cholesky_gives_up_with_clear_error():
     w = torch.randn(4, 4)
     hopeless = torch.diag(torch.tensor([1000.0, 1000.0, 1000.0, -2990.0]))
     with pytest.raises(HessianNotPositiveDefiniteError, match="Cholesky"):
-        gptq_quantize(w, hopeless, torch.tensor([], dtype=torch.int64), 4, group_size=-1)
+        gptq_quantize(w, hopeless, torch.tensor([], dtype=torch.int64), QuantScheme(4, group_size=-1))
     with pytest.raises(HessianNotPositiveDefiniteError):
-        gptq_quantize(w, torch.full((4, 4), float("nan")), torch.tensor([0]), 4, group_size=-1)
+        gptq_quantize(w, torch.full((4, 4), float("nan")), torch.tensor([0]), QuantScheme(4, group_size=-1))
 
 
 def test_argument_checks():
     w, x, h = make_layer(out=4, inp=8, tokens=32)
     with pytest.raises(ValueError, match="smaller than in_features"):
-        gptq_quantize(w, h, torch.arange(8), 4)
+        gptq_quantize(w, h, torch.arange(8), QuantScheme(4))
     with pytest.raises(ValueError, match="bits"):
-        rtn_quantize(w, torch.tensor([0]), 5)
+        rtn_quantize(w, torch.tensor([0]), QuantScheme(5))
     with pytest.raises(ValueError, match="salient"):
-        rtn_quantize(w, torch.tensor([8]), 4)
+        rtn_quantize(w, torch.tensor([8]), QuantScheme(4))
     with pytest.raises(ValueError, match="group_size"):
-        rtn_quantize(w, torch.tensor([0]), 4, group_size=0)
+        rtn_quantize(w, torch.tensor([0]), QuantScheme(4, group_size=0))
 
 
 def test_hessian_accumulator_streams():

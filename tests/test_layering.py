@@ -90,8 +90,7 @@ FLOOR_NAMES = ("core", "format", "nn", "models", "eval", "jobs", "cli")
 FLOORS = {
     # settings, quantization math and the helpers everything uses
     "quikft.config": CORE,
-    "quikft.quant": CORE,
-    "quikft.saliency": CORE,
+    "quikft.quant": CORE,  # the math, saliency, statistics and the one block loop (no job, no format)
     "quikft.packing": CORE,
     "quikft.bits": CORE,
     "quikft.arch": CORE,
@@ -115,11 +114,8 @@ FLOORS = {
     "quikft.eval": EVAL,
     "quikft.generation": EVAL,
     # the two jobs and the integrations
-    "quikft.jobs": JOBS,
-    "quikft.quantize": JOBS,
-    "quikft.quant.streaming": JOBS,  # the quantize job's output and resume state, until they move to quikft.jobs
-    "quikft.quant.state": JOBS,
-    "quikft.weights": JOBS,
+    "quikft.jobs": JOBS,  # the quantize job: its streaming output, resume state and block weights reading
+    "quikft.quantize": JOBS,  # the public re-export of quikft.jobs.quantize.quantize
     "quikft.recovery": JOBS,
     "quikft.integrations": JOBS,
     "quikft.hf": JOBS,
@@ -175,6 +171,12 @@ def test_the_floors_check_finds_upward_imports():
     assert upward_imports(graph, floors) == ["quikft.format.layout (format) imports quikft.nn.quik_linear (nn)"]
 
 
+def _within(name: str, packages: tuple[str, ...]) -> bool:
+    """``name`` is one of ``packages`` or a module inside one (``quikft.quant`` holds ``quikft.quant.gptq``,
+    not ``quikft.quantize``)."""
+    return any(name == package or name.startswith(f"{package}.") for package in packages)
+
+
 def test_what_the_floors_do_not_say():
     """Stricter than the floors: the config imports nothing; the format reaches no quantizer code (it
     stores whatever has the shape of quikft.format.protocol) and its contract no model code; nothing
@@ -182,7 +184,7 @@ def test_what_the_floors_do_not_say():
     graph = import_graph()
     assert graph["quikft.config"] == set(), "the config layer imports nothing from quikft"
     for name in (name for name in graph if name == "quikft.format" or name.startswith("quikft.format.")):
-        quantizer = sorted(t for t in _reachable(graph, name) if t.startswith(("quikft.quant", "quikft.saliency")))
+        quantizer = sorted(t for t in _reachable(graph, name) if _within(t, ("quikft.quant",)))
         assert not quantizer, f"{name} imports {quantizer[0]}"
     for name in ("quikft.format.layout", "quikft.format.protocol", "quikft.format.header", "quikft.format.reader",
                  "quikft.format.shards"):
@@ -268,3 +270,27 @@ def test_recovery_sits_above_the_layers_it_trains():
             continue
         reached = sorted(t for t in targets if t.startswith("quikft.recovery"))
         assert not reached, f"{name} imports {reached[0]}"
+
+
+def test_quant_is_math_and_the_block_loop_below_the_format():
+    """quikft.quant (grids, GPTQ/RTN, saliency, statistics, the --target-bpw math and the block loop) sits
+    below the format it feeds: it reaches the settings, the architecture adapter and the bit counts, never
+    a checkpoint format, a kernel, an evaluation, a job or training code."""
+    graph = import_graph()
+    below = ("quikft.quant", "quikft.config", "quikft.arch", "quikft.bits", "quikft.packing", "quikft.hardware")
+    for name in graph:
+        if _within(name, ("quikft.quant",)):
+            reached = sorted(t for t in _reachable(graph, name) if not _within(t, below))
+            assert not reached, f"{name} imports {reached[0]}"
+
+
+def test_only_the_cli_runs_jobs():
+    """quikft.jobs (what the commands run: the quantize job and its streaming machinery) sits with the
+    recovery and the integrations below the CLI and above quant, format and nn: nothing but the CLI (and
+    the public re-export quikft.quantize) imports it."""
+    graph = import_graph()
+    for name, targets in graph.items():
+        if not _within(name, ("quikft.jobs", "quikft.cli", "quikft.quantize")):
+            jobs = sorted(t for t in targets if _within(t, ("quikft.jobs",)))
+            assert not jobs, f"{name} imports {jobs[0]}"
+    assert graph["quikft.quantize"] <= {"quikft.jobs.quantize"}, "quikft.quantize is only a re-export"

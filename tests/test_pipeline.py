@@ -7,19 +7,17 @@ from click.testing import CliRunner
 from safetensors.torch import load_file
 
 from quikft import arch
+from quikft.arch import UnsupportedArchitectureError
 from quikft.cli import main
 from quikft.config import QuantConfig, QuantizeJob, build_config
 from quikft.data import calibration_windows
+from quikft.quant.blocks import capture_block_inputs
 from quikft.quant.gptq import gptq_quantize, rtn_quantize
 from quikft.quant.grid import round_to_fp16
 from quikft.quant.model import quantize_model
-from quikft.quant.pipeline import (
-    UnsupportedArchitectureError,
-    capture_block_inputs,
-    find_input_groups,
-    streaming_statistics,
-)
-from quikft.saliency import column_scores, resolve_metric, select_salient
+from quikft.quant.saliency import column_scores, resolve_metric, select_salient
+from quikft.quant.scheme import QuantScheme
+from quikft.quant.statistics import find_input_groups, streaming_statistics
 
 LLAMA_LAYERS = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj",
                 "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj")
@@ -54,8 +52,8 @@ def test_gptq_beats_rtn_on_real_tiny_layers(tiny, text_file, bits):
         w = linear.weight.data.float()
         h = 2 * x.T @ x / x.shape[0]
         salient = torch.tensor([1, 5, 9], dtype=torch.long)
-        g = gptq_quantize(w, h, salient, bits, group_size=32)
-        r = rtn_quantize(w, salient, bits, group_size=32)
+        g = gptq_quantize(w, h, salient, QuantScheme(bits, group_size=32))
+        r = rtn_quantize(w, salient, QuantScheme(bits, group_size=32))
         gptq_err = torch.linalg.norm(x @ w.T - x @ g.weight.T).item()
         rtn_err = torch.linalg.norm(x @ w.T - x @ r.weight.T).item()
         assert gptq_err < rtn_err, (name, bits)
@@ -109,7 +107,7 @@ def test_fixed_salient_sets_are_respected(tiny, text_file):
 
 
 def test_same_seed_gives_identical_output(tiny_dir, text_file, tmp_path):
-    from quikft.quantize import quantize
+    from quikft.jobs.quantize import quantize
 
     reports = []
     for run in ("a", "b"):

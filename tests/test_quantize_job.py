@@ -24,16 +24,16 @@ def test_quick_eval_reports_fp_and_quantized_ppl_and_caches_fp(tiny_dir, text_fi
 def test_a_cache_that_is_a_file_is_refused_before_the_model_loads(tiny_dir, text_file, tmp_path, monkeypatch):
     import pytest
 
-    import quikft.quantize
+    import quikft.jobs.quantize.job
     from quikft.config import QuantizeJob, from_settings
 
     blocker = tmp_path / "cache-file"
     blocker.write_text("x")
     monkeypatch.setenv("QUIKFT_CACHE", str(blocker / "quikft"))
-    monkeypatch.setattr(quikft.quantize, "open_model", lambda job: pytest.fail("the model was loaded"))
+    monkeypatch.setattr(quikft.jobs.quantize.job, "open_model", lambda job: pytest.fail("the model was loaded"))
     job = from_settings(QuantizeJob, {"model": str(tiny_dir), "calib": str(text_file), "out": str(tmp_path / "o")})
     with pytest.raises(ValueError, match="is not a directory; point QUIKFT_CACHE at a directory"):
-        quikft.quantize.quantize(job, progress=False)
+        quikft.jobs.quantize.job.quantize(job, progress=False)
 
 
 def test_a_fraction_of_salient_columns_resolves_per_layer_and_the_report_counts_bits(tiny_dir, text_file, tmp_path,

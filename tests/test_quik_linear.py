@@ -19,6 +19,7 @@ from quikft.nn import (
 )
 from quikft.packing import unpack_codes
 from quikft.quant.gptq import gptq_quantize, rtn_quantize
+from quikft.quant.scheme import QuantScheme
 
 BITS = (2, 3, 4, 8)
 IN, OUT, GROUP = 100, 24, 16
@@ -129,9 +130,10 @@ def test_matches_the_quantizer_bit_for_bit(method: str, k: int) -> None:
     salient = torch.randperm(IN, generator=gen)[:k]
     if method == "gptq":
         x = torch.randn(256, IN, generator=gen)
-        result = gptq_quantize(weight, 2 * x.T @ x / 256, salient, 3, group_size=GROUP, act_order=True)
+        result = gptq_quantize(weight, 2 * x.T @ x / 256, salient,
+                               QuantScheme(3, group_size=GROUP, act_order=True))
     else:
-        result = rtn_quantize(weight, salient, 3, group_size=GROUP)
+        result = rtn_quantize(weight, salient, QuantScheme(3, group_size=GROUP))
     layer = QuikLinear.from_quantized(result, kernel="torch")
     assert torch.equal(layer.dequantize_weight(), result.dequantized_base())
     assert torch.equal(layer.effective_weight(), result.weight)

@@ -5,7 +5,7 @@ import math
 import pytest
 import torch
 
-from quikft.saliency import (
+from quikft.quant.saliency import (
     PRESETS,
     ColumnStats,
     MetricSpec,

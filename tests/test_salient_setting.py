@@ -4,7 +4,7 @@ the per-layer resolution, one-line errors before any work, and the checkpoint's 
 import pytest
 from click.testing import CliRunner
 
-import quikft.quantize
+import quikft.jobs.quantize
 import quikft.recovery
 from quikft.checkpoint import CheckpointError, validate_quantization_config
 from quikft.cli import main
@@ -67,7 +67,7 @@ def test_cli_flags_take_a_fraction(monkeypatch, tmp_path):
         seen.append(config)
         raise SystemExit(0)
 
-    monkeypatch.setattr(quikft.quantize, "quantize", stop)
+    monkeypatch.setattr(quikft.jobs.quantize, "quantize", stop)
     monkeypatch.setattr(quikft.recovery, "recover", stop)
     CliRunner().invoke(main, ["quantize", "--salient", "3%", "--out", str(tmp_path / "o")])
     CliRunner().invoke(main, ["recover", "--mode", "pre", "--salient", "0.05", "--out", str(tmp_path / "r")])
@@ -78,7 +78,7 @@ def test_cli_flags_take_a_fraction(monkeypatch, tmp_path):
 @pytest.mark.parametrize("command", ["quantize", "recover"])
 @pytest.mark.parametrize("value", BAD[:4])
 def test_cli_refuses_a_bad_salient_in_one_line_before_any_work(command, value, monkeypatch):
-    monkeypatch.setattr(quikft.quantize, "quantize", lambda *a, **k: pytest.fail("the job ran"))
+    monkeypatch.setattr(quikft.jobs.quantize, "quantize", lambda *a, **k: pytest.fail("the job ran"))
     monkeypatch.setattr(quikft.recovery, "recover", lambda *a, **k: pytest.fail("the job ran"))
     result = CliRunner().invoke(main, [command, "--salient", value])
     assert result.exit_code != 0 and result.output.count("\n") == 1

@@ -23,14 +23,13 @@ from quikft.config import QuantizeJob, from_settings
 from quikft.data import calibration_windows
 from quikft.eval.ppl import quick_ppl
 from quikft.format import shards
+from quikft.jobs.quantize import quantize, streaming
+from quikft.jobs.quantize.state import QuantizeState, QuantizeStateError, state_dir_for
+from quikft.jobs.quantize.streaming import round_floating
 from quikft.models import load_model
 from quikft.quant import budget as budget_module
-from quikft.quant import streaming
 from quikft.quant.activations import ActivationStore
 from quikft.quant.model import quantize_model
-from quikft.quant.state import QuantizeState, QuantizeStateError, state_dir_for
-from quikft.quant.streaming import round_floating
-from quikft.quantize import quantize
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -149,6 +148,18 @@ def test_streamed_families_equal_in_memory(family, tmp_path_factory, tokenizer, 
                            load(tmp_path / "memory", dtype=torch.float32)(input_ids=ids).logits)
 
 
+def test_a_streamed_moe_budget_job_reads_each_block_again_for_every_walk(tmp_path_factory, tokenizer, text_corpus,
+                                                                        tmp_path, single_thread):
+    """--target-bpw walks the blocks three times (sensitivity, measurement, quantization); a walk unfuses a
+    block's experts, and releasing the block puts them back in the stored layout, so the next walk reads them
+    again (it once failed: no stored tensor provides the unfused experts' weights)."""
+    directory = _saved(tmp_path_factory, tokenizer, "mixtral")
+    config = _config(directory, text_corpus, tmp_path / "streamed", target_bpw=4.5)
+    assert quantize(config, progress=False)["loading"] == "streamed block by block"
+    _in_memory(config, tmp_path)
+    _assert_same_tensors(tmp_path / "streamed", tmp_path / "memory")
+
+
 @pytest.mark.parametrize("tied", [True, False])
 def test_streamed_head_quantization_equals_in_memory(tied, tmp_path_factory, tokenizer, text_corpus, tmp_path, shared_data,
                                                      monkeypatch):
@@ -166,18 +177,18 @@ def test_streamed_head_quantization_equals_in_memory(tied, tmp_path_factory, tok
 def test_bf16_checkpoint_stays_bf16_and_offload_modes_agree(tmp_path_factory, tokenizer, text_corpus, tmp_path):
     directory = _saved(tmp_path_factory, tokenizer, dtype=torch.bfloat16, num_hidden_layers=3)
     seen = []
-    original = streaming.StreamingHooks.before_quantize
+    original = streaming.StreamingStep.before
 
-    def record_dtype(self, index, block):
-        seen.append(next(block.parameters()).dtype)
-        return original(self, index, block)
+    def record_dtype(self, block):
+        seen.append(next(block.module.parameters()).dtype)
+        return original(self, block)
 
-    streaming.StreamingHooks.before_quantize = record_dtype
+    streaming.StreamingStep.before = record_dtype
     try:
         for mode in ("none", "cpu", "disk"):
             quantize(_config(directory, text_corpus, tmp_path / mode, offload_activations=mode), progress=False)
     finally:
-        streaming.StreamingHooks.before_quantize = original
+        streaming.StreamingStep.before = original
     assert set(seen) == {torch.bfloat16}
     _assert_same_tensors(tmp_path / "none", tmp_path / "cpu")
     _assert_same_tensors(tmp_path / "none", tmp_path / "disk")
@@ -187,8 +198,8 @@ def test_bf16_checkpoint_stays_bf16_and_offload_modes_agree(tmp_path_factory, to
 KILLER = textwrap.dedent("""
     import os, signal, sys
     from quikft.config import QuantizeJob, from_settings
-    from quikft.quant import state, streaming
-    from quikft.quantize import quantize
+    from quikft.jobs.quantize import state, streaming
+    from quikft.jobs.quantize import quantize
 
     kill_at = int(sys.argv[1])
     commits = []
@@ -453,8 +464,8 @@ def test_the_fingerprint_sees_weights_changed_in_place(llama_dir, text_corpus, t
 
     from safetensors.torch import save_file
 
-    from quikft.quantize import fingerprint
-    from quikft.weights import CheckpointWeights
+    from quikft.jobs.quantize.job import fingerprint
+    from quikft.jobs.quantize.weights import CheckpointWeights
 
     model = shutil.copytree(llama_dir, tmp_path / "model")
     job = _config(model, text_corpus, tmp_path / "out")
@@ -488,7 +499,7 @@ def test_a_budget_job_equals_in_memory_and_resumes_bit_identically(llama_dir, te
                          capture_output=True, text=True, timeout=600)
     assert run.returncode == -signal.SIGKILL, run.stderr[-2000:]
     resumed = _config(llama_dir, text_corpus, tmp_path / "killed", target_bpw=4.5, resume=True)
-    monkeypatch.setattr("quikft.quantize.measure_candidates", lambda *a, **k: pytest.fail("measured again"))
+    monkeypatch.setattr("quikft.jobs.quantize.job.measure_candidates", lambda *a, **k: pytest.fail("measured again"))
     quantize(resumed, progress=False)
     _assert_same_tensors(tmp_path / "streamed", tmp_path / "killed")
 
@@ -496,8 +507,8 @@ def test_a_budget_job_equals_in_memory_and_resumes_bit_identically(llama_dir, te
 MEASURE_KILLER = textwrap.dedent("""
     import os, signal, sys
     from quikft.config import QuantizeJob, from_settings
-    from quikft.quant import state
-    from quikft.quantize import quantize
+    from quikft.jobs.quantize import state
+    from quikft.jobs.quantize import quantize
 
     real = state.QuantizeState.save_measurement
 

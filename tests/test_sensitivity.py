@@ -9,7 +9,7 @@ from families import build_family
 from quikft import arch
 from quikft.config import QuantConfig
 from quikft.quant.budget import plan_budget
-from quikft.quant.pipeline import BlockHooks
+from quikft.quant.loop import Walk
 from quikft.quant.sensitivity import SENSITIVITY_WINDOWS, layer_sensitivity
 
 
@@ -47,7 +47,7 @@ def test_the_block_walk_equals_autograd_through_the_whole_model(family, single_t
     layout = arch.prepare(model)
     # more windows than the pass uses, batches of 3: the pass takes the first SENSITIVITY_WINDOWS in batches
     calib = torch.randint(3, len(tokenizer), (SENSITIVITY_WINDOWS + 2, 40), generator=torch.Generator().manual_seed(1))
-    ours = layer_sensitivity(model, layout, calib, BlockHooks(), ("cpu", 3), progress=False)
+    ours = layer_sensitivity(model, layout, calib, Walk("cpu", progress=False), batch_size=3)
     reference = _autograd_sensitivity(model, layout, calib[:SENSITIVITY_WINDOWS])
     assert ours.keys() == reference.keys() and len(ours) >= 4 * len(layout)
     for name, value in reference.items():
@@ -80,8 +80,9 @@ def test_rows_are_weighed_by_their_channels_sensitivity():
     on one channel gives that row's loss alone, uniform weight gives the layer's loss."""
     from quikft.quant.budget import measure_layer
     from quikft.quant.gptq import HessianAccumulator
-    from quikft.quant.pipeline import LayerStats, choose_salient, quantize_linear
-    from quikft.saliency import ColumnStats
+    from quikft.quant.layer import choose_salient, quantize_linear
+    from quikft.quant.saliency import ColumnStats
+    from quikft.quant.statistics import LayerStats
 
     generator = torch.Generator().manual_seed(0)
     linear = torch.nn.Linear(48, 24, bias=False)
@@ -100,8 +101,7 @@ def test_rows_are_weighed_by_their_channels_sensitivity():
     for m in one_row:
         scheme = QuantConfig(group_size=16, bits=m["bits"], salient=m["salient"], clip_search=False)
         columns_at_4 = choose_salient(linear.weight.detach(), columns, QuantConfig(bits=4, salient=m["salient"]), "layer")
-        delta = (quantize_linear(linear, accumulator.hessian(), columns, scheme, "layer", columns_at_4).weight
-                 - linear.weight.detach())
+        delta = quantize_linear(linear, stats, scheme, columns_at_4).weight - linear.weight.detach()
         row = 0.5 * float((delta[5] @ accumulator.hessian()) @ delta[5])
         assert m["fisher"] == pytest.approx(2.0 * row, rel=1e-5)
 
@@ -111,8 +111,9 @@ def test_a_hot_channel_outside_the_even_spread_is_measured_exactly():
     the sample and stands for itself: its weighed loss is exact, not an even-spread guess."""
     from quikft.quant.budget import MEASURED_ROWS, measure_layer
     from quikft.quant.gptq import HessianAccumulator
-    from quikft.quant.pipeline import LayerStats, quantize_linear
-    from quikft.saliency import ColumnStats
+    from quikft.quant.layer import quantize_linear
+    from quikft.quant.saliency import ColumnStats
+    from quikft.quant.statistics import LayerStats
 
     rows, hot = 2 * MEASURED_ROWS, 3  # row 3 is not in the even spread (every second row from 0... is; 3 is odd)
     generator = torch.Generator().manual_seed(0)
@@ -125,10 +126,11 @@ def test_a_hot_channel_outside_the_even_spread_is_measured_exactly():
     sensitivity = torch.full((rows,), 1e-9)
     sensitivity[hot] = 1.0
     config = QuantConfig(group_size=16, target_bpw=4.0, clip_search=False)
-    for m in measure_layer(linear, "layer", LayerStats(accumulator, columns), config, sensitivity):
+    stats = LayerStats(accumulator, columns)
+    for m in measure_layer(linear, "layer", stats, config, sensitivity):
         if m["salient"]:
             continue
         scheme = QuantConfig(group_size=16, bits=m["bits"], salient=0, clip_search=False)
-        delta = quantize_linear(linear, accumulator.hessian(), columns, scheme, "layer").weight - linear.weight.detach()
+        delta = quantize_linear(linear, stats, scheme).weight - linear.weight.detach()
         row = 0.5 * float((delta[hot] @ accumulator.hessian()) @ delta[hot])
         assert m["fisher"] == pytest.approx(row, rel=1e-3)

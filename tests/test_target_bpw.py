@@ -2,6 +2,7 @@
 every loader, kernel and command reads, and budgets refused before any work."""
 
 import copy
+import dataclasses
 import json
 
 import pytest
@@ -184,14 +185,16 @@ def _layer(rows: int, cols: int, seed: int = 0):
 def test_stacked_widths_give_the_losses_of_separate_gptq_runs(grid):
     from quikft.quant.gptq import gptq_quantize, gptq_row_losses
     from quikft.quant.grid import COARSE_SHRINK_FACTORS
+    from quikft.quant.scheme import QuantScheme
 
     weight, hessian = _layer(40, 96)
-    config = QuantConfig(**grid)
+    scheme = QuantScheme.of(QuantConfig(**grid))
     for salient in (torch.arange(0), torch.tensor([3, 50, 77])):
-        stacked = gptq_row_losses(weight, hessian, salient, [2, 3, 4, 8], config).sum(dim=1).tolist()
-        search = COARSE_SHRINK_FACTORS if config.clip_search else False  # the measurement's coarse search
-        separate = [gptq_quantize(weight, hessian, salient, bits, config.group_size, config.sym, config.act_order,
-                                  config.block_size, config.percdamp, search).loss for bits in (2, 3, 4, 8)]
+        stacked = gptq_row_losses(weight, hessian, salient, [2, 3, 4, 8], scheme).sum(dim=1).tolist()
+        search = COARSE_SHRINK_FACTORS if scheme.clip_search else False  # the measurement's coarse search
+        separate = [gptq_quantize(weight, hessian, salient,
+                                  dataclasses.replace(scheme, bits=bits, clip_search=search)).loss
+                    for bits in (2, 3, 4, 8)]
         assert stacked == pytest.approx(separate, rel=1e-6)
         assert stacked[0] > stacked[1] > stacked[2] > stacked[3]
 
@@ -216,8 +219,9 @@ def test_per_row_widths_fit_each_row_as_its_own_width():
 def _measured_and_exact(rows: int, cols: int) -> tuple[dict, dict]:
     from quikft.quant.budget import measure_layer
     from quikft.quant.gptq import HessianAccumulator
-    from quikft.quant.pipeline import LayerStats, choose_salient, quantize_linear
-    from quikft.saliency import ColumnStats
+    from quikft.quant.layer import choose_salient, quantize_linear
+    from quikft.quant.saliency import ColumnStats
+    from quikft.quant.statistics import LayerStats
 
     weight, _ = _layer(rows, cols, seed=1)
     linear = torch.nn.Linear(cols, rows, bias=False)
@@ -231,8 +235,8 @@ def _measured_and_exact(rows: int, cols: int) -> tuple[dict, dict]:
     measured = {(m["bits"], m["salient"]): m["loss"] for m in measure_layer(linear, "layer", stats, config)}
     # every width of one k is measured with the columns the metric picks at the widest (4 bits)
     picked = {k: choose_salient(weight, columns, _config(bits=4, salient=k), "layer") for k in (16, 32)}
-    exact = {setting: quantize_linear(linear, accumulator.hessian(), columns, _config(bits=setting[0],
-                                      salient=setting[1]), "layer", picked.get(setting[1])).loss
+    exact = {setting: quantize_linear(linear, stats, _config(bits=setting[0], salient=setting[1]),
+                                      picked.get(setting[1])).loss
              for setting in measured}
     return measured, exact
 

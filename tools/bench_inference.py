@@ -397,7 +397,7 @@ def build_llama_1b(workdir: Path) -> Path:
 def pack_llama_1b(fp_dir: Path, bits: int) -> Path:
     """The random model packed with RTN at ``bits`` and 64 salient columns (built once)."""
     from quikft.config import QuantConfig, QuantizeJob
-    from quikft.quantize import quantize
+    from quikft.jobs.quantize import quantize
 
     out = fp_dir.parent / f"w{bits}-k{LLAMA_1B_SALIENT}-rtn"
     if not (out / "config.json").exists():

@@ -144,8 +144,8 @@ def fp_ppl(code: Path) -> float:
     quikft of ``code`` like the rows (it need not be installed)."""
     sys.path.insert(0, str(code.resolve()))
     from quikft.config import QuantizeJob
+    from quikft.jobs.quantize import reference_ppl
     from quikft.models import load_model
-    from quikft.quantize import reference_ppl
 
     model, tokenizer = load_model(None)
     return reference_ppl(model, tokenizer, QuantizeJob(eval_windows=19))["ppl"]

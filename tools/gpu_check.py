@@ -42,6 +42,7 @@ def quantized_layer(bits: int, k: int, shape: tuple[int, int], group_size: int, 
 
     from quikft.nn import QuikLinear
     from quikft.quant.gptq import gptq_quantize, rtn_quantize
+    from quikft.quant.scheme import QuantScheme
 
     out_features, in_features = shape
     gen = torch.Generator().manual_seed(seed)
@@ -49,9 +50,10 @@ def quantized_layer(bits: int, k: int, shape: tuple[int, int], group_size: int, 
     salient = torch.randperm(in_features, generator=gen)[:k]
     if act_order:
         x = torch.randn(4 * in_features, in_features, generator=gen) * torch.rand(in_features, generator=gen) * 3
-        result = gptq_quantize(weight, 2 * x.T @ x / x.shape[0], salient, bits, group_size, act_order=True)
+        result = gptq_quantize(weight, 2 * x.T @ x / x.shape[0], salient,
+                               QuantScheme(bits, group_size, act_order=True))
     else:
-        result = rtn_quantize(weight, salient, bits, group_size)
+        result = rtn_quantize(weight, salient, QuantScheme(bits, group_size))
     bias = torch.randn(out_features, generator=gen) * 0.1
     return QuikLinear.from_quantized(result, bias).to(device)
 

@@ -14,7 +14,7 @@ Every stage asks it the same questions instead of keeping its own name tables:
   number of experts or 1 (a shared-expert gate). ``--targets``/``--ignore`` glob patterns
   narrow the set; the output head is only added on request.
 - **Which projections read the same input?** Not answered here by names: the quantize
-  pipeline finds it at run time, by tensor identity (:func:`quikft.quant.pipeline.find_input_groups`).
+  pipeline finds it at run time, by tensor identity (:func:`quikft.quant.statistics.find_input_groups`).
 - **How is the head applied?** :func:`logits_from_hidden` applies the output layer plus the
   family's logit transform (soft-capping, scaling) and is checked once per model against the
   model's own forward; where it disagrees, callers fall back to the full forward.

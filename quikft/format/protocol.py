@@ -3,7 +3,7 @@
 The writer packs whatever has these attributes, so :mod:`quikft.format` never imports
 :mod:`quikft.quant` (the quantizer depends on the format, not the other way round):
 :class:`~quikft.quant.gptq.QuantResult` is a :class:`QuantizedLayer`,
-:class:`~quikft.quant.pipeline.QuantizedLayers` a :class:`QuantizedModel` and
+:class:`~quikft.quant.steps.QuantizedLayers` a :class:`QuantizedModel` and
 :class:`~quikft.config.QuantConfig` a :class:`Scheme`.
 """
 

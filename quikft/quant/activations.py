@@ -15,6 +15,7 @@ import os
 import shutil
 import tempfile
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -129,3 +130,21 @@ def store_batches(batches, mode: str, device: str | torch.device, scratch: str |
     for batch in batches:
         store.append(batch)
     return store
+
+
+@dataclass(frozen=True)
+class Offload:
+    """Where a walk's activations wait between blocks: the ``--offload-activations`` mode, the compute
+    device they are read back to, and the scratch directory disk stores live in."""
+
+    mode: str
+    device: str | torch.device
+    scratch: Path | None = None
+
+    def store(self, batches) -> ActivationStore:
+        """An :class:`ActivationStore` of this placement holding ``batches``."""
+        return store_batches(batches, self.mode, self.device, self.scratch)
+
+    def load(self, directory: Path) -> ActivationStore:
+        """The batches :meth:`ActivationStore.persist` wrote to ``directory``, in a store of this placement."""
+        return ActivationStore.load(directory, self.mode, self.device, self.scratch)

@@ -47,24 +47,18 @@ from typing import Any
 
 import torch
 from torch import nn
-from tqdm.auto import tqdm
 
 from quikft import arch
 from quikft.bits import layer_bits
 from quikft.config import BpwError, QuantConfig, QuantMethod, resolve_salient
 from quikft.quant.allocate import BudgetError, Candidate, allocate, reachable
+from quikft.quant.blocks import Block, BlockInputs
 from quikft.quant.gptq import gptq_row_losses, hessian_objective, row_objective
-from quikft.quant.pipeline import (
-    BlockHooks,
-    BlockInputs,
-    LayerStats,
-    _on_device,
-    choose_salient,
-    collect_statistics,
-    quantize_linear,
-    run_block,
-)
-from quikft.saliency import ColumnStats
+from quikft.quant.layer import choose_salient, quantize_linear
+from quikft.quant.loop import BlockStep, Walk, run_blocks
+from quikft.quant.saliency import ColumnStats
+from quikft.quant.scheme import QuantScheme
+from quikft.quant.statistics import BlockStatistics, Gather, LayerStats
 
 CANDIDATE_BITS = (2, 3, 4)
 CANDIDATE_SALIENT = (0, 16, 32)
@@ -91,8 +85,8 @@ ERRORS: dict[BpwError, ErrorMeasure] = {BpwError.FISHER: ErrorMeasure(lambda m: 
                                         BpwError.RELATIVE: ErrorMeasure(_relative_error),
                                         BpwError.OUTPUT: ErrorMeasure(lambda m: m["loss"])}
 
-__all__ = ["BudgetError", "ERRORS", "ErrorMeasure", "candidate_settings", "check_budget", "measure_candidates",
-           "needs_sensitivity", "plan_budget"]
+__all__ = ["BudgetError", "CandidateMeasurement", "ERRORS", "ErrorMeasure", "candidate_settings", "check_budget",
+           "measure_candidates", "needs_sensitivity", "plan_budget"]
 
 
 def candidate_settings(in_features: int) -> list[tuple[int, int]]:
@@ -189,7 +183,7 @@ def _candidate_row_losses(module: nn.Module, layer: tuple[str, LayerStats, torch
     if config.method == QuantMethod.RTN or hessian is None:
         schemes = {setting: dataclasses.replace(config, bits=setting[0], salient=setting[1], target_bpw=None)
                    for setting in settings}
-        return {setting: row_objective(quantize_linear(module, hessian, stats.columns, scheme, name).weight
+        return {setting: row_objective(quantize_linear(module, stats, scheme, name=name).weight
                                        - weight, hessian)[rows] for setting, scheme in schemes.items()}
     by_k: dict[int, list[tuple[int, int]]] = {}
     for setting in settings:
@@ -197,7 +191,8 @@ def _candidate_row_losses(module: nn.Module, layer: tuple[str, LayerStats, torch
     losses = {}
     for group in by_k.values():
         salient = salient_for_measuring(weight, stats.columns, (config, group), name)
-        losses.update(zip(group, gptq_row_losses(weight[rows], hessian, salient, [b for b, _ in group], config),
+        losses.update(zip(group, gptq_row_losses(weight[rows], hessian, salient, [b for b, _ in group],
+                                                 QuantScheme.of(config)),
                           strict=True))
     return {setting: losses[setting] for setting in settings}
 
@@ -216,49 +211,48 @@ def salient_for_measuring(weight: torch.Tensor, columns: ColumnStats,
     return choose_salient(weight, columns, dataclasses.replace(config, bits=bits, salient=k, target_bpw=None), name)
 
 
-@torch.no_grad()
-def measure_candidates(layout: arch.ModelLayout, inputs: BlockInputs, config: QuantConfig, hooks: BlockHooks,
-                       device: str, progress: bool = True, done: Mapping[str, list[dict[str, Any]]] | None = None,
-                       on_block: Callable[[int, dict[str, list[dict[str, Any]]]], None] | None = None,
-                       sensitivity: Mapping[str, torch.Tensor] | None = None) -> dict[str, list[dict[str, Any]]]:
-    """The measurement pass (see the module docstring); ``inputs`` are advanced through the
-    full-precision blocks, so the caller captures fresh block-0 inputs for the final pass. Blocks
-    whose layers are all in ``done`` (an interrupted pass's record) only pass their inputs on;
-    ``on_block(blocks, measured)`` is called after each block (the job commits it there). With
-    ``sensitivity`` (:func:`quikft.quant.sensitivity.layer_sensitivity`) every candidate also gets its
-    ``fisher`` error (a layer missing from it, which no token reached, weighs nothing)."""
-    measured: dict[str, list[dict[str, Any]]] = dict(done or {})
-    for index in tqdm(range(len(layout)), desc="measure candidates", unit="block", disable=not progress):
-        block, prefix = layout.blocks[index], layout.block_name(index)
-        hooks.load(index, block)
-        arch.unfuse_all_experts(block)
-        layers = layout.layers(index)
-        with _on_device(block, device):
-            if all(f"{prefix}.{name}" in measured for name in layers):
-                inputs.advance(run_block(block, inputs, index))
-            else:
-                inputs.advance(_measure_block(block, index, layout, inputs, (config, sensitivity), measured))
-        hooks.release(index, block)
-        if on_block is not None:
-            on_block(index + 1, measured)
-    return measured
+class CandidateMeasurement(BlockStep):
+    """The measurement pass (see the module docstring) as a step of the block loop, on full-precision
+    blocks: every layer of a block measured from one statistics pass, into ``measured``. Blocks whose
+    layers are all in ``done`` (an interrupted pass's record) only pass their inputs on; ``on_block(blocks,
+    measured)`` is called after each block (the job commits it there). With ``sensitivity``
+    (:func:`quikft.quant.sensitivity.layer_sensitivity`) every candidate also gets its ``fisher`` error (a
+    layer missing from it, which no token reached, weighs nothing)."""
+
+    def __init__(self, config: QuantConfig, sensitivity: Mapping[str, torch.Tensor] | None = None,
+                 done: Mapping[str, list[dict[str, Any]]] | None = None,
+                 on_block: Callable[[int, dict[str, list[dict[str, Any]]]], None] | None = None):
+        self.config, self.sensitivity, self.on_block = config, sensitivity, on_block
+        self.measured: dict[str, list[dict[str, Any]]] = dict(done or {})
+
+    def gather(self, block: Block) -> Gather | None:
+        if all(block.full_name(name) in self.measured for name in block.layers):
+            return None
+        return Gather(hessian=True, expert_min_tokens=self.config.expert_min_tokens)
+
+    def process(self, block: Block, found: BlockStatistics | None) -> None:
+        """Measure every layer of the block into ``measured``."""
+        if found is None:
+            return
+        config, sensitivity = self.config, self.sensitivity
+        for name, module in block.layers.items():
+            full = block.full_name(name)
+            weight = None
+            if sensitivity is not None:
+                weight = sensitivity.get(full, torch.zeros(arch.dims_of(module)[1]))
+            self.measured[full] = measure_layer(module, full, found.stats[name], config, weight)
+
+    def release(self, block: Block) -> None:
+        if self.on_block is not None:
+            self.on_block(block.index + 1, self.measured)
 
 
-def _measure_block(block: nn.Module, index: int, layout: arch.ModelLayout, inputs: BlockInputs,
-                   how: tuple[QuantConfig, Mapping[str, torch.Tensor] | None],
-                   measured: dict[str, list[dict[str, Any]]]) -> list[torch.Tensor]:
-    """Measure every layer of one block into ``measured``; returns the block's outputs."""
-    config, sensitivity = how
-    layers, prefix = layout.layers(index), layout.block_name(index)
-    found, outputs = collect_statistics(block, layers, layout.experts(index), inputs, index, config,
-                                        keep_outputs=True)
-    for name, module in layers.items():
-        full = f"{prefix}.{name}"
-        weight = None
-        if sensitivity is not None:
-            weight = sensitivity.get(full, torch.zeros(arch.dims_of(module)[1]))
-        measured[full] = measure_layer(module, full, found.stats[name], config, weight)
-    return outputs
+def measure_candidates(layout: arch.ModelLayout, inputs: BlockInputs, measurement: CandidateMeasurement,
+                       walk: Walk) -> dict[str, list[dict[str, Any]]]:
+    """Run the measurement pass over every block; ``inputs`` are advanced through the full-precision
+    blocks, so the caller captures fresh block-0 inputs for the final pass."""
+    run_blocks(layout, inputs, [measurement], dataclasses.replace(walk, label="measure candidates"))
+    return measurement.measured
 
 
 def needs_sensitivity(config: QuantConfig) -> bool:

@@ -14,13 +14,14 @@ small dense fp16 matrix; ``QuantResult.weight`` is exactly their sum.
 from __future__ import annotations
 
 import warnings
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 from torch import Tensor
 
-from quikft.config import QuantConfig, check_bits
-from quikft.quant.grid import COARSE_SHRINK_FACTORS, dequantize, fit_scale_zero, quantize_codes, round_to_fp16
+from quikft.config import check_bits
+from quikft.quant.grid import COARSE_SHRINK_FACTORS, dequantize, round_to_fp16
+from quikft.quant.scheme import QuantScheme
 
 
 class HessianNotPositiveDefiniteError(RuntimeError):
@@ -97,13 +98,13 @@ def hessian_objective(delta: Tensor, hessian: Tensor) -> float:
     return float(0.5 * ((delta @ hessian.to(delta)) * delta).sum(dtype=torch.float64))
 
 
-def _check_args(weight: Tensor, salient: Tensor, bits: int, group_size: int) -> Tensor:
+def _check_args(weight: Tensor, salient: Tensor, scheme: QuantScheme) -> Tensor:
     """Validate shared arguments; return ``salient`` as sorted unique int64 on the weight's device."""
-    check_bits(bits)
+    check_bits(scheme.bits)
     if weight.dim() != 2:
         raise ValueError(f"expected a 2-D weight, got shape {tuple(weight.shape)}")
-    if group_size != -1 and group_size <= 0:
-        raise ValueError(f"group_size must be a positive integer or -1 (per row); got {group_size}")
+    if scheme.group_size != -1 and scheme.group_size <= 0:
+        raise ValueError(f"group_size must be a positive integer or -1 (per row); got {scheme.group_size}")
     in_features = weight.shape[1]
     salient = torch.unique(salient.to(device=weight.device, dtype=torch.int64).reshape(-1))
     if salient.numel() and (salient[0] < 0 or salient[-1] >= in_features):
@@ -153,21 +154,14 @@ def _group_index(in_features: int, order: Tensor, salient: Tensor, group_size: i
     return g_idx
 
 
-def _assemble(
-    order: Tensor,
-    codes_ord: Tensor,
-    scales: Tensor,
-    zeros: Tensor,
-    salient: Tensor,
-    salient_values: Tensor,
-    bits: int,
-    group_size: int,
-    sym: bool,
-) -> QuantResult:
-    """Build a ``QuantResult`` in original column order from processing-order codes."""
+def _assemble(order: Tensor, quantized: tuple[Tensor, Tensor, Tensor], salient: Tensor, salient_values: Tensor,
+              scheme: QuantScheme) -> QuantResult:
+    """Build a ``QuantResult`` in original column order from processing-order codes and their
+    group scales and zeros (``quantized``)."""
+    codes_ord, scales, zeros = quantized
     out_features = codes_ord.shape[0]
     in_features = order.numel() + salient.numel()
-    g_idx = _group_index(in_features, order, salient, group_size)
+    g_idx = _group_index(in_features, order, salient, scheme.group_size)
     codes = torch.empty(out_features, in_features, dtype=torch.uint8, device=codes_ord.device)
     codes[:, order] = codes_ord
     # Code == zero-point makes the quantized part decode to exactly 0 at salient columns.
@@ -182,9 +176,9 @@ def _assemble(
         salient=salient,
         salient_weight=salient_weight,
         loss=0.0,
-        bits=bits,
-        group_size=group_size,
-        sym=sym,
+        bits=scheme.bits,
+        group_size=scheme.group_size,
+        sym=scheme.sym,
     )
     # Built from the stored parts so the bit-exact invariant holds by construction.
     weight = result.dequantized_base()
@@ -238,34 +232,26 @@ def _block_bounds(m: int, block_size: int, group_size: int) -> list[int]:
     return sorted(starts) + [m]
 
 
-def _gptq_columns(
-    w: Tensor,
-    hinv_u: Tensor,
-    m: int,
-    bits: int,
-    group_size: int,
-    sym: bool,
-    clip_search: bool | tuple[float, ...],
-    block_size: int,
-) -> tuple[Tensor, Tensor, Tensor]:
+def _gptq_columns(w: Tensor, hinv_u: Tensor, m: int, scheme: QuantScheme) -> tuple[Tensor, Tensor, Tensor]:
     """Quantize the first ``m`` columns of ``w`` in place with error feedback (lazy-batch GPTQ).
 
     ``w`` is in processing order (salient columns last); its columns from ``m`` on
     are updated but never rounded. Returns codes (out, m) and the per-group
     scales and zeros (out, n_groups).
     """
+    group_size = scheme.group_size
     out_features = w.shape[0]
     codes = torch.empty(out_features, m, dtype=torch.uint8, device=w.device)
     scales: list[Tensor] = []
     zeros: list[Tensor] = []
     if group_size <= 0:
-        scale, zero = fit_scale_zero(w[:, :m], bits, sym, clip_search)
+        scale, zero = scheme.fit(w[:, :m])
         scales.append(scale)
         zeros.append(zero)
-    bounds = _block_bounds(m, block_size, group_size)
+    bounds = _block_bounds(m, scheme.block_size, group_size)
     for i1, i2 in zip(bounds[:-1], bounds[1:], strict=True):
         if group_size > 0 and i1 % group_size == 0:
-            scale, zero = fit_scale_zero(w[:, i1 : min(i1 + group_size, m)], bits, sym, clip_search)
+            scale, zero = scheme.fit(w[:, i1 : min(i1 + group_size, m)])
             scales.append(scale)
             zeros.append(zero)
         w1 = w[:, i1:i2]  # a view: in-block updates land in w directly
@@ -273,7 +259,7 @@ def _gptq_columns(
         err1 = torch.empty_like(w1)
         for i in range(i2 - i1):
             col = w1[:, i : i + 1]
-            code = quantize_codes(col, scale, zero, bits)
+            code = scheme.codes(col, scale, zero)
             codes[:, i1 + i] = code[:, 0]
             err = (col - dequantize(code, scale, zero)) / h1[i, i]
             err1[:, i : i + 1] = err
@@ -282,43 +268,32 @@ def _gptq_columns(
     return codes, torch.cat(scales, dim=1), torch.cat(zeros, dim=1)
 
 
-def gptq_quantize(
-    weight: Tensor,
-    hessian: Tensor,
-    salient: Tensor,
-    bits: int,
-    group_size: int = 128,
-    sym: bool = False,
-    act_order: bool = True,
-    block_size: int = 128,
-    percdamp: float = 0.01,
-    clip_search: bool = True,
-) -> QuantResult:
+def gptq_quantize(weight: Tensor, hessian: Tensor, salient: Tensor, scheme: QuantScheme) -> QuantResult:
     """GPTQ over the non-salient columns with the salient columns last and kept in fp16.
 
     ``hessian`` is ``2/n X^T X`` of the layer inputs (see ``HessianAccumulator``).
-    Groups of ``group_size`` are formed over the non-salient columns in processing
+    Groups of ``scheme.group_size`` are formed over the non-salient columns in processing
     order (act-order permutes only those); ``-1`` is one group per row.
     ``QuantResult.loss`` is :func:`hessian_objective` of the final error.
     """
-    salient = _check_args(weight, salient, bits, group_size)
-    if block_size <= 0:
-        raise ValueError(f"block_size must be positive; got {block_size}")
+    salient = _check_args(weight, salient, scheme)
+    if scheme.block_size <= 0:
+        raise ValueError(f"block_size must be positive; got {scheme.block_size}")
     in_features = weight.shape[1]
     if hessian.shape != (in_features, in_features):
         raise ValueError(
             f"hessian must have shape ({in_features}, {in_features}); got {tuple(hessian.shape)}"
         )
-    w, hinv_u, order = _prepared(weight, hessian, salient, act_order, percdamp)
+    w, hinv_u, order = _prepared(weight, hessian, salient, scheme)
     m = order.numel()
-    codes, scales, zeros = _gptq_columns(w, hinv_u, m, bits, group_size, sym, clip_search, block_size)
+    quantized = _gptq_columns(w, hinv_u, m, scheme)
 
-    result = _assemble(order, codes, scales, zeros, salient, w[:, m:], bits, group_size, sym)
+    result = _assemble(order, quantized, salient, w[:, m:], scheme)
     result.loss = hessian_objective(result.weight - weight.float(), hessian.float())
     return result
 
 
-def _prepared(weight: Tensor, hessian: Tensor, salient: Tensor, act_order: bool, percdamp: float
+def _prepared(weight: Tensor, hessian: Tensor, salient: Tensor, scheme: QuantScheme
               ) -> tuple[Tensor, Tensor, Tensor]:
     """GPTQ's starting point: the weight (a copy) in processing order with the salient columns last, the
     upper Cholesky factor of its damped inverse Hessian in that order, and the non-salient order."""
@@ -333,12 +308,12 @@ def _prepared(weight: Tensor, hessian: Tensor, salient: Tensor, act_order: bool,
     zero_cols[salient] = False
     w[:, zero_cols] = 0.0
 
-    order = _nonsalient_order(weight.shape[1], salient, h.diagonal() if act_order else None)
+    order = _nonsalient_order(weight.shape[1], salient, h.diagonal() if scheme.act_order else None)
     perm = torch.cat([order, salient])
-    return w[:, perm], _inverse_hessian_factor(h[perm][:, perm], percdamp), order
+    return w[:, perm], _inverse_hessian_factor(h[perm][:, perm], scheme.percdamp), order
 
 
-def gptq_row_losses(weight: Tensor, hessian: Tensor, salient: Tensor, widths: list[int], scheme: QuantConfig
+def gptq_row_losses(weight: Tensor, hessian: Tensor, salient: Tensor, widths: list[int], scheme: QuantScheme
                     ) -> Tensor:
     """Each row's share of :func:`hessian_objective` (float64, shape (len(widths), rows)) of
     :func:`gptq_quantize` at each of ``widths`` (same salient columns, the grid and GPTQ settings of
@@ -349,16 +324,16 @@ def gptq_row_losses(weight: Tensor, hessian: Tensor, salient: Tensor, widths: li
     measurement pays one loop per salient set instead of one per candidate. The losses equal separate runs'
     (:func:`gptq_quantize` with ``clip_search=COARSE_SHRINK_FACTORS``) up to float rounding in the block
     updates (a larger matrix product may sum in another order)."""
-    salient = _check_args(weight, salient, max(widths), scheme.group_size)
+    salient = _check_args(weight, salient, replace(scheme, bits=max(widths)))
     for width in widths:
         check_bits(width)
     rows = weight.shape[0]
-    w, hinv_u, order = _prepared(weight.repeat(len(widths), 1), hessian, salient, scheme.act_order, scheme.percdamp)
+    w, hinv_u, order = _prepared(weight.repeat(len(widths), 1), hessian, salient, scheme)
     target = w.clone()
     per_row = torch.tensor(widths, dtype=torch.float32, device=w.device).repeat_interleave(rows)[:, None]
     m, group_size = order.numel(), scheme.group_size
     search = COARSE_SHRINK_FACTORS if scheme.clip_search else False
-    codes, scales, zeros = _gptq_columns(w, hinv_u, m, per_row, group_size, scheme.sym, search, scheme.block_size)
+    codes, scales, zeros = _gptq_columns(w, hinv_u, m, replace(scheme, bits=per_row, clip_search=search))
     group = torch.arange(m, device=w.device) // group_size if group_size > 0 else torch.zeros(m, dtype=torch.long)
     delta = torch.cat([dequantize(codes, scales[:, group], zeros[:, group]), round_to_fp16(w[:, m:])], 1) - target
     perm = torch.cat([order, salient])
@@ -374,45 +349,29 @@ def row_objective(delta: Tensor, hessian: Tensor | None) -> Tensor:
     return 0.5 * ((delta @ hessian.to(delta)) * delta).sum(dim=1, dtype=torch.float64)
 
 
-def rtn_quantize(
-    weight: Tensor,
-    salient: Tensor,
-    bits: int,
-    group_size: int = 128,
-    sym: bool = False,
-    clip_search: bool = True,
-    hessian: Tensor | None = None,
-) -> QuantResult:
+def rtn_quantize(weight: Tensor, salient: Tensor, scheme: QuantScheme, hessian: Tensor | None = None
+                 ) -> QuantResult:
     """Round-to-nearest baseline on the same grid: no error feedback, salient columns kept in fp16.
 
-    Groups are consecutive runs of ``group_size`` non-salient columns in natural
-    order. ``loss`` is :func:`hessian_objective` when ``hessian`` is given, else the
-    plain mean squared weight error.
+    Groups are consecutive runs of ``scheme.group_size`` non-salient columns in natural
+    order (GPTQ's settings of ``scheme`` are not used). ``loss`` is :func:`hessian_objective`
+    when ``hessian`` is given, else the plain mean squared weight error.
     """
-    salient = _check_args(weight, salient, bits, group_size)
+    salient = _check_args(weight, salient, scheme)
     w = weight.detach().float()
     order = _nonsalient_order(w.shape[1], salient, None)
     w_ns = w[:, order]
     m = order.numel()
-    size = group_size if group_size > 0 else m
+    size = scheme.group_size if scheme.group_size > 0 else m
     codes_parts, scales, zeros = [], [], []
     for start in range(0, m, size):
         block = w_ns[:, start : start + size]
-        scale, zero = fit_scale_zero(block, bits, sym, clip_search)
-        codes_parts.append(quantize_codes(block, scale, zero, bits))
+        scale, zero = scheme.fit(block)
+        codes_parts.append(scheme.codes(block, scale, zero))
         scales.append(scale)
         zeros.append(zero)
-    result = _assemble(
-        order,
-        torch.cat(codes_parts, dim=1),
-        torch.cat(scales, dim=1),
-        torch.cat(zeros, dim=1),
-        salient,
-        w[:, salient],
-        bits,
-        group_size,
-        sym,
-    )
+    quantized = (torch.cat(codes_parts, dim=1), torch.cat(scales, dim=1), torch.cat(zeros, dim=1))
+    result = _assemble(order, quantized, salient, w[:, salient], scheme)
     delta = result.weight - w
     result.loss = (
         hessian_objective(delta, hessian.float()) if hessian is not None else float(delta.pow(2).mean())

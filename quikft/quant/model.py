@@ -1,32 +1,32 @@
-"""Quantize a whole model held in memory: the library's entry point (:func:`quantize_model`).
+"""A whole model held in memory: the library's entry points :func:`quantize_model` and
+:func:`select_salient_model`.
 
-It prepares the model's layout, chooses per-layer settings first under ``--target-bpw``
-(:mod:`quikft.quant.budget`), then runs the block loop of :mod:`quikft.quant.pipeline` (and the
-output layer when asked). The quantize job (:mod:`quikft.quantize`) drives the same loop with its
-streaming hooks instead.
+Each prepares the model's layout and runs the block loop (:mod:`quikft.quant.loop`) with its step
+(:mod:`quikft.quant.steps`), then the output layer when asked. Under ``--target-bpw`` the per-layer
+settings are chosen first (:mod:`quikft.quant.budget`). The quantize job (:mod:`quikft.jobs.quantize`)
+runs the same loop and steps with its streaming steps beside them.
 """
 
 from __future__ import annotations
 
 import time
+from dataclasses import replace
 from typing import Any
 
 import torch
 
 from quikft import arch
-from quikft.config import QuantConfig
+from quikft.config import QuantConfig, salient_text
 from quikft.hardware import resolve_device
 from quikft.quant import budget
-from quikft.quant.pipeline import (
-    BlockHooks,
-    QuantizedLayers,
-    capture_block_inputs,
-    quantize_blocks,
-    quantize_head,
-)
+from quikft.quant.blocks import capture_block_inputs
+from quikft.quant.layer import choose_salient
+from quikft.quant.loop import Walk, run_blocks
 from quikft.quant.sensitivity import layer_sensitivity
+from quikft.quant.statistics import head_statistics
+from quikft.quant.steps import QuantizedLayers, QuantizeLayers, SelectSalient, quantize_head, quantize_label
 
-__all__ = ["quantize_model"]
+__all__ = ["quantize_model", "select_salient_model"]
 
 
 @torch.no_grad()
@@ -46,32 +46,59 @@ def quantize_model(model, calib: torch.Tensor, config: QuantConfig, progress: bo
     (``{"layers": {name: {"bits": b, "salient": k}}}``; a plan needs ``target_bpw`` set too).
     """
     layout = arch.prepare(model, config.targets, config.ignore, config.quantize_lm_head)
-    device = resolve_device(device)
+    walk = Walk(resolve_device(device), progress=progress)
     was_training = model.training
     model.eval()
     began = time.perf_counter()
     out = QuantizedLayers()
     if config.target_bpw is not None:
-        out.plan = plan or _budget_plan(model, layout, calib, config, (device, batch_size), progress)
-    inputs = capture_block_inputs(model, layout, calib, batch_size, device)
-    quantize_blocks(model, layout, inputs, config, out, BlockHooks(), device, progress=progress, salient=salient)
+        out.plan = plan or _budget_plan(model, layout, calib, config, (walk, batch_size))
+    inputs = capture_block_inputs(model, layout, calib, batch_size, walk.device)
+    step = QuantizeLayers(config, out, salient)
+    run_blocks(layout, inputs, [step], replace(walk, label=quantize_label(config, out)))
     if config.quantize_lm_head:
-        out.results.update(quantize_head(model, layout, inputs, config, out, device, salient))
+        out.results.update(quantize_head(model, layout, inputs, step, walk.device))
     out.seconds = time.perf_counter() - began
     model.train(was_training)
     return out
 
 
 def _budget_plan(model, layout: arch.ModelLayout, calib: torch.Tensor, config: QuantConfig,
-                 where: tuple[str, int], progress: bool) -> dict[str, Any]:
+                 where: tuple[Walk, int]) -> dict[str, Any]:
     """--target-bpw in memory: the measurement pass on its own captured inputs, then the choice."""
-    device, batch_size = where
+    walk, batch_size = where
     budget.check_budget(budget.layer_shapes(layout), config)
     began = time.perf_counter()
     sensitivity = None
     if budget.needs_sensitivity(config):
-        sensitivity = layer_sensitivity(model, layout, calib, BlockHooks(), where, progress)
-    inputs = capture_block_inputs(model, layout, calib, batch_size, device)
-    measured = budget.measure_candidates(layout, inputs, config, BlockHooks(), device, progress,
-                                         sensitivity=sensitivity)
+        sensitivity = layer_sensitivity(model, layout, calib, walk, batch_size)
+    inputs = capture_block_inputs(model, layout, calib, batch_size, walk.device)
+    measured = budget.measure_candidates(layout, inputs, budget.CandidateMeasurement(config, sensitivity), walk)
     return budget.plan_budget(measured, config, time.perf_counter() - began)
+
+
+@torch.no_grad()
+def select_salient_model(model, calib: torch.Tensor, config: QuantConfig, progress: bool = True,
+                         device: str = "cpu", batch_size: int = 8) -> dict[str, torch.Tensor]:
+    """Salient columns of every decoder projection of the full-precision model (Pre-GIFT-SW).
+
+    The same statistics and metric as :func:`quantize_model`, block by block on the
+    calibration windows, without quantizing anything (so each block's outputs are simply
+    its full-precision outputs).
+    """
+    layout = arch.prepare(model, config.targets, config.ignore, config.quantize_lm_head)
+    device = resolve_device(device)
+    was_training = model.training
+    model.eval()
+    inputs = capture_block_inputs(model, layout, calib, batch_size, device)
+    step = SelectSalient(config)
+    run_blocks(layout, inputs, [step], Walk(device, progress=progress, label=f"select k{salient_text(config.salient)}"))
+    salient = step.salient
+    if config.quantize_lm_head:
+        arch.untie_head(model)  # the head trains and quantizes on its own weights; the embedding stays FP
+        name = arch.head_name(model)
+        stats = head_statistics(model, layout, inputs, device, hessian=False)
+        weight = arch.weight_of(model.get_submodule(name)).float()
+        salient[name] = choose_salient(weight, stats.columns, config, name).cpu()
+    model.train(was_training)
+    return salient

@@ -18,13 +18,15 @@ The pass takes :data:`SENSITIVITY_WINDOWS` calibration windows through the full-
 keeping each block's inputs, takes the loss gradient at the last hidden state through the model's own
 head (every block a stub, as the streamed evaluation does), then walks the blocks backward, recomputing
 each from its kept input and collecting the squared gradient at every layer's output. Block weights are
-loaded and released through the same :class:`~quikft.quant.pipeline.BlockHooks` as every other walk, so a
+loaded and released by the same source step as every other walk (:class:`~quikft.quant.loop.Walk`), so a
 streamed model needs one block in memory at a time, plus the kept inputs (windows x seqlen x hidden
-values per block).
+values per block). The forward walk is the block loop's (:func:`~quikft.quant.loop.run_blocks`, with a step
+that keeps each block's inputs); the backward walk runs the blocks in reverse, outside it.
 """
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable
 
 import torch
@@ -33,17 +35,17 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from quikft import arch
-from quikft.quant.pipeline import (
-    BlockHooks,
+from quikft.quant.blocks import (
+    Block,
     BlockInputs,
-    _block_output,
-    _on_device,
+    block_output,
     capture_block_inputs,
     like_output,
+    on_device,
     onloaded,
     patched_forwards,
-    run_block,
 )
+from quikft.quant.loop import BlockStep, Walk, enter_block, run_blocks
 
 # 8 windows of the default 512 tokens: on the default model the layers' sensitivities from 8 and from
 # 32 windows rank the layers alike, and the pass costs about a quarter of one statistics forward.
@@ -53,38 +55,33 @@ HEAD_CHUNK = 256  # positions per head call: the logits of a whole batch would n
 __all__ = ["SENSITIVITY_WINDOWS", "layer_sensitivity"]
 
 
-def layer_sensitivity(model: nn.Module, layout: arch.ModelLayout, calib: torch.Tensor, hooks: BlockHooks,
-                      where: tuple[str, int], progress: bool = True) -> dict[str, torch.Tensor]:
+def layer_sensitivity(model: nn.Module, layout: arch.ModelLayout, calib: torch.Tensor, walk: Walk,
+                      batch_size: int) -> dict[str, torch.Tensor]:
     """Mean squared loss gradient at each output channel of every layer ``layout`` quantizes (a float32
     vector on the CPU), by full name (see the module docstring); layers no token reached are left out.
-    ``where`` is (device, batch size); block 0's weights must be present (its inputs are caught by running
-    it), the model's head in memory, and every block loadable by ``hooks``."""
-    device, batch_size = where
+    Block 0's weights must be present (its inputs are caught by running it), the model's head in memory,
+    and every block loadable by ``walk.source``; calibration windows run ``batch_size`` at a time."""
+    walk = dataclasses.replace(walk, label="layer sensitivity", first=0)
     windows = calib[:SENSITIVITY_WINDOWS]
-    inputs = capture_block_inputs(model, layout, windows, batch_size, device)
-    kept = _forward_keeping_inputs(layout, inputs, hooks, device, progress)
-    grads = _head_gradients(model, layout, windows, inputs, device)
+    inputs = capture_block_inputs(model, layout, windows, batch_size, walk.device)
+    kept = KeepInputs()
+    run_blocks(layout, inputs, [kept], walk)
+    grads = _head_gradients(model, layout, windows, inputs, walk.device)
     squares: dict[str, list] = {}
-    for index in tqdm(reversed(range(len(layout))), total=len(layout), desc="layer sensitivity", unit="block",
-                      disable=not progress):
-        grads = _block_backward(layout, index, (inputs, kept[index], grads), hooks, device, squares)
+    for index in tqdm(reversed(range(len(layout))), total=len(layout), desc=walk.label, unit="block",
+                      disable=not walk.progress):
+        grads = _block_backward(layout, index, (inputs, kept.inputs[index], grads), walk, squares)
     return {name: (total / count).float().cpu() for name, (total, count) in squares.items() if count}
 
 
-@torch.no_grad()
-def _forward_keeping_inputs(layout: arch.ModelLayout, inputs: BlockInputs, hooks: BlockHooks, device: str,
-                            progress: bool) -> list[list[torch.Tensor]]:
-    """Walk ``inputs`` through every block; returns what entered each block (the backward recomputes from it)."""
-    kept = []
-    for index in tqdm(range(len(layout)), desc="layer sensitivity", unit="block", disable=not progress):
-        block = layout.blocks[index]
-        hooks.load(index, block)
-        arch.unfuse_all_experts(block)
-        kept.append(list(inputs.batches))
-        with _on_device(block, device):
-            inputs.advance(run_block(block, inputs, index))
-        hooks.release(index, block)
-    return kept
+class KeepInputs(BlockStep):
+    """Keeps what entered each block (the backward walk recomputes each block from it)."""
+
+    def __init__(self) -> None:
+        self.inputs: list[list[torch.Tensor]] = []
+
+    def before(self, block: Block) -> None:
+        self.inputs.append(list(block.inputs.batches))
 
 
 def _head_gradients(model: nn.Module, layout: arch.ModelLayout, windows: torch.Tensor, inputs: BlockInputs,
@@ -125,28 +122,26 @@ def _chunk_gradient(model: nn.Module, ids: torch.Tensor, hidden: torch.Tensor, w
     return torch.autograd.grad(loss, chunk)[0].detach()
 
 
-def _block_backward(layout: arch.ModelLayout, index: int, flow: tuple[BlockInputs, list, list], hooks: BlockHooks,
-                    device: str, squares: dict[str, list]) -> list[torch.Tensor]:
+def _block_backward(layout: arch.ModelLayout, index: int, flow: tuple[BlockInputs, list, list], walk: Walk,
+                    squares: dict[str, list]) -> list[torch.Tensor]:
     """Recompute block ``index`` from its kept inputs, pull ``grads`` (at its output) back to its input,
     adding each layer's squared output gradient and element count to ``squares``; returns the input gradients."""
     inputs, kept, grads = flow
-    block, prefix = layout.blocks[index], layout.block_name(index)
-    hooks.load(index, block)
-    arch.unfuse_all_experts(block)
-    handles = [module.register_forward_hook(_collector(squares.setdefault(f"{prefix}.{name}", [0.0, 0])))
-               for name, module in layout.layers(index).items()]
+    block = enter_block(layout, index, inputs, [walk.source])
+    handles = [module.register_forward_hook(_collector(squares.setdefault(block.full_name(name), [0.0, 0])))
+               for name, module in block.layers.items()]
     upstream = []
     try:
-        with _on_device(block, device), torch.enable_grad():
+        with on_device(block.module, walk.device), torch.enable_grad():
             for hidden, grad in zip(kept, grads, strict=True):
                 x = hidden.detach().requires_grad_(True)
                 call = inputs.call(index, x)
-                y = _block_output(block(x, *call.args, **call.kwargs))
+                y = block_output(block.module(x, *call.args, **call.kwargs))
                 upstream.append(torch.autograd.grad(y, x, grad_outputs=grad.to(y.dtype))[0].detach())
     finally:
         for handle in handles:
             handle.remove()
-    hooks.release(index, block)
+    walk.source.release(block)
     return upstream
 
 

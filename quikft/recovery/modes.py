@@ -30,8 +30,7 @@ from quikft.data import calibration_windows, check_source
 from quikft.format.reader import is_packed_checkpoint
 from quikft.format.writer import write_packed, write_quik_model, write_salient_indices
 from quikft.models import load_model, model_label, model_reference, resolve_model
-from quikft.quant.model import quantize_model
-from quikft.quant.pipeline import select_salient_model
+from quikft.quant.model import quantize_model, select_salient_model
 from quikft.recovery import sharding
 from quikft.recovery.evaluation import fp_reference_ppl, quick_ppl
 from quikft.recovery.gift_linear import unwrap_after_training, wrap_for_training

@@ -33,7 +33,7 @@ from safetensors.torch import load_file, save_file
 
 from quikft.atomic import OutputError, OutputLock, is_regular_file, write_json
 from quikft.config import brief
-from quikft.quant.activations import ActivationStore
+from quikft.quant.activations import ActivationStore, Offload
 
 PROGRESS_NAME = "progress.json"
 FINGERPRINT_NAME = "fingerprint.json"
@@ -164,12 +164,11 @@ class QuantizeState:
         if previous and previous != activations.name:
             shutil.rmtree(self.directory / previous, ignore_errors=True)
 
-    def restore(self, name: str, mode: str, device: str | torch.device, scratch: Path | None = None
-                ) -> ActivationStore:
-        """A committed stream's activations, as a store of ``mode``; also restores the RNG."""
+    def restore(self, name: str, offload: Offload) -> ActivationStore:
+        """A committed stream's activations, in a store placed as ``offload`` says; also restores the RNG."""
         activations = self.directory / self.progress["activations"]
         torch.set_rng_state(load_file(activations / RNG_NAME)["torch"])
-        return ActivationStore.load(activations / name, mode, device, scratch)
+        return offload.load(activations / name)
 
     def discard(self) -> None:
         shutil.rmtree(self.directory, ignore_errors=True)

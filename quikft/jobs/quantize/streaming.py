@@ -1,17 +1,19 @@
-"""The quantize job's block loop for models larger than memory.
+"""The quantize job's steps of the block loop (:mod:`quikft.quant.loop`), for models larger than memory.
 
 - **Weights**: the model is a meta-device skeleton; each decoder block is read from the
   checkpoint's safetensors shards when its turn comes, in the stored dtype, and released when
-  done (:mod:`quikft.weights`). Modules outside the blocks are read once; an untied head only when
-  the head is quantized, evaluated or written.
+  done (:class:`BlockWeights`, :mod:`quikft.jobs.quantize.weights`). Modules outside the blocks are read
+  once; an untied head only when the head is quantized, evaluated or written.
 - **Output**: a finished block's packed layers (with its other tensors) are written at once as
   one file of the job's state directory, and nothing of them stays in memory; at the end the
   format shards them by size into the output directory (one shard in memory at a time), which
   appears complete by one rename.
 - **Activations**: calibration and quick-eval activations are kept as ``--offload-activations``
   says (:mod:`quikft.quant.activations`).
-- **Resume**: after every block the state is committed (:mod:`quikft.quant.state`); ``--resume``
+- **Resume**: after every block the state is committed (:mod:`quikft.jobs.quantize.state`); ``--resume``
   continues from the first unfinished block and writes bit-identical output.
+- :class:`StreamingStep` does the per-block part of all of this beside the quantization step
+  (:class:`quikft.quant.steps.QuantizeLayers`).
 - **Quick evaluation**: the evaluation windows travel through the blocks like the calibration
   activations: a full-precision stream before a block is quantized (only when the reference
   ppl is not cached), the quantized stream after, and the "as saved" stream after the block's
@@ -41,22 +43,22 @@ from quikft.eval.ppl import HEAD_CHUNK
 from quikft.format.layout import tied_weight_keys
 from quikft.format.shards import save_weights, write_shards
 from quikft.format.writer import pack_state
-from quikft.quant.activations import ActivationStore, store_batches
-from quikft.quant.gptq import QuantResult
-from quikft.quant.pipeline import (
-    BlockHooks,
+from quikft.jobs.quantize.state import QuantizeState, QuantizeStateError
+from quikft.jobs.quantize.weights import CheckpointWeights, release
+from quikft.quant.activations import ActivationStore, Offload
+from quikft.quant.blocks import (
+    Block,
     BlockInputs,
-    LayerReport,
-    QuantizedLayers,
     capture_block_inputs,
     like_output,
     onloaded,
     patched_forwards,
     run_block,
 )
-from quikft.quant.state import QuantizeState, QuantizeStateError
+from quikft.quant.gptq import QuantResult
+from quikft.quant.loop import BlockStep
+from quikft.quant.steps import LayerReport, QuantizedLayers
 from quikft.runinfo import return_freed_memory
-from quikft.weights import CheckpointWeights, release
 
 CALIBRATION = "calibration"
 FP, QUANTIZED, SAVED = "fp", "quantized", "saved"
@@ -189,14 +191,15 @@ class EvalStreams:
         return total, tokens
 
 
-def capture_streams(model, layout: arch.ModelLayout, windows: list[torch.Tensor], names: list[str],
-                    offload: str, device: str, scratch: Path,
+def capture_streams(layout: arch.ModelLayout, windows: list[torch.Tensor], names: list[str], offload: Offload,
                     rounded: dict[str, torch.Tensor] | None = None) -> EvalStreams:
-    """Block-0 inputs of the evaluation windows for each stream (batch 1, as ppl evaluates them).
+    """Block-0 inputs of the evaluation windows for each stream (batch 1, as ppl evaluates them), kept
+    as ``offload`` says.
 
     The ``saved`` stream starts from the embedding stage with the unquantized tensors rounded to
     ``dtype_rest``: ``rounded`` holds those rounded values, swapped in for its capture only.
     """
+    model, device = layout.model, offload.device
     streams = EvalStreams(windows)
     if not names or not windows:
         return streams
@@ -206,8 +209,7 @@ def capture_streams(model, layout: arch.ModelLayout, windows: list[torch.Tensor]
         if name == SAVED and rounded:
             with _swapped(model, rounded):
                 batches = capture_block_inputs(model, layout, torch.cat(windows), 1, device).batches
-        stream = BlockInputs(store_batches(batches, offload, device, scratch),
-                             captured.calls, captured.template)
+        stream = BlockInputs(offload.store(batches), captured.calls, captured.template)
         streams.inputs[name] = stream
     return streams
 
@@ -239,69 +241,77 @@ def round_floating(module: nn.Module, dtype: torch.dtype, skip: set[str] = froze
                 tensor.copy_(tensor.to(dtype))
 
 
-# ------------------------------------------------------------------------------------ the hooks
+# ------------------------------------------------------------------------------------ the steps
 
-class BlockWeights(BlockHooks):
-    """Per block: read its weights from the checkpoint when the job streams them, drop them after
-    (a pass over the full-precision blocks, such as --target-bpw's measurement)."""
+class BlockWeights(BlockStep):
+    """The source step of a streamed model's walks: read each block's weights from the checkpoint when
+    its turn comes, drop them after (in memory, with no checkpoint, nothing to do)."""
 
-    def __init__(self, model, layout: arch.ModelLayout, weights: CheckpointWeights | None):
-        self.model, self.layout, self.weights = model, layout, weights
+    def __init__(self, model: nn.Module, weights: CheckpointWeights | None):
+        self.model, self.weights = model, weights
 
-    def load(self, index: int, block: nn.Module) -> None:
+    def load(self, block: Block) -> None:
         if self.weights is not None:
-            self.weights.load(self.model, self.layout.block_name(index))
+            self.weights.load(self.model, block.prefix)
 
-    def release(self, index: int, block: nn.Module) -> None:
+    def release(self, block: Block) -> None:
         if self.weights is not None:
-            release(block)
+            release(block.module)
+            # Experts back in the stored layout (on the meta device: nothing is copied), so that a later
+            # walk (the measurement after the sensitivity pass, the quantization after both) reads them again.
+            arch.fuse_all_experts(block.module)
             return_freed_memory()
 
 
-class StreamingHooks(BlockHooks):
-    """Per block: read it, run the evaluation streams, write its shard, commit the state, release it."""
+@dataclass
+class BlockOutput:
+    """Where a quantized block goes: the evaluation streams it advances, its shard, the state that
+    commits it after every block, and the model's block count (what the state records)."""
 
-    def __init__(self, model, layout: arch.ModelLayout, weights: CheckpointWeights | None, calibration: BlockInputs,
-                 evals: EvalStreams, shards: BlockShards, state: QuantizeState, rest_dtype: torch.dtype | None,
-                 record: callable):
-        self.model = model
-        self.layout = layout
-        self.weights = weights
-        self.calibration = calibration
-        self.evals = evals
-        self.shards = shards
-        self.state = state
-        self.rest_dtype = rest_dtype
-        self.record = record
+    evals: EvalStreams
+    shards: BlockShards
+    state: QuantizeState
+    blocks: int
+
+
+class StreamingStep(BlockWeights):
+    """The quantize job's source step: per block, read it, run the evaluation streams, write its shard
+    from what :class:`~quikft.quant.steps.QuantizeLayers` left in ``block.results``, commit the state
+    (with the calibration activations entering the next block), release it. ``out`` is the run's
+    report so far (the state keeps it)."""
+
+    def __init__(self, model: nn.Module, weights: CheckpointWeights | None, output: BlockOutput,
+                 out: QuantizedLayers):
+        super().__init__(model, weights)
+        self.output, self.out = output, out
         self.block_state_bytes: list[int] = []
 
-    def load(self, index: int, block: nn.Module) -> None:
+    def load(self, block: Block) -> None:
         self._began = time.perf_counter()
-        self._eval_before = sum(self.evals.seconds.values())
-        if self.weights is not None:
-            self.weights.load(self.model, self.layout.block_name(index))
+        self._eval_before = sum(self.output.evals.seconds.values())
+        super().load(block)
 
-    def before_quantize(self, index: int, block: nn.Module) -> None:
-        self.evals.advance(FP, block, index)
+    def before(self, block: Block) -> None:
+        self.output.evals.advance(FP, block.module, block.index)
 
-    def finished(self, index: int, block: nn.Module, results: dict[str, QuantResult], out: QuantizedLayers) -> None:
-        prefix = self.layout.block_name(index)
-        self.evals.advance(QUANTIZED, block, index)
-        before = self.state.peak_bytes
-        written = self.shards.write_block(index, prefix, block, results)
-        if SAVED in self.evals.inputs:
+    def after(self, block: Block) -> None:
+        evals, state, results = self.output.evals, self.output.state, block.results
+        evals.advance(QUANTIZED, block.module, block.index)
+        before = state.peak_bytes
+        written = self.output.shards.write_block(block.index, block.prefix, block.module, results)
+        if SAVED in evals.inputs:
             # As saved: packed layers keep their fake-quantized weights and fp32 biases; the rest is rounded.
-            round_floating(block, self.rest_dtype, prefix=prefix,
+            round_floating(block.module, self.output.shards.rest_dtype, prefix=block.prefix,
                            skip={f"{name}.{part}" for name in results for part in ("weight", "bias")})
-            self.evals.advance(SAVED, block, index)
+            evals.advance(SAVED, block.module, block.index)
         # The loop's own time (resumed runs add theirs): the evaluation streams are reported apart.
-        out.seconds += time.perf_counter() - self._began - (sum(self.evals.seconds.values()) - self._eval_before)
-        stores = {CALIBRATION: self.calibration.batches, **self.evals.stores()}
-        self.state.commit(index + 1, stores, self.record(out), written)
-        self.block_state_bytes.append(max(0, self.state.peak_bytes - before))
+        self.out.seconds += time.perf_counter() - self._began - (sum(evals.seconds.values()) - self._eval_before)
+        stores = {CALIBRATION: block.inputs.batches, **evals.stores()}
+        state.commit(block.index + 1, stores, record_of(self.out, self.output.blocks, evals), written)
+        self.block_state_bytes.append(max(0, state.peak_bytes - before))
 
-    def release(self, index: int, block: nn.Module) -> None:
-        release(block)
+    def release(self, block: Block) -> None:
+        release(block.module)
         return_freed_memory()
 
 
