@@ -72,13 +72,14 @@ class QuantMethod(Choice):
 
 
 class SaliencyMetric(Choice):
-    """The sensitivity metric choosing salient columns; presets in quikft.quant.saliency.PRESETS."""
+    """The sensitivity metric choosing salient columns; each member's parameters in :data:`PRESETS` below."""
 
     GIFT = "gift"
     QUIK = "quik"
     OWQ = "owq"
     WANDA = "wanda"
     CUSTOM = "custom"  # free tau/rho/gamma
+
 
 
 class RestDtype(Choice):
@@ -188,6 +189,35 @@ def check_metric_norms(tau: float | None, rho: float | None) -> None:
         raise ConfigError(f"rho must be one of 1, 2, inf (streamed statistics); got {rho}", "rho")
     if tau is not None and not float(tau) > 0:
         raise ConfigError(f"tau must be positive, inf or None; got {tau}", "tau")
+
+
+@dataclass(frozen=True)
+class MetricSpec:
+    """Parameters of the sensitivity metric.
+
+    ``tau``: norm over the output rows of ``D_j`` (``None``: ``D`` ignored, as QUIK does).
+    ``rho``: norm of ``X_j`` over tokens; one of 1, 2 or ``math.inf`` (the streamed statistics).
+    ``gamma``: exponent on ``||X_j||_rho``. ``d_power``: exponent on ``||D_j||_tau``
+    (OWQ's ``lambda_j ||D_j||_2^2`` uses 2).
+    """
+
+    tau: float | None
+    rho: float
+    gamma: float
+    d_power: float = 1.0
+
+    def __post_init__(self) -> None:
+        check_metric_norms(self.tau, self.rho)
+
+
+# Every SaliencyMetric but CUSTOM (the free tau/rho/gamma) names one of these (tests check it): a metric
+# is added here, its member and its parameters side by side (quikft.quant.saliency computes any of them).
+PRESETS: dict[SaliencyMetric, MetricSpec] = {
+    SaliencyMetric.GIFT: MetricSpec(tau=math.inf, rho=math.inf, gamma=1.0),
+    SaliencyMetric.QUIK: MetricSpec(tau=None, rho=math.inf, gamma=1.0),
+    SaliencyMetric.OWQ: MetricSpec(tau=2.0, rho=2.0, gamma=2.0, d_power=2.0),
+    SaliencyMetric.WANDA: MetricSpec(tau=1.0, rho=2.0, gamma=1.0),
+}
 
 
 # ------------------------------------------------------------------------------------ type checks

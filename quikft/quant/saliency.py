@@ -14,41 +14,12 @@ statistics so activations are never stored.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
 
 import torch
 from torch import Tensor
 
-from quikft.config import SaliencyMetric, check_metric_norms
+from quikft.config import PRESETS, MetricSpec, SaliencyMetric
 from quikft.quant.grid import paper_quantize, paper_step
-
-
-@dataclass(frozen=True)
-class MetricSpec:
-    """Parameters of the sensitivity metric.
-
-    ``tau``: norm over the output rows of ``D_j`` (``None``: ``D`` ignored, as QUIK does).
-    ``rho``: norm of ``X_j`` over tokens; one of 1, 2 or ``math.inf`` (the streamed statistics).
-    ``gamma``: exponent on ``||X_j||_rho``. ``d_power``: exponent on ``||D_j||_tau``
-    (OWQ's ``lambda_j ||D_j||_2^2`` uses 2).
-    """
-
-    tau: float | None
-    rho: float
-    gamma: float
-    d_power: float = 1.0
-
-    def __post_init__(self) -> None:
-        check_metric_norms(self.tau, self.rho)
-
-
-# Every SaliencyMetric but CUSTOM (the free tau/rho/gamma) names one of these (tests check it).
-PRESETS: dict[SaliencyMetric, MetricSpec] = {
-    SaliencyMetric.GIFT: MetricSpec(tau=math.inf, rho=math.inf, gamma=1.0),
-    SaliencyMetric.QUIK: MetricSpec(tau=None, rho=math.inf, gamma=1.0),
-    SaliencyMetric.OWQ: MetricSpec(tau=2.0, rho=2.0, gamma=2.0, d_power=2.0),
-    SaliencyMetric.WANDA: MetricSpec(tau=1.0, rho=2.0, gamma=1.0),
-}
 
 
 def _as_float(value: float | str | None) -> float | None:
