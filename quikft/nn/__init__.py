@@ -1,6 +1,8 @@
 """Inference modules for quantized checkpoints, and the kernels that run them."""
 
-from quikft.nn import cpu_kernel, ort_kernel, torch_kernel, triton_kernel  # noqa: F401  -- register the built-in kernels
+import importlib
+import pkgutil
+
 from quikft.nn.kernels import (
     KernelState,
     LayerLayout,
@@ -25,6 +27,11 @@ from quikft.nn.quik_linear import (
     set_kernel,
 )
 from quikft.nn.stored_head import keep_tied_head_in_bf16
+
+# Every ``*_kernel`` module of this package registers its kernel on import: found by name, so adding a
+# kernel is one module (plus nothing: tests/test_kernel_conformance.py runs every registered kernel).
+for _module in sorted(info.name for info in pkgutil.iter_modules(__path__) if info.name.endswith("_kernel")):
+    importlib.import_module(f"{__name__}.{_module}")
 
 __all__ = [
     "KernelState",
